@@ -1,0 +1,180 @@
+// Continuous-batching scheduler: token budget, chunked prefill, preemption by
+// recompute, sequence groups, and flat step inputs ready for the kernels.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "tokenmill/block_manager.h"
+
+namespace tokenmill {
+
+using RequestId = int64_t;
+using SeqId = int64_t;
+
+struct SchedulerConfig {
+  int num_blocks = 1024;
+  int block_size = 16;
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 2048;
+  int max_model_len = 2048;
+  bool enable_chunked_prefill = true;
+  bool enable_prefix_caching = true;
+  bool priority_policy = false;  // false: first come, first served
+};
+
+struct RequestParams {
+  int max_tokens = 16;
+  int min_tokens = 0;
+  int n = 1;  // sequences forked from the prompt after prefill
+  std::vector<int32_t> stop_token_ids;
+  int32_t eos_token_id = -1;  // -1: none
+  bool ignore_eos = false;
+  int priority = 0;          // lower runs first under the priority policy
+  uint64_t cache_salt = 0;   // isolates prefix-cache entries
+};
+
+enum class SeqStatus { kWaiting, kRunning, kPreempted, kFinished };
+enum class FinishReason { kNone, kStop, kLength, kAbort };
+
+const char* to_string(FinishReason r);
+
+struct Sequence {
+  SeqId id;
+  std::vector<int32_t> tokens;  // prompt followed by generated tokens
+  int num_prompt_tokens;
+  int64_t num_computed = 0;     // tokens whose KV is (being) written
+  std::vector<BlockId> block_table;
+  HashCursor hash_cursor;
+  SeqStatus status = SeqStatus::kWaiting;
+  FinishReason finish_reason = FinishReason::kNone;
+  int32_t stop_token = -1;  // the stop id that finished it, if any
+
+  int num_output_tokens() const {
+    return static_cast<int>(tokens.size()) - num_prompt_tokens;
+  }
+};
+
+struct Request {
+  RequestId id;
+  RequestParams params;
+  uint64_t arrival;  // monotonically increasing admission order
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  bool forked = false;  // n sequences exist (after the first sample)
+
+  int num_live() const;
+  bool finished() const { return num_live() == 0; }
+};
+
+// What one engine step computes. Per scheduled sequence: its new tokens'
+// offsets in the flat token arrays, its context length, and how many tokens
+// to sample from its last row (0 while a prompt is still being chunked).
+struct SchedulerOutput {
+  std::vector<SeqId> seq_ids;
+  std::vector<RequestId> request_ids;
+  std::vector<int32_t> num_samples;
+  std::vector<int32_t> input_ids;        // [num_tokens]
+  std::vector<int32_t> positions;        // [num_tokens]
+  std::vector<int32_t> slot_mapping;     // [num_tokens]
+  std::vector<int32_t> query_start_loc;  // [num_seqs + 1]
+  std::vector<int32_t> seq_lens;         // [num_seqs] context after step
+  std::vector<int32_t> block_tables;     // [num_seqs, max_blocks] padded 0
+  std::vector<int32_t> sample_rows;      // token rows whose logits sample
+  int max_blocks = 0;
+  std::vector<BlockCopy> block_copies;   // perform before the forward
+  std::vector<RequestId> preempted;
+  std::vector<RequestId> aborted;  // could not fit in the cache even alone
+
+  int num_seqs() const { return static_cast<int>(seq_ids.size()); }
+  int num_tokens() const { return static_cast<int>(input_ids.size()); }
+};
+
+struct FinishedSeq {
+  RequestId request_id;
+  SeqId seq_id;
+  FinishReason reason;
+  int32_t stop_token;
+};
+
+struct UpdateResult {
+  std::vector<FinishedSeq> finished;
+  // (parent, child) sequence ids created when a request forks into n.
+  std::vector<std::pair<SeqId, SeqId>> forks;
+  std::vector<RequestId> finished_requests;
+};
+
+struct SchedulerStats {
+  int num_running_seqs;
+  int num_waiting_requests;
+  int num_free_blocks;
+  int num_blocks;
+  PrefixCacheStats prefix;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& config);
+
+  // Queues a request; throws std::invalid_argument when it can never run.
+  // Returns the id of its first sequence.
+  SeqId add_request(RequestId id, std::vector<int32_t> prompt,
+                    const RequestParams& params);
+  // Finishes every sequence of the request and frees its blocks. Unknown or
+  // already finished ids are ignored.
+  void abort_request(RequestId id);
+  // Finishes one sequence (e.g. a stop string found by the detokenizer).
+  void finish_sequence(SeqId id, FinishReason reason);
+
+  std::unique_ptr<SchedulerOutput> schedule();
+  // Appends the sampled tokens, one per sample of `out` in order, and applies
+  // the stop conditions.
+  UpdateResult update(const SchedulerOutput& out, const int32_t* sampled,
+                      int64_t num_sampled);
+
+  bool has_unfinished() const { return !requests_.empty(); }
+  SchedulerStats stats() const;
+  const SchedulerConfig& config() const { return config_; }
+  const BlockManager& block_manager() const { return blocks_; }
+  const Sequence* sequence(SeqId id) const;
+  // Throws std::logic_error when any block-accounting invariant is broken.
+  void check_invariants() const;
+
+ private:
+  struct QueueKey {
+    int priority;
+    uint64_t arrival;
+    bool operator<(const QueueKey& o) const {
+      return priority != o.priority ? priority < o.priority
+                                    : arrival < o.arrival;
+    }
+  };
+  QueueKey key(const Request& r) const;
+
+  bool schedule_running(Request& req, int& budget, SchedulerOutput& out);
+  bool admit_waiting(Request& req, int& budget, int& seq_slots,
+                     SchedulerOutput& out);
+  bool try_allocate(Sequence& seq, int64_t num_new, SchedulerOutput& out);
+  void emit(const Request& req, Sequence& seq, int64_t num_new,
+            SchedulerOutput& out);
+  void preempt(Request& req, SchedulerOutput& out);
+  void finish_seq(Request& req, Sequence& seq, FinishReason reason,
+                  int32_t stop_token, UpdateResult* result);
+  void release_if_done(RequestId id, UpdateResult* result);
+  bool check_stop(const Request& req, Sequence& seq, int32_t token,
+                  FinishReason& reason) const;
+
+  SchedulerConfig config_;
+  BlockManager blocks_;
+  std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
+  std::unordered_map<SeqId, Request*> seq_owner_;
+  std::map<QueueKey, Request*> waiting_;
+  std::map<QueueKey, Request*> running_;
+  uint64_t next_arrival_ = 0;
+  SeqId next_seq_id_ = 0;
+};
+
+}  // namespace tokenmill

@@ -1,0 +1,57 @@
+// Gated activations: out = act(x[:, :d]) * x[:, d:].
+#include "common.h"
+
+namespace tokenmill::cpu {
+namespace {
+
+__attribute__((always_inline)) inline float activate(Activation a, float x) {
+  switch (a) {
+    case Activation::kSilu: return x / (1.f + std::exp(-x));
+    case Activation::kGeluExact: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+    default: {
+      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.f + std::tanh(inner));
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void act_row(Activation a, T* out,
+                                                   const T* x, int64_t d) {
+  for (int64_t i = 0; i < d; ++i)
+    out[i] = from_float<T>(activate(a, to_float(x[i])) * to_float(x[d + i]));
+}
+
+TM_MULTIVERSION void act_rows(DType dtype, Activation a, void* out,
+                              const void* x, int64_t r0, int64_t r1, int64_t d,
+                              int64_t xs, int64_t os) {
+  for (int64_t r = r0; r < r1; ++r) {
+    switch (dtype) {
+      case DType::kFloat32:
+        act_row(a, static_cast<float*>(out) + r * os, static_cast<const float*>(x) + r * xs, d);
+        break;
+      case DType::kBFloat16:
+        act_row(a, static_cast<bf16*>(out) + r * os, static_cast<const bf16*>(x) + r * xs, d);
+        break;
+#if defined(__FLT16_MAX__)
+      case DType::kFloat16:
+        act_row(a, static_cast<f16*>(out) + r * os, static_cast<const f16*>(x) + r * xs, d);
+        break;
+#endif
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+void act_and_mul(DType dtype, Activation act, void* out, const void* x,
+                 int64_t rows, int64_t d, int64_t x_stride,
+                 int64_t out_stride) {
+  dispatch_dtype(dtype, [](auto) {});
+#pragma omp parallel for if (rows * d > 16384)
+  for (int64_t r = 0; r < rows; ++r)
+    act_rows(dtype, act, out, x, r, r + 1, d, x_stride, out_stride);
+}
+
+}  // namespace tokenmill::cpu

@@ -1,0 +1,170 @@
+// Paged attention on the CPU. One work item is (sequence, kv head, tile of
+// query tokens); it handles every query head of the GQA group at once so each
+// cached K/V block is read once per item. Online softmax over KV blocks keeps
+// float32 running max, sum and accumulator per query row.
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace tokenmill::cpu {
+namespace {
+
+constexpr int kQueryTile = 16;
+
+#define TM_INLINE __attribute__((always_inline)) inline
+
+TM_INLINE float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+TM_INLINE void axpy(float* y, float a, const float* x, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+TM_INLINE void scale_vec(float* y, float a, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) y[i] *= a;
+}
+
+struct Scratch {
+  std::vector<float> q, acc, m, l, k, v, s;
+};
+
+template <typename T>
+TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
+                           int q_begin, int q_end, Scratch& w) {
+  const int D = p.head_size, bs = p.block_size;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
+  const int ctx = p.seq_lens[seq];
+  const int first_pos = ctx - q_len;  // absolute position of query 0
+  const int rows = (q_end - q_begin) * group;
+  w.q.resize(static_cast<size_t>(rows) * D);
+  w.acc.assign(static_cast<size_t>(rows) * D, 0.f);
+  w.m.assign(rows, -std::numeric_limits<float>::infinity());
+  w.l.assign(rows, 0.f);
+  w.k.resize(static_cast<size_t>(bs) * D);
+  w.v.resize(static_cast<size_t>(bs) * D);
+  w.s.resize(bs);
+
+  const T* query = static_cast<const T*>(p.query.data);
+  for (int qi = q_begin; qi < q_end; ++qi) {
+    const int64_t tok = p.query_start_loc[seq] + qi;
+    for (int g = 0; g < group; ++g) {
+      const int h = kvh * group + g;
+      float* dst = &w.q[static_cast<size_t>((qi - q_begin) * group + g) * D];
+      load_float(dst, query + tok * p.query.row_stride + h * p.query.head_stride, D);
+    }
+  }
+
+  const int last_pos = first_pos + q_end - 1;
+  int lo = 0;
+  if (p.sliding_window > 0)
+    lo = std::max(0, first_pos + q_begin - p.sliding_window + 1);
+  const int32_t* table = p.block_tables + seq * p.block_table_stride;
+  const T* kc = static_cast<const T*>(p.key_cache);
+  const T* vc = static_cast<const T*>(p.value_cache);
+  const int64_t block_elems = static_cast<int64_t>(p.num_kv_heads) * bs * D;
+
+  for (int b = lo / bs; b * bs <= last_pos; ++b) {
+    const int64_t base = table[b] * block_elems + static_cast<int64_t>(kvh) * bs * D;
+    const int t0 = b * bs;
+    const int n = std::min(bs, last_pos + 1 - t0);
+    load_float(w.k.data(), kc + base, n * D);
+    load_float(w.v.data(), vc + base, n * D);
+    for (int r = 0; r < rows; ++r) {
+      const int pos = first_pos + q_begin + r / group;
+      const int h = kvh * group + r % group;
+      const float* q = &w.q[static_cast<size_t>(r) * D];
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < n; ++t) {
+        const int kpos = t0 + t;
+        float s;
+        if (kpos > pos || (p.sliding_window > 0 && pos - kpos >= p.sliding_window)) {
+          s = -std::numeric_limits<float>::infinity();
+        } else {
+          s = dot(q, &w.k[static_cast<size_t>(t) * D], D) * p.scale;
+          if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
+          if (p.alibi_slopes) s += p.alibi_slopes[h] * (kpos - pos);
+        }
+        w.s[t] = s;
+        block_max = std::max(block_max, s);
+      }
+      if (block_max == -std::numeric_limits<float>::infinity()) continue;
+      float& m = w.m[r];
+      float& l = w.l[r];
+      float* acc = &w.acc[static_cast<size_t>(r) * D];
+      if (block_max > m) {
+        const float correction = std::exp(m - block_max);
+        scale_vec(acc, correction, D);
+        l *= correction;
+        m = block_max;
+      }
+      for (int t = 0; t < n; ++t) {
+        if (w.s[t] == -std::numeric_limits<float>::infinity()) continue;
+        const float e = std::exp(w.s[t] - m);
+        l += e;
+        axpy(acc, e, &w.v[static_cast<size_t>(t) * D], D);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out.data);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t tok = p.query_start_loc[seq] + q_begin + r / group;
+    const int h = kvh * group + r % group;
+    float* acc = &w.acc[static_cast<size_t>(r) * D];
+    scale_vec(acc, w.l[r] > 0.f ? 1.f / w.l[r] : 0.f, D);
+    store_float(out + tok * p.out.row_stride + h * p.out.head_stride, acc, D);
+  }
+}
+
+TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq,
+                                 int kvh, int q_begin, int q_end, Scratch& w) {
+  switch (p.dtype) {
+    case DType::kFloat32: attend_tile<float>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kBFloat16: attend_tile<bf16>(p, seq, kvh, q_begin, q_end, w); break;
+#if defined(__FLT16_MAX__)
+    case DType::kFloat16: attend_tile<f16>(p, seq, kvh, q_begin, q_end, w); break;
+#endif
+    default: break;
+  }
+}
+
+struct Item {
+  int seq, kvh, q_begin, q_end;
+};
+
+}  // namespace
+
+void paged_attention(const PagedAttentionParams& p) {
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0)
+    throw std::invalid_argument("num_heads must be a multiple of num_kv_heads");
+  dispatch_dtype(p.dtype, [](auto) {});  // rejects unsupported dtypes
+  // Longest tiles first so the dynamic schedule ends balanced.
+  std::vector<Item> items;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+    for (int q0 = 0; q0 < q_len; q0 += kQueryTile)
+      for (int h = 0; h < p.num_kv_heads; ++h)
+        items.push_back({s, h, q0, std::min(q_len, q0 + kQueryTile)});
+  }
+  const int64_t num_items = static_cast<int64_t>(items.size());
+#pragma omp parallel
+  {
+    Scratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) {
+      const Item& it = items[i];
+      attend_item(p, it.seq, it.kvh, it.q_begin, it.q_end, w);
+    }
+  }
+}
+
+}  // namespace tokenmill::cpu

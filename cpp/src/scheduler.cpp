@@ -1,0 +1,419 @@
+#include "tokenmill/scheduler.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace tokenmill {
+
+const char* to_string(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kAbort: return "abort";
+    default: return "";
+  }
+}
+
+int Request::num_live() const {
+  int n = 0;
+  for (const auto& s : seqs) n += s->status != SeqStatus::kFinished;
+  return n;
+}
+
+static int group_width(const Request& r) {
+  return r.forked ? r.num_live() : r.params.n;
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : config_(config),
+      blocks_(config.num_blocks, config.block_size,
+              config.enable_prefix_caching) {
+  if (config.max_num_seqs <= 0 || config.max_num_batched_tokens <= 0 ||
+      config.max_model_len <= 0)
+    throw std::invalid_argument(
+        "max_num_seqs, max_num_batched_tokens and max_model_len must be "
+        "positive");
+  if (blocks_.blocks_for(config.max_model_len) > config.num_blocks)
+    throw std::invalid_argument(
+        "KV cache of " + std::to_string(config.num_blocks) + " blocks x " +
+        std::to_string(config.block_size) +
+        " tokens cannot hold one sequence of max_model_len " +
+        std::to_string(config.max_model_len));
+  if (!config.enable_chunked_prefill &&
+      config.max_num_batched_tokens < config.max_model_len)
+    throw std::invalid_argument(
+        "without chunked prefill, max_num_batched_tokens must be at least "
+        "max_model_len");
+}
+
+Scheduler::QueueKey Scheduler::key(const Request& r) const {
+  return {config_.priority_policy ? r.params.priority : 0, r.arrival};
+}
+
+SeqId Scheduler::add_request(RequestId id, std::vector<int32_t> prompt,
+                             const RequestParams& params) {
+  if (requests_.count(id))
+    throw std::invalid_argument("duplicate request id " + std::to_string(id));
+  if (prompt.empty())
+    throw std::invalid_argument("prompt must contain at least one token");
+  if (static_cast<int64_t>(prompt.size()) > config_.max_model_len)
+    throw std::invalid_argument(
+        "prompt of " + std::to_string(prompt.size()) +
+        " tokens is longer than max_model_len " +
+        std::to_string(config_.max_model_len));
+  if (params.max_tokens < 1)
+    throw std::invalid_argument("max_tokens must be at least 1");
+  if (params.min_tokens < 0 || params.min_tokens > params.max_tokens)
+    throw std::invalid_argument("min_tokens must be in [0, max_tokens]");
+  if (params.n < 1 || params.n > config_.max_num_seqs)
+    throw std::invalid_argument("n must be in [1, max_num_seqs=" +
+                                std::to_string(config_.max_num_seqs) + "]");
+  auto req = std::make_unique<Request>();
+  req->id = id;
+  req->params = params;
+  req->arrival = next_arrival_++;
+  auto seq = std::make_unique<Sequence>();
+  seq->id = next_seq_id_++;
+  seq->num_prompt_tokens = static_cast<int>(prompt.size());
+  seq->tokens = std::move(prompt);
+  SeqId sid = seq->id;
+  seq_owner_[sid] = req.get();
+  req->seqs.push_back(std::move(seq));
+  waiting_.emplace(key(*req), req.get());
+  requests_.emplace(id, std::move(req));
+  return sid;
+}
+
+const Sequence* Scheduler::sequence(SeqId id) const {
+  auto it = seq_owner_.find(id);
+  if (it == seq_owner_.end()) return nullptr;
+  for (const auto& s : it->second->seqs)
+    if (s->id == id) return s.get();
+  return nullptr;
+}
+
+void Scheduler::abort_request(RequestId id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  Request& req = *it->second;
+  for (auto& s : req.seqs)
+    if (s->status != SeqStatus::kFinished)
+      finish_seq(req, *s, FinishReason::kAbort, -1, nullptr);
+  release_if_done(id, nullptr);
+}
+
+void Scheduler::finish_sequence(SeqId id, FinishReason reason) {
+  auto it = seq_owner_.find(id);
+  if (it == seq_owner_.end()) return;
+  Request& req = *it->second;
+  for (auto& s : req.seqs)
+    if (s->id == id && s->status != SeqStatus::kFinished)
+      finish_seq(req, *s, reason, -1, nullptr);
+  release_if_done(req.id, nullptr);
+}
+
+void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason,
+                           int32_t stop_token, UpdateResult* result) {
+  seq.status = SeqStatus::kFinished;
+  seq.finish_reason = reason;
+  seq.stop_token = stop_token;
+  blocks_.free(seq.block_table);
+  if (result) result->finished.push_back({req.id, seq.id, reason, stop_token});
+}
+
+void Scheduler::release_if_done(RequestId id, UpdateResult* result) {
+  auto it = requests_.find(id);
+  if (it == requests_.end() || !it->second->finished()) return;
+  Request& req = *it->second;
+  waiting_.erase(key(req));
+  running_.erase(key(req));
+  for (auto& s : req.seqs) seq_owner_.erase(s->id);
+  if (result) result->finished_requests.push_back(id);
+  requests_.erase(it);
+}
+
+void Scheduler::emit(const Request& req, Sequence& seq, int64_t num_new,
+                     SchedulerOutput& out) {
+  const int bs = config_.block_size;
+  out.seq_ids.push_back(seq.id);
+  out.request_ids.push_back(req.id);
+  const int64_t start = seq.num_computed;
+  for (int64_t p = start; p < start + num_new; ++p) {
+    out.input_ids.push_back(seq.tokens[p]);
+    out.positions.push_back(static_cast<int32_t>(p));
+    out.slot_mapping.push_back(seq.block_table[p / bs] * bs + p % bs);
+  }
+  out.query_start_loc.push_back(out.num_tokens());
+  seq.num_computed += num_new;
+  out.seq_lens.push_back(static_cast<int32_t>(seq.num_computed));
+  int samples = 0;
+  if (seq.num_computed == static_cast<int64_t>(seq.tokens.size()))
+    samples = req.forked ? 1 : req.params.n;
+  out.num_samples.push_back(samples);
+  if (samples) out.sample_rows.push_back(out.num_tokens() - 1);
+  blocks_.cache_full_blocks(seq.block_table, seq.tokens, seq.num_computed,
+                            req.params.cache_salt, seq.hash_cursor);
+}
+
+bool Scheduler::try_allocate(Sequence& seq, int64_t num_new,
+                             SchedulerOutput& out) {
+  if (blocks_.blocks_needed(seq.block_table, seq.num_computed,
+                            seq.num_computed + num_new) >
+      blocks_.num_free_blocks())
+    return false;
+  blocks_.allocate(seq.block_table, seq.num_computed,
+                   seq.num_computed + num_new, out.block_copies);
+  return true;
+}
+
+// Schedules every live sequence of a running request, or none of them.
+// Returns false when the request needs blocks that are not free.
+bool Scheduler::schedule_running(Request& req, int& budget,
+                                 SchedulerOutput& out) {
+  std::vector<std::pair<Sequence*, int64_t>> plan;
+  int tokens = 0, needed = 0;
+  for (auto& s : req.seqs) {
+    if (s->status != SeqStatus::kRunning) continue;
+    int64_t remaining = static_cast<int64_t>(s->tokens.size()) - s->num_computed;
+    int64_t num_new = remaining;
+    if (config_.enable_chunked_prefill)
+      num_new = std::min<int64_t>(remaining, budget - tokens);
+    if (num_new <= 0 || tokens + num_new > budget) return true;  // next step
+    plan.emplace_back(s.get(), num_new);
+    tokens += static_cast<int>(num_new);
+    needed += blocks_.blocks_needed(s->block_table, s->num_computed,
+                                    s->num_computed + num_new);
+  }
+  if (needed > blocks_.num_free_blocks()) return false;
+  for (auto& [seq, num_new] : plan) {
+    try_allocate(*seq, num_new, out);
+    emit(req, *seq, num_new, out);
+  }
+  budget -= tokens;
+  return true;
+}
+
+void Scheduler::preempt(Request& req, SchedulerOutput& out) {
+  for (auto& s : req.seqs) {
+    if (s->status == SeqStatus::kFinished) continue;
+    blocks_.free(s->block_table);
+    s->num_computed = 0;
+    s->hash_cursor = HashCursor{};
+    s->status = SeqStatus::kPreempted;
+  }
+  running_.erase(key(req));
+  waiting_.emplace(key(req), &req);
+  out.preempted.push_back(req.id);
+}
+
+bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
+                              SchedulerOutput& out) {
+  const int width = group_width(req);
+  if (width > seq_slots || budget <= 0) return false;
+  const int bs = config_.block_size;
+  struct Plan {
+    Sequence* seq;
+    std::vector<BlockId> hits;
+    int64_t num_new;
+  };
+  std::vector<Plan> plans;
+  int tokens = 0, needed = 0;
+  bool resumed = false;
+  for (auto& s : req.seqs) {
+    if (s->status == SeqStatus::kFinished) continue;
+    resumed |= s->status == SeqStatus::kPreempted;
+    Plan p{s.get(), blocks_.find_cached_prefix(s->tokens, req.params.cache_salt), 0};
+    int64_t cached = static_cast<int64_t>(p.hits.size()) * bs;
+    int64_t remaining = static_cast<int64_t>(s->tokens.size()) - cached;
+    p.num_new = remaining;
+    if (config_.enable_chunked_prefill)
+      p.num_new = std::min<int64_t>(remaining, budget - tokens);
+    if (p.num_new <= 0 || tokens + p.num_new > budget) return false;
+    tokens += static_cast<int>(p.num_new);
+    for (BlockId b : p.hits) needed += blocks_.ref_count(b) == 0;
+    needed += blocks_.blocks_for(cached + p.num_new) - static_cast<int>(p.hits.size());
+    plans.push_back(std::move(p));
+  }
+  // A resumed request waits for headroom so that the running ones can grow
+  // a block each without displacing it again at once.
+  int headroom = resumed ? static_cast<int>(running_.size()) : 0;
+  if (needed + headroom > blocks_.num_free_blocks()) return false;
+  for (auto& p : plans) {
+    blocks_.attach(p.seq->block_table, p.hits);
+    p.seq->num_computed = static_cast<int64_t>(p.hits.size()) * bs;
+    if (!p.hits.empty())
+      p.seq->hash_cursor = {static_cast<int>(p.hits.size()),
+                            blocks_.block_hash(p.hits.back())};
+    try_allocate(*p.seq, p.num_new, out);
+    p.seq->status = SeqStatus::kRunning;
+    emit(req, *p.seq, p.num_new, out);
+  }
+  budget -= tokens;
+  seq_slots -= width;
+  waiting_.erase(key(req));
+  running_.emplace(key(req), &req);
+  return true;
+}
+
+std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
+  auto out = std::make_unique<SchedulerOutput>();
+  out->query_start_loc.push_back(0);
+  int budget = config_.max_num_batched_tokens;
+
+  std::vector<Request*> order;
+  order.reserve(running_.size());
+  for (auto& kv : running_) order.push_back(kv.second);
+  size_t end = order.size();
+  for (size_t i = 0; i < end && budget > 0; ++i) {
+    Request& req = *order[i];
+    while (!schedule_running(req, budget, *out)) {
+      if (end - 1 > i) {
+        preempt(*order[--end], *out);
+        continue;
+      }
+      if (i == 0) {
+        // Alone and still out of blocks: it can never fit, so stop it
+        // rather than loop.
+        for (auto& s : req.seqs)
+          if (s->status != SeqStatus::kFinished)
+            finish_seq(req, *s, FinishReason::kAbort, -1, nullptr);
+        out->aborted.push_back(req.id);
+        release_if_done(req.id, nullptr);
+      } else {
+        preempt(req, *out);
+      }
+      --end;
+      break;
+    }
+  }
+
+  int seq_slots = config_.max_num_seqs;
+  for (auto& kv : running_) seq_slots -= group_width(*kv.second);
+  if (out->preempted.empty()) {
+    std::vector<Request*> candidates;
+    for (auto& kv : waiting_) candidates.push_back(kv.second);
+    for (Request* req : candidates)
+      if (!admit_waiting(*req, budget, seq_slots, *out)) break;
+  }
+
+  int max_blocks = 0;
+  std::vector<const std::vector<BlockId>*> tables;
+  for (SeqId id : out->seq_ids) {
+    const Sequence* s = sequence(id);
+    tables.push_back(&s->block_table);
+    max_blocks = std::max(max_blocks, static_cast<int>(s->block_table.size()));
+  }
+  out->max_blocks = max_blocks;
+  out->block_tables.assign(tables.size() * max_blocks, 0);
+  for (size_t i = 0; i < tables.size(); ++i)
+    std::copy(tables[i]->begin(), tables[i]->end(),
+              out->block_tables.begin() + i * max_blocks);
+  return out;
+}
+
+bool Scheduler::check_stop(const Request& req, Sequence& seq, int32_t token,
+                           FinishReason& reason) const {
+  const RequestParams& p = req.params;
+  const int n_out = seq.num_output_tokens();
+  if (n_out >= p.min_tokens) {
+    bool stop = !p.ignore_eos && p.eos_token_id >= 0 && token == p.eos_token_id;
+    stop |= std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(),
+                      token) != p.stop_token_ids.end();
+    if (stop) {
+      reason = FinishReason::kStop;
+      return true;
+    }
+  }
+  if (n_out >= p.max_tokens ||
+      static_cast<int64_t>(seq.tokens.size()) >= config_.max_model_len) {
+    reason = FinishReason::kLength;
+    return true;
+  }
+  return false;
+}
+
+UpdateResult Scheduler::update(const SchedulerOutput& out,
+                               const int32_t* sampled, int64_t num_sampled) {
+  int64_t expected = 0;
+  for (int32_t k : out.num_samples) expected += k;
+  if (expected != num_sampled)
+    throw std::invalid_argument("update expects " + std::to_string(expected) +
+                                " sampled tokens, got " +
+                                std::to_string(num_sampled));
+  UpdateResult result;
+  std::vector<RequestId> touched;
+  int64_t idx = 0;
+  for (int i = 0; i < out.num_seqs(); ++i) {
+    const int k = out.num_samples[i];
+    if (k == 0) continue;
+    const int32_t* toks = sampled + idx;
+    idx += k;
+    auto owner = seq_owner_.find(out.seq_ids[i]);
+    if (owner == seq_owner_.end()) continue;  // aborted meanwhile
+    Request& req = *owner->second;
+    Sequence* seq = nullptr;
+    for (auto& s : req.seqs)
+      if (s->id == out.seq_ids[i]) seq = s.get();
+    if (seq->status != SeqStatus::kRunning) continue;
+    std::vector<Sequence*> targets{seq};
+    if (k > 1) {
+      for (int j = 1; j < k; ++j) {
+        auto child = std::make_unique<Sequence>(*seq);
+        child->id = next_seq_id_++;
+        child->block_table = blocks_.fork(seq->block_table);
+        seq_owner_[child->id] = &req;
+        result.forks.emplace_back(seq->id, child->id);
+        targets.push_back(child.get());
+        req.seqs.push_back(std::move(child));
+      }
+      req.forked = true;
+    }
+    for (int j = 0; j < k; ++j) {
+      Sequence& s = *targets[j];
+      s.tokens.push_back(toks[j]);
+      FinishReason reason;
+      if (check_stop(req, s, toks[j], reason))
+        finish_seq(req, s, reason,
+                   reason == FinishReason::kStop ? toks[j] : -1, &result);
+    }
+    touched.push_back(req.id);
+  }
+  for (RequestId id : touched) release_if_done(id, &result);
+  return result;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats st{};
+  for (auto& kv : running_) st.num_running_seqs += kv.second->num_live();
+  st.num_waiting_requests = static_cast<int>(waiting_.size());
+  st.num_free_blocks = blocks_.num_free_blocks();
+  st.num_blocks = blocks_.num_blocks();
+  st.prefix = blocks_.prefix_stats();
+  return st;
+}
+
+void Scheduler::check_invariants() const {
+  blocks_.check_consistency();
+  std::vector<int> refs(blocks_.num_blocks(), 0);
+  for (auto& kv : requests_)
+    for (auto& s : kv.second->seqs) {
+      if (s->status != SeqStatus::kRunning && !s->block_table.empty())
+        throw std::logic_error("a sequence that is not running holds blocks");
+      for (BlockId b : s->block_table) ++refs[b];
+    }
+  int used = 0;
+  for (BlockId b = 0; b < blocks_.num_blocks(); ++b) {
+    if (refs[b] != blocks_.ref_count(b))
+      throw std::logic_error("block " + std::to_string(b) + " has ref count " +
+                             std::to_string(blocks_.ref_count(b)) + " but " +
+                             std::to_string(refs[b]) + " tables hold it");
+    used += refs[b] > 0;
+  }
+  if (used + blocks_.num_free_blocks() != blocks_.num_blocks())
+    throw std::logic_error("free + used != total blocks");
+  if (requests_.empty() && blocks_.num_free_blocks() != blocks_.num_blocks())
+    throw std::logic_error("blocks leaked after every request finished");
+}
+
+}  // namespace tokenmill

@@ -1,0 +1,168 @@
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "tokenmill/scheduler.h"
+
+using namespace tokenmill;
+
+namespace {
+
+SchedulerConfig small_config(int blocks, int budget = 64) {
+  SchedulerConfig c;
+  c.num_blocks = blocks;
+  c.block_size = 4;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = budget;
+  c.max_model_len = 32;
+  return c;
+}
+
+std::vector<int32_t> prompt(int n, int start = 100) {
+  std::vector<int32_t> t(n);
+  std::iota(t.begin(), t.end(), start);
+  return t;
+}
+
+RequestParams params(int max_tokens) {
+  RequestParams p;
+  p.max_tokens = max_tokens;
+  return p;
+}
+
+// Samples token 7 for every sample and returns the update result.
+UpdateResult step(Scheduler& s, std::unique_ptr<SchedulerOutput>& out) {
+  out = s.schedule();
+  int n = 0;
+  for (int k : out->num_samples) n += k;
+  std::vector<int32_t> sampled(n, 7);
+  auto r = s.update(*out, sampled.data(), n);
+  s.check_invariants();
+  return r;
+}
+
+}  // namespace
+
+TEST(Scheduler, PrefillThenDecodeUntilLength) {
+  Scheduler s(small_config(16));
+  s.add_request(1, prompt(6), params(3));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);
+  EXPECT_EQ(out->num_tokens(), 6);
+  EXPECT_EQ(out->seq_lens[0], 6);
+  EXPECT_EQ(out->positions[5], 5);
+  EXPECT_EQ(out->sample_rows.size(), 1u);
+  step(s, out);
+  EXPECT_EQ(out->num_tokens(), 1);
+  EXPECT_EQ(out->positions[0], 6);
+  auto r = step(s, out);
+  ASSERT_EQ(r.finished.size(), 1u);
+  EXPECT_EQ(r.finished[0].reason, FinishReason::kLength);
+  EXPECT_FALSE(s.has_unfinished());
+  EXPECT_EQ(s.stats().num_free_blocks, 16);
+}
+
+TEST(Scheduler, SlotMappingFollowsBlockTable) {
+  Scheduler s(small_config(16));
+  SeqId id = s.add_request(1, prompt(9), params(2));
+  auto out = s.schedule();
+  const auto& table = s.sequence(id)->block_table;
+  for (int p = 0; p < 9; ++p)
+    EXPECT_EQ(out->slot_mapping[p], table[p / 4] * 4 + p % 4);
+  EXPECT_EQ(out->max_blocks, 3);
+}
+
+TEST(Scheduler, ChunkedPrefillSplitsUnderBudget) {
+  Scheduler s(small_config(16, /*budget=*/4));
+  s.add_request(1, prompt(10), params(2));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);
+  EXPECT_EQ(out->num_tokens(), 4);
+  EXPECT_EQ(out->num_samples[0], 0);
+  step(s, out);
+  EXPECT_EQ(out->positions[0], 4);
+  step(s, out);
+  EXPECT_EQ(out->num_tokens(), 2);
+  EXPECT_EQ(out->num_samples[0], 1);
+}
+
+TEST(Scheduler, StopTokenRespectsMinTokens) {
+  Scheduler s(small_config(16));
+  RequestParams p = params(10);
+  p.eos_token_id = 7;
+  p.min_tokens = 2;
+  s.add_request(1, prompt(3), p);
+  std::unique_ptr<SchedulerOutput> out;
+  EXPECT_TRUE(step(s, out).finished.empty());  // 1 token < min_tokens
+  auto r = step(s, out);
+  ASSERT_EQ(r.finished.size(), 1u);
+  EXPECT_EQ(r.finished[0].reason, FinishReason::kStop);
+  EXPECT_EQ(r.finished[0].stop_token, 7);
+}
+
+TEST(Scheduler, RejectsRequestsThatCanNeverRun) {
+  Scheduler s(small_config(16));
+  EXPECT_THROW(s.add_request(1, prompt(33), params(1)), std::invalid_argument);
+  EXPECT_THROW(s.add_request(2, {}, params(1)), std::invalid_argument);
+  EXPECT_THROW(s.add_request(3, prompt(3), params(0)), std::invalid_argument);
+  s.add_request(4, prompt(3), params(1));
+  EXPECT_THROW(s.add_request(4, prompt(3), params(1)), std::invalid_argument);
+  EXPECT_THROW(Scheduler(small_config(4)), std::invalid_argument);  // 16 < 32 tokens
+}
+
+TEST(Scheduler, PreemptsLatestAndResumesWithSameTokens) {
+  Scheduler s(small_config(8));  // 32 token slots
+  s.add_request(1, prompt(12), params(12));
+  s.add_request(2, prompt(12, 500), params(12));
+  std::unique_ptr<SchedulerOutput> out;
+  bool preempted = false;
+  int guard = 0;
+  while (s.has_unfinished() && guard++ < 200) {
+    step(s, out);
+    preempted |= !out->preempted.empty();
+  }
+  EXPECT_TRUE(preempted);
+  EXPECT_FALSE(s.has_unfinished());
+  EXPECT_EQ(s.stats().num_free_blocks, 8);
+}
+
+TEST(Scheduler, ForkSharesPromptBlocks) {
+  Scheduler s(small_config(32));
+  RequestParams p = params(4);
+  p.n = 4;
+  SeqId first = s.add_request(1, prompt(10), p);
+  std::unique_ptr<SchedulerOutput> out;
+  auto r = step(s, out);
+  EXPECT_EQ(out->num_samples[0], 4);
+  ASSERT_EQ(r.forks.size(), 3u);
+  auto parent_table = s.sequence(first)->block_table;
+  EXPECT_EQ(s.block_manager().ref_count(parent_table[0]), 4);
+  step(s, out);  // each writes into the shared partial block: 3 copies
+  EXPECT_EQ(out->num_seqs(), 4);
+  EXPECT_EQ(out->block_copies.size(), 3u);
+  while (s.has_unfinished()) step(s, out);
+  EXPECT_EQ(s.stats().num_free_blocks, 32);
+}
+
+TEST(Scheduler, PrefixCacheHitSkipsComputedBlocks) {
+  Scheduler s(small_config(32));
+  s.add_request(1, prompt(13), params(1));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);
+  s.add_request(2, prompt(13), params(1));
+  step(s, out);
+  EXPECT_EQ(out->num_tokens(), 1);  // 12 tokens came from the cache
+  EXPECT_EQ(out->positions[0], 12);
+}
+
+TEST(Scheduler, AbortFreesBlocksImmediately) {
+  Scheduler s(small_config(16));
+  s.add_request(1, prompt(10), params(5));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);
+  EXPECT_LT(s.stats().num_free_blocks, 16);
+  s.abort_request(1);
+  s.check_invariants();
+  EXPECT_EQ(s.stats().num_free_blocks, 16);
+  EXPECT_FALSE(s.has_unfinished());
+}
