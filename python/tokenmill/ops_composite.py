@@ -1,0 +1,102 @@
+"""The tokenmill ops written with plain torch operators.
+
+They have the signatures and in-place semantics of ``torch.ops.tokenmill.*``
+and run on any torch device (Intel ``xpu`` included), at the cost of
+gathering the paged cache into dense tensors.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    block_size = key_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    num_kv_heads, head_size = key_cache.shape[1], key_cache.shape[3]
+    k = key.reshape(-1, num_kv_heads, head_size)[valid]
+    v = value.reshape(-1, num_kv_heads, head_size)[valid]
+    key_cache[blocks, :, offsets] = k
+    value_cache[blocks, :, offsets] = v
+
+
+def paged_attention(
+    out,
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    sliding_window=0,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    num_kv_heads, block_size, head_size = key_cache.shape[1:]
+    q_all = query.reshape(query.shape[0], -1, head_size)
+    out_all = out.view(out.shape[0], -1, head_size)
+    group = q_all.shape[1] // num_kv_heads
+    for i in range(seq_lens.numel()):
+        start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        ctx = int(seq_lens[i])
+        nblocks = (ctx + block_size - 1) // block_size
+        blocks = block_tables[i, :nblocks].long()
+        k = key_cache[blocks].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_size)[:, :ctx]
+        v = value_cache[blocks].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_size)[:, :ctx]
+        k = k.repeat_interleave(group, 0).float()
+        v = v.repeat_interleave(group, 0).float()
+        q = q_all[start:end].transpose(0, 1).float()
+        scores = q @ k.transpose(1, 2) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        qpos = torch.arange(ctx - (end - start), ctx, device=query.device)[:, None]
+        kpos = torch.arange(ctx, device=query.device)[None, :]
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes[:, None, None] * (kpos - qpos)
+        mask = kpos > qpos
+        if sliding_window > 0:
+            mask |= qpos - kpos >= sliding_window
+        scores = scores.masked_fill(mask, float("-inf"))
+        out_all[start:end] = (torch.softmax(scores, -1) @ v).transpose(0, 1).to(out.dtype)
+
+
+def rms_norm(out, x, weight, eps):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    out.copy_(y.to(out.dtype))
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    residual.add_(x)
+    rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox):
+    rot = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
+    for t in (query, key):
+        if t is None:
+            continue
+        x = t.view(t.shape[0], -1, head_size)
+        r = x[..., :rot].float()
+        c, s = cos[:, None, :], sin[:, None, :]
+        if is_neox:
+            x1, x2 = r.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        else:
+            x1, x2 = r[..., 0::2], r[..., 1::2]
+            rotated = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        x[..., :rot] = rotated.to(t.dtype)
+
+
+def silu_and_mul(out, x):
+    d = out.shape[-1]
+    out.copy_((F.silu(x[..., :d].float()) * x[..., d:].float()).to(out.dtype))
+
+
+def gelu_and_mul(out, x, approximate_tanh=False):
+    d = out.shape[-1]
+    act = F.gelu(x[..., :d].float(), approximate="tanh" if approximate_tanh else "none")
+    out.copy_((act * x[..., d:].float()).to(out.dtype))

@@ -1,0 +1,276 @@
+"""Every op on every backend against a naive float64 reference.
+
+Backends: the native kernels on each device present, and the torch
+composite (the path for devices without native kernels).
+"""
+
+import math
+
+import pytest
+import torch
+
+import tokenmill.ops as native
+from tokenmill import ops_composite as composite
+from tokenmill.platform import cuda_kernels_available
+
+BACKENDS = [pytest.param((native, "cpu"), id="native-cpu"), pytest.param((composite, "cpu"), id="composite-cpu")]
+BACKENDS.append(
+    pytest.param(
+        (native, "cuda"),
+        id="native-cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not cuda_kernels_available(), reason="no CUDA device with tokenmill kernels"),
+        ],
+    )
+)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def needs(backend, op):
+    impl, device = backend
+    if device == "cuda" and op != "reshape_and_cache":
+        pytest.skip(f"{op} has no CUDA kernel yet")
+    return impl, device
+
+
+# ---------------------------------------------------------------- references
+
+
+def ref_attention(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale, window=0, softcap=0.0, alibi=None):
+    q = query.double().cpu()
+    kc, vc = key_cache.double().cpu(), value_cache.double().cpu()
+    num_kv, block_size, head_size = kc.shape[1:]
+    out = torch.zeros_like(q)
+    group = q.shape[1] // num_kv
+    for s in range(len(seq_lens)):
+        ctx = int(seq_lens[s])
+        start, end = int(qsl[s]), int(qsl[s + 1])
+        keys = torch.stack([kc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)])
+        vals = torch.stack([vc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)])
+        for i, t in enumerate(range(start, end)):
+            pos = ctx - (end - start) + i
+            for h in range(q.shape[1]):
+                lo = max(0, pos - window + 1) if window else 0
+                k = keys[lo : pos + 1, h // group]
+                v = vals[lo : pos + 1, h // group]
+                sc = k @ q[t, h] * scale
+                if softcap:
+                    sc = softcap * torch.tanh(sc / softcap)
+                if alibi is not None:
+                    sc = sc + alibi[h].double() * (torch.arange(lo, pos + 1, dtype=torch.float64) - pos)
+                out[t, h] = torch.softmax(sc, 0) @ v
+    return out
+
+
+def ref_rms(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def ref_rotary(x, positions, cos_sin, head_size, neox):
+    x = x.double().clone().view(x.shape[0], -1, head_size)
+    rot = cos_sin.shape[1]
+    for t in range(x.shape[0]):
+        cos, sin = cos_sin[positions[t]].double().chunk(2)
+        for h in range(x.shape[1]):
+            v = x[t, h, :rot].clone()
+            for i in range(rot // 2):
+                a, b = (i, i + rot // 2) if neox else (2 * i, 2 * i + 1)
+                x[t, h, a] = v[a] * cos[i] - v[b] * sin[i]
+                x[t, h, b] = v[b] * cos[i] + v[a] * sin[i]
+    return x
+
+
+# ------------------------------------------------------------------- caches
+
+
+def make_cache(num_blocks, num_kv, block_size, head_size, dtype, device):
+    shape = (num_blocks, num_kv, block_size, head_size)
+    return (torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
+
+
+def random_tables(seq_lens, block_size, num_blocks, gen):
+    need = [(n + block_size - 1) // block_size for n in seq_lens]
+    perm = torch.randperm(num_blocks, generator=gen)
+    width = max(need) + 2
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[used : used + n]
+        used += n
+    return tables
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_reshape_and_cache(backend, dtype, block_size):
+    impl, device = needs(backend, "reshape_and_cache")
+    num_kv, head_size, tokens = 3, 64, 37
+    kc, vc = make_cache(8, num_kv, block_size, head_size, dtype, device)
+    kc0, vc0 = kc.clone(), vc.clone()
+    qkv = torch.randn(tokens, (2 + 2 * num_kv) * head_size, dtype=dtype, device=device)
+    key = qkv[:, 2 * head_size : (2 + num_kv) * head_size]  # strided views, as after a QKV split
+    value = qkv[:, (2 + num_kv) * head_size :]
+    slots = torch.randperm(8 * block_size)[:tokens].to(torch.int32)
+    slots[::5] = -1  # padding
+    impl.reshape_and_cache(key, value, kc, vc, slots.to(device))
+    ref_k, ref_v = kc0.clone(), vc0.clone()
+    for t in range(tokens):
+        s = int(slots[t])
+        if s >= 0:
+            ref_k[s // block_size, :, s % block_size] = key[t].view(num_kv, head_size)
+            ref_v[s // block_size, :, s % block_size] = value[t].view(num_kv, head_size)
+    torch.testing.assert_close(kc, ref_k, rtol=0, atol=0)
+    torch.testing.assert_close(vc, ref_v, rtol=0, atol=0)
+
+
+ATTN_CASES = [
+    # (num_heads, num_kv_heads, head_size, [(query_len, context_len), ...])
+    (4, 4, 64, [(1, 1), (1, 16), (1, 17), (1, 300)]),  # decode only
+    (9, 3, 64, [(7, 7), (16, 16), (17, 17), (1, 40)]),  # prefill mixed with decode
+    (8, 2, 80, [(5, 40), (1, 33), (33, 33)]),  # chunked prefill on a cached prefix
+    (8, 1, 96, [(20, 64), (1, 2)]),  # MQA
+    (4, 2, 128, [(3, 50), (1, 129)]),
+    (2, 1, 256, [(9, 9), (1, 31)]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}")
+def test_paged_attention(backend, dtype, block_size, case):
+    impl, device = needs(backend, "paged_attention")
+    num_heads, num_kv, head_size, seqs = case
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = [c for _, c in seqs]
+    qsl = [0]
+    for q, _ in seqs:
+        qsl.append(qsl[-1] + q)
+    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
+    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
+    tables = random_tables(seq_lens, block_size, num_blocks, gen)
+    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype, device=device)
+    out = poisoned(query.shape, dtype, device)
+    scale = 1 / math.sqrt(head_size)
+    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
+    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, scale)
+    assert torch.isfinite(out).all(), "some outputs were not written"
+    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, scale)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["window", "softcap", "alibi"])
+def test_paged_attention_variants(backend, variant):
+    impl, device = needs(backend, "paged_attention")
+    num_heads, num_kv, head_size, block_size = 4, 2, 64, 16
+    seqs = [(10, 50), (1, 70), (24, 24)]
+    seq_lens = [c for _, c in seqs]
+    qsl = [0, 10, 11, 35]
+    kc, vc = make_cache(16, num_kv, block_size, head_size, torch.float32, device)
+    tables = random_tables(seq_lens, block_size, 16, torch.Generator().manual_seed(1))
+    query = torch.randn(35, num_heads, head_size, device=device)
+    out = poisoned(query.shape, torch.float32, device)
+    kw = {"window": dict(window=19), "softcap": dict(softcap=2.0), "alibi": dict(alibi=torch.rand(num_heads))}[variant]
+    call = dict(sliding_window=kw.get("window", 0), softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi"))
+    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
+    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.125, **call)
+    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.125, **kw)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 576), (33, 4096)])
+def test_rms_norm(backend, dtype, shape):
+    impl, device = needs(backend, "rms_norm")
+    x = torch.randn(shape, dtype=dtype, device=device)
+    w = torch.randn(shape[-1], dtype=dtype, device=device)
+    out = poisoned(shape, dtype, device)
+    impl.rms_norm(out, x, w, 1e-5)
+    assert rel_err(out, ref_rms(x, w, 1e-5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(backend, dtype):
+    impl, device = needs(backend, "fused_add_rms_norm")
+    x = torch.randn(13, 576, dtype=dtype, device=device)
+    res = torch.randn(13, 576, dtype=dtype, device=device)
+    w = torch.randn(576, dtype=dtype, device=device)
+    ref_res = x.double() + res.double()
+    ref = ref_rms(ref_res, w, 1e-6)
+    impl.fused_add_rms_norm(x, res, w, 1e-6)
+    assert rel_err(res, ref_res) < TOL[dtype]
+    assert rel_err(x, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rot_dim", [64, 32])
+def test_rotary_embedding(backend, dtype, neox, rot_dim):
+    impl, device = needs(backend, "rotary_embedding")
+    head_size, nh, nkv, tokens = 64, 4, 2, 11
+    inv = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    freqs = torch.outer(torch.arange(100).float(), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
+    positions = torch.randint(0, 100, (tokens,), dtype=torch.int32)
+    qkv = torch.randn(tokens, (nh + 2 * nkv) * head_size, dtype=dtype, device=device)
+    q, k = qkv[:, : nh * head_size], qkv[:, nh * head_size : (nh + nkv) * head_size]
+    ref_q = ref_rotary(q.cpu(), positions, cos_sin.cpu(), head_size, neox)
+    ref_k = ref_rotary(k.cpu(), positions, cos_sin.cpu(), head_size, neox)
+    impl.rotary_embedding(positions.to(device), q, k, head_size, cos_sin, neox)
+    assert rel_err(q.reshape(ref_q.shape), ref_q) < TOL[dtype]
+    assert rel_err(k.reshape(ref_k.shape), ref_k) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_act_and_mul(backend, dtype, act):
+    impl, device = needs(backend, "silu_and_mul")
+    x = torch.randn(19, 2 * 1536, dtype=dtype, device=device)
+    out = poisoned((19, 1536), dtype, device)
+    a, b = x[:, :1536].double(), x[:, 1536:].double()
+    if act == "silu":
+        impl.silu_and_mul(out, x)
+        ref = a * torch.sigmoid(a) * b
+    else:
+        tanh = act == "gelu_tanh"
+        impl.gelu_and_mul(out, x, tanh)
+        ref = torch.nn.functional.gelu(a, approximate="tanh" if tanh else "none") * b
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_ops_reject_bad_dtypes():
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        native.rms_norm(torch.empty_like(x), x, torch.randn(8, dtype=torch.float64), 1e-6)
+    with pytest.raises(RuntimeError, match="int32"):
+        kc = torch.zeros(2, 1, 16, 8)
+        native.reshape_and_cache(torch.randn(1, 8), torch.randn(1, 8), kc, kc.clone(), torch.zeros(1, dtype=torch.int64))
+
+
+def test_ops_trace_under_torch_compile():
+    def f(x, w):
+        out = torch.empty_like(x)
+        torch.ops.tokenmill.rms_norm(out, x, w, 1e-6)
+        return out * 2
+
+    x, w = torch.randn(4, 64), torch.randn(64)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), f(x, w))
