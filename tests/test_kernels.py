@@ -7,20 +7,24 @@ composite (the path for devices without native kernels).
 import math
 
 import pytest
-import torch
-
 import tokenmill.ops as native
+import torch
 from tokenmill import ops_composite as composite
 from tokenmill.platform import cuda_kernels_available
 
-BACKENDS = [pytest.param((native, "cpu"), id="native-cpu"), pytest.param((composite, "cpu"), id="composite-cpu")]
+BACKENDS = [
+    pytest.param((native, "cpu"), id="native-cpu"),
+    pytest.param((composite, "cpu"), id="composite-cpu"),
+]
 BACKENDS.append(
     pytest.param(
         (native, "cuda"),
         id="native-cuda",
         marks=[
             pytest.mark.gpu,
-            pytest.mark.skipif(not cuda_kernels_available(), reason="no CUDA device with tokenmill kernels"),
+            pytest.mark.skipif(
+                not cuda_kernels_available(), reason="no CUDA device with tokenmill kernels"
+            ),
         ],
     )
 )
@@ -47,7 +51,18 @@ def needs(backend, op):
 # ---------------------------------------------------------------- references
 
 
-def ref_attention(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale, window=0, softcap=0.0, alibi=None):
+def ref_attention(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    qsl,
+    scale,
+    window=0,
+    softcap=0.0,
+    alibi=None,
+):
     q = query.double().cpu()
     kc, vc = key_cache.double().cpu(), value_cache.double().cpu()
     num_kv, block_size, head_size = kc.shape[1:]
@@ -56,8 +71,12 @@ def ref_attention(query, key_cache, value_cache, block_tables, seq_lens, qsl, sc
     for s in range(len(seq_lens)):
         ctx = int(seq_lens[s])
         start, end = int(qsl[s]), int(qsl[s + 1])
-        keys = torch.stack([kc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)])
-        vals = torch.stack([vc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)])
+        keys = torch.stack(
+            [kc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)]
+        )
+        vals = torch.stack(
+            [vc[block_tables[s, p // block_size], :, p % block_size] for p in range(ctx)]
+        )
         for i, t in enumerate(range(start, end)):
             pos = ctx - (end - start) + i
             for h in range(q.shape[1]):
@@ -68,7 +87,9 @@ def ref_attention(query, key_cache, value_cache, block_tables, seq_lens, qsl, sc
                 if softcap:
                     sc = softcap * torch.tanh(sc / softcap)
                 if alibi is not None:
-                    sc = sc + alibi[h].double() * (torch.arange(lo, pos + 1, dtype=torch.float64) - pos)
+                    sc = sc + alibi[h].double() * (
+                        torch.arange(lo, pos + 1, dtype=torch.float64) - pos
+                    )
                 out[t, h] = torch.softmax(sc, 0) @ v
     return out
 
@@ -97,7 +118,10 @@ def ref_rotary(x, positions, cos_sin, head_size, neox):
 
 def make_cache(num_blocks, num_kv, block_size, head_size, dtype, device):
     shape = (num_blocks, num_kv, block_size, head_size)
-    return (torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
+    return (
+        torch.randn(shape, dtype=dtype, device=device),
+        torch.randn(shape, dtype=dtype, device=device),
+    )
 
 
 def random_tables(seq_lens, block_size, num_blocks, gen):
@@ -184,8 +208,16 @@ def test_paged_attention_variants(backend, variant):
     tables = random_tables(seq_lens, block_size, 16, torch.Generator().manual_seed(1))
     query = torch.randn(35, num_heads, head_size, device=device)
     out = poisoned(query.shape, torch.float32, device)
-    kw = {"window": dict(window=19), "softcap": dict(softcap=2.0), "alibi": dict(alibi=torch.rand(num_heads))}[variant]
-    call = dict(sliding_window=kw.get("window", 0), softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi"))
+    kw = {
+        "window": dict(window=19),
+        "softcap": dict(softcap=2.0),
+        "alibi": dict(alibi=torch.rand(num_heads)),
+    }[variant]
+    call = dict(
+        sliding_window=kw.get("window", 0),
+        softcap=kw.get("softcap", 0.0),
+        alibi_slopes=kw.get("alibi"),
+    )
     args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
     impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.125, **call)
     ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.125, **kw)
@@ -262,7 +294,9 @@ def test_ops_reject_bad_dtypes():
         native.rms_norm(torch.empty_like(x), x, torch.randn(8, dtype=torch.float64), 1e-6)
     with pytest.raises(RuntimeError, match="int32"):
         kc = torch.zeros(2, 1, 16, 8)
-        native.reshape_and_cache(torch.randn(1, 8), torch.randn(1, 8), kc, kc.clone(), torch.zeros(1, dtype=torch.int64))
+        native.reshape_and_cache(
+            torch.randn(1, 8), torch.randn(1, 8), kc, kc.clone(), torch.zeros(1, dtype=torch.int64)
+        )
 
 
 def test_ops_trace_under_torch_compile():

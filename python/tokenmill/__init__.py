@@ -2,4 +2,26 @@
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before the native modules)
 
+from tokenmill.errors import (
+    InvalidParameterError,
+    ModelLoadError,
+    TokenmillError,
+    UnsupportedModelError,
+)
+from tokenmill.llm import LLM
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "TokenmillError",
+    "InvalidParameterError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+]

@@ -9,6 +9,7 @@ import os
 import torch
 
 from tokenmill import _core
+from tokenmill import ops_composite as composite
 
 # Native libraries are installed beside _core (which is not always this folder).
 NATIVE_DIR = os.path.dirname(_core.__file__)
@@ -16,7 +17,7 @@ torch.ops.load_library(os.path.join(NATIVE_DIR, "_ops.so"))
 
 ops = torch.ops.tokenmill
 
-for _name in (
+OP_NAMES = (
     "reshape_and_cache",
     "paged_attention",
     "rms_norm",
@@ -24,8 +25,17 @@ for _name in (
     "rotary_embedding",
     "silu_and_mul",
     "gelu_and_mul",
-):
+)
+
+if os.path.exists(os.path.join(NATIVE_DIR, "_cuda_ops.so")) and torch.cuda.is_available():
+    torch.ops.load_library(os.path.join(NATIVE_DIR, "_cuda_ops.so"))
+
+for _name in OP_NAMES:
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)
+    # Devices without a native kernel for an op run its torch composite.
+    for _key in ("CUDA", "XPU"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenmill::{_name}", _key):
+            torch.library.impl(f"tokenmill::{_name}", _key)(getattr(composite, _name))
 
 reshape_and_cache = ops.reshape_and_cache
 paged_attention = ops.paged_attention

@@ -23,17 +23,10 @@ def cuda_archs() -> list[str]:
     return lib.tokenmill_cuda_archs().decode().split(",")
 
 
-_cuda_loaded = False
-
-
 def cuda_kernels_available() -> bool:
     """True when a CUDA device is present and the kernels were built for it."""
-    global _cuda_loaded
     if not torch.cuda.is_available() or cuda_library_path() is None:
         return False
-    if not _cuda_loaded:
-        torch.ops.load_library(cuda_library_path())
-        _cuda_loaded = True
     major, minor = torch.cuda.get_device_capability()
     archs = cuda_archs()
     return any(a.rstrip("af") == f"{major}{minor}" for a in archs)

@@ -1,0 +1,92 @@
+"""Engine arguments: defined once, shared by LLM(...), the CLI and the server."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from tokenmill.errors import InvalidParameterError
+
+
+def parse_memory(value) -> float | int | None:
+    """'4GiB', '512MB', 2e9 -> bytes; a number below 1 is a fraction of free memory."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise InvalidParameterError("kv_cache_memory", f"cannot parse {value!r} (try 4GiB or 0.5)")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    if not unit:
+        return number if number < 1 else int(number)
+    base = 1024 if binary else 1000
+    return int(number * base ** "KMGT".index(unit) * base)
+
+
+def _arg(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = _arg(
+        "Hugging Face model id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        default=None,
+    )
+    tokenizer: str | None = _arg("tokenizer id or folder, if not the model's", default=None)
+    revision: str | None = _arg("model revision on the hub", default=None)
+    dtype: str = _arg("auto, float32, bfloat16 or float16", default="auto")
+    device: str = _arg("auto, cpu, cuda or xpu", default="auto")
+    max_model_len: int | None = _arg("context length (default: the model's)", default=None)
+    max_num_seqs: int = _arg("most sequences in one step", default=256)
+    max_num_batched_tokens: int = _arg("token budget of one step", default=2048)
+    block_size: int = _arg("tokens per KV-cache block", default=16)
+    kv_cache_memory: str | None = _arg(
+        "KV-cache size in bytes (e.g. 4GiB) or a fraction of free memory", default=None
+    )
+    gpu_memory_utilization: float = _arg("fraction of GPU memory tokenmill may use", default=0.9)
+    enable_prefix_caching: bool = _arg("reuse KV blocks across requests by content", default=True)
+    enable_chunked_prefill: bool = _arg("split long prompts across steps", default=True)
+    scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
+    seed: int = _arg("seed of unseeded sampling", default=0)
+    tensor_parallel_size: int = _arg("devices to shard the model over", default=1)
+    trust_remote_code: bool = _arg("allow custom code from the hub", default=False)
+    chat_template: str | None = _arg("Jinja chat template file or string", default=None)
+    max_logprobs: int = _arg("most logprobs a request may ask for", default=20)
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidParameterError(
+                "dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise InvalidParameterError("scheduling_policy", "must be fcfs or priority")
+        if self.block_size not in (16, 32):
+            raise InvalidParameterError("block_size", "must be 16 or 32")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(name, "must be at least 1")
+        self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip=("model",)) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(
+                    flag,
+                    action=argparse.BooleanOptionalAction,
+                    default=f.default,
+                    help=f.metadata["help"],
+                )
+            else:
+                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+                parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,333 @@
+"""The step loop: schedule -> forward -> sample -> update -> detokenize."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from tokenmill import _core
+from tokenmill.config import EngineArgs
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.request import RequestState, SequenceState
+from tokenmill.engine.sampler import Sampler, SampleSlot
+from tokenmill.errors import InvalidParameterError, PromptTooLongError
+from tokenmill.loader.gguf import gguf_to_hf
+from tokenmill.loader.hf import (
+    load_generation_config,
+    load_hf_config,
+    load_tokenizer,
+    resolve_model_path,
+)
+from tokenmill.outputs import RequestOutput
+from tokenmill.platform import resolve_device
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+class LLMEngine:
+    """Runs requests to completion on one device, batching them continuously."""
+
+    def __init__(self, args: EngineArgs):
+        t0 = time.monotonic()
+        self.args = args
+        path = resolve_model_path(args.model, args.revision)
+        if path.endswith(".gguf"):
+            path = gguf_to_hf(path)
+        self.model_path = path
+        self.hf_config = load_hf_config(path, args.trust_remote_code)
+        self.tokenizer = load_tokenizer(args.tokenizer or path, args.trust_remote_code)
+        if args.chat_template:
+            self.tokenizer.chat_template = _read_template(args.chat_template)
+        self.generation_config = load_generation_config(path)
+        self.max_model_len = self._max_model_len()
+        self.device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        self.runner = ModelRunner(args, self.hf_config, path, self.device, self.max_model_len)
+        self.scheduler = _core.Scheduler(self._scheduler_config())
+        self.eos_token_id, self.extra_stop_ids = self._eos_ids()
+        self.sampler = Sampler(args.seed)
+        self.requests: dict[int, RequestState] = {}
+        self.internal_ids: dict[str, int] = {}
+        self._next_id = itertools.count()
+        self.counters = defaultdict(int)
+        logger.info(
+            "engine ready in %.1f s: %s on %s, max_model_len=%d",
+            time.monotonic() - t0,
+            self.hf_config.architectures[0],
+            self.device,
+            self.max_model_len,
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _max_model_len(self) -> int:
+        cfg = self.hf_config
+        model_max = (
+            getattr(cfg, "max_position_embeddings", None)
+            or getattr(cfg, "n_positions", None)
+            or 2048
+        )
+        if self.args.max_model_len is None:
+            return model_max
+        if self.args.max_model_len > model_max:
+            raise InvalidParameterError(
+                "max_model_len",
+                f"{self.args.max_model_len} exceeds the model's context of {model_max} tokens",
+            )
+        return self.args.max_model_len
+
+    def _scheduler_config(self) -> _core.SchedulerConfig:
+        c = _core.SchedulerConfig()
+        c.num_blocks = self.runner.num_blocks
+        c.block_size = self.args.block_size
+        c.max_num_seqs = self.args.max_num_seqs
+        c.max_num_batched_tokens = max(
+            self.args.max_num_batched_tokens,
+            1 if self.args.enable_chunked_prefill else self.max_model_len,
+        )
+        c.max_model_len = self.max_model_len
+        c.enable_chunked_prefill = self.args.enable_chunked_prefill
+        c.enable_prefix_caching = self.args.enable_prefix_caching
+        c.priority_policy = self.args.scheduling_policy == "priority"
+        return c
+
+    def _eos_ids(self) -> tuple[int | None, list[int]]:
+        ids = self.generation_config.get(
+            "eos_token_id", getattr(self.hf_config, "eos_token_id", None)
+        )
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.insert(0, self.tokenizer.eos_token_id)
+        return (ids[0] if ids else None), ids[1:]
+
+    # --------------------------------------------------------------- requests
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return None, list(prompt)
+        raise InvalidParameterError("prompt", "must be a string, a list of token ids or a dict")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queues a request. Raises InvalidParameterError for input that can never run."""
+        params = params or SamplingParams()
+        if request_id in self.internal_ids:
+            raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, params)
+        max_tokens = (
+            params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        )
+        internal = next(self._next_id)
+        core = _core.RequestParams()
+        core.max_tokens = max(1, max_tokens)
+        core.min_tokens = min(params.min_tokens, core.max_tokens)
+        core.n = params.num_sequences
+        core.stop_token_ids = list(params.stop_token_ids) + (
+            [] if params.ignore_eos else self.extra_stop_ids
+        )
+        core.eos_token_id = -1 if self.eos_token_id is None else self.eos_token_id
+        core.ignore_eos = params.ignore_eos
+        core.priority = priority
+        try:
+            seq_id = self.scheduler.add_request(internal, ids, core)
+        except ValueError as e:
+            raise InvalidParameterError("prompt", str(e)) from e
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        state = RequestState(
+            request_id,
+            internal,
+            text,
+            ids,
+            params,
+            StopChecker(params.stop, params.include_stop_str_in_output),
+            generator,
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        state.seqs.append(
+            SequenceState(seq_id, 0, detok, logprobs=[] if params.needs_logprobs else None)
+        )
+        self.requests[internal] = state
+        self.internal_ids[request_id] = internal
+        self.counters["prompt_tokens"] += len(ids)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidParameterError("prompt", "prompt must not be empty")
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError(
+                "prompt",
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the prompt has {len(ids)} tokens",
+            )
+        vocab = self.hf_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab})")
+        if params.num_sequences > self.args.max_num_seqs:
+            raise InvalidParameterError(
+                "n", f"at most {self.args.max_num_seqs} sequences per request"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.args.max_logprobs:
+                raise InvalidParameterError(name, f"at most {self.args.max_logprobs}")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stops a request now and frees its KV blocks."""
+        internal = self.internal_ids.pop(request_id, None)
+        if internal is None:
+            return
+        self.scheduler.abort_request(internal)
+        state = self.requests.pop(internal)
+        for s in state.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+        state.finished = True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns the outputs of requests that made progress."""
+        out = self.scheduler.schedule()
+        self.counters["preemptions"] += len(out.preempted)
+        touched: dict[int, RequestState] = {}
+        for internal in out.aborted:
+            state = self.requests.get(internal)
+            if state:
+                for s in state.seqs:
+                    s.finish_reason = s.finish_reason or "abort"
+                touched[internal] = state
+        if out.num_seqs == 0:
+            return self._finish_step(touched)
+        now = time.monotonic()
+        num_samples = out.num_samples
+        sampling = np.flatnonzero(num_samples)
+        seq_ids, req_ids = out.seq_ids, out.request_ids
+        slots, rows = [], []
+        for row, i in enumerate(sampling):
+            state = self.requests[int(req_ids[i])]
+            seq = state.seq_by_id(int(seq_ids[i]))
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+            for _ in range(int(num_samples[i])):
+                slots.append(
+                    SampleSlot(
+                        state.params,
+                        seq.output_ids,
+                        state.prompt_ids,
+                        state.generator,
+                        self.eos_token_id,
+                    )
+                )
+                rows.append(row)
+        logits = self.runner.execute(out, out.sample_rows)
+        if len(rows) != len(sampling):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        sampled = self.sampler(logits, slots) if slots else None
+        tokens = sampled.token_ids.cpu().numpy() if sampled else np.zeros(0, np.int32)
+        result = self.scheduler.update(out, tokens)
+        self._apply(out, sampling, tokens, sampled, result, touched)
+        return self._finish_step(touched)
+
+    def _apply(self, out, sampling, tokens, sampled, result, touched) -> None:
+        finished = {f.seq_id: f for f in result.finished}
+        children = defaultdict(list)
+        for parent, child in result.forks:
+            children[parent].append(child)
+        now = time.monotonic()
+        slot = 0
+        for i in sampling:
+            state = self.requests.get(int(out.request_ids[i]))
+            k = int(out.num_samples[i])
+            if state is None:  # aborted while the step ran
+                slot += k
+                continue
+            seq = state.seq_by_id(int(out.seq_ids[i]))
+            targets = [seq]
+            for j, child in enumerate(children.get(seq.seq_id, []), start=1):
+                forked = seq.fork(child, seq.index + j)
+                state.seqs.append(forked)
+                targets.append(forked)
+            for target in targets:
+                self._append_token(
+                    state, target, int(tokens[slot]), sampled, slot, finished.get(target.seq_id)
+                )
+                slot += 1
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            state.metrics.last_token_time = now
+            touched[state.internal_id] = state
+
+    def _append_token(
+        self, state: RequestState, seq: SequenceState, token: int, sampled, slot: int, done
+    ) -> None:
+        seq.output_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        if seq.logprobs is not None:
+            seq.cumulative_logprob += sampled.sampled_logprobs[slot]
+            if state.params.logprobs is not None:
+                seq.logprobs.append(sampled.top_logprobs[slot])
+        stopped_by_token = done is not None and done.reason == "stop" and done.stop_token >= 0
+        if stopped_by_token and not state.params.include_stop_str_in_output:
+            delta = ""
+        else:
+            delta = seq.detok.add(token)
+        match, emit = state.stop_checker.check(seq.detok.text, len(delta))
+        seq.emitted = emit
+        if match is not None:
+            seq.text_end = emit
+            seq.finish_reason, seq.stop_reason = "stop", match
+            if done is None:
+                self.scheduler.finish_sequence(seq.seq_id, "stop")
+            return
+        if done is not None:
+            seq.finish_reason = done.reason
+            seq.stop_reason = done.stop_token if stopped_by_token else None
+            seq.text_end = len(seq.detok.text)
+
+    def _finish_step(self, touched: dict[int, RequestState]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for internal, state in touched.items():
+            if all(s.finished for s in state.seqs) and len(state.seqs) >= (
+                1 if state.params.num_sequences == 1 else state.params.num_sequences
+            ):
+                state.finished = True
+                state.metrics.finished_time = now
+                self.requests.pop(internal, None)
+                self.internal_ids.pop(state.request_id, None)
+            outputs.append(state.to_output())
+        return outputs
+
+
+def _read_template(value: str) -> str:
+    import os
+
+    if os.path.exists(value):
+        with open(value) as f:
+            return f.read()
+    return value

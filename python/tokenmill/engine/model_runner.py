@@ -1,0 +1,170 @@
+"""Loads the model, owns the paged KV cache and runs one step's forward."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import numpy as np
+import torch
+
+from tokenmill.config import EngineArgs
+from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
+from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.loader.hf import iterate_weights
+from tokenmill.models import model_class
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32)
+    if dtype == torch.float16 and device.type == "cpu":
+        dtype = torch.bfloat16  # float16 matmul is slow on most CPUs
+    return dtype
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Parameters are overwritten by the checkpoint, so random init is wasted work."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(
+        self, args: EngineArgs, hf_config, model_path: str, device: torch.device, max_model_len: int
+    ):
+        self.args = args
+        self.device = device
+        self.config = hf_config
+        self.dtype = resolve_dtype(args.dtype, hf_config, device)
+        self.max_model_len = max_model_len
+        self.model = self._load_model(model_path)
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+
+    def _load_model(self, path: str):
+        cls = model_class(self.config)
+        max_positions = max(
+            self.max_model_len, getattr(self.config, "max_position_embeddings", 0) or 0
+        )
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with _skip_weight_init(), self.device:
+                model = cls(self.config, max_positions)
+        finally:
+            torch.set_default_dtype(previous)
+        for layer in model.modules():  # rotary tables stay float32
+            for name, buf in list(layer.named_buffers(recurse=False)):
+                if name == "cos_sin_cache":
+                    layer.cos_sin_cache = buf.float()
+        loaded = model.load_weights(iterate_weights(path))
+        missing = set(dict(model.named_parameters())) - loaded
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
+        return model.eval()
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers
+        a = layers[0]
+        return (
+            len(layers)
+            * 2
+            * a.num_kv_heads
+            * self.args.block_size
+            * a.head_size
+            * self.dtype.itemsize
+        )
+
+    def _num_kv_blocks(self) -> int:
+        budget = self.args.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                budget = int(free * self.args.gpu_memory_utilization)
+            else:
+                budget = min(4 << 30, available_memory_bytes() // 2)
+        elif budget < 1:
+            free = (
+                torch.cuda.mem_get_info()[0]
+                if self.device.type == "cuda"
+                else available_memory_bytes()
+            )
+            budget = int(free * budget)
+        per_block = self.kv_bytes_per_block
+        blocks = int(budget // per_block)
+        needed = -(-self.max_model_len // self.args.block_size)
+        if blocks < needed:
+            raise KVCacheTooSmallError(
+                f"KV cache of {budget / 2**20:.1f} MiB holds {blocks} blocks, but one sequence of "
+                f"max_model_len={self.max_model_len} needs {needed} blocks ({needed * per_block / 2**20:.1f} MiB); "
+                "raise kv_cache_memory or lower max_model_len"
+            )
+        return blocks
+
+    def _allocate_kv_cache(self) -> None:
+        layers = self.model.attention_layers
+        a = layers[0]
+        shape = (len(layers), 2, self.num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.key_cache, layer.value_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+            self.num_blocks,
+            self.args.block_size,
+            self.num_blocks * self.args.block_size,
+            self.kv_cache.numel() * self.dtype.itemsize / 2**20,
+            self.dtype,
+        )
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, out, logit_rows: np.ndarray) -> torch.Tensor:
+        """Runs the forward for a scheduler output; returns float32 logits at `logit_rows`."""
+        self.copy_blocks(out.block_copies)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(out.slot_mapping),
+            block_tables=self._tensor(out.block_tables),
+            seq_lens=self._tensor(out.seq_lens),
+            query_start_loc=self._tensor(out.query_start_loc),
+        )
+        input_ids = self._tensor(out.input_ids)
+        positions = self._tensor(out.positions)
+        hidden = self.model(input_ids, positions, meta)
+        rows = self._tensor(logit_rows).long()
+        return self.model.compute_logits(hidden[rows])

@@ -1,0 +1,151 @@
+"""Batched sampling: each row follows its own request's parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.outputs import Logprob
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleSlot:
+    """One token to draw: which request it serves and what that sequence has generated."""
+
+    params: SamplingParams
+    output_ids: list[int]
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    eos_token_id: int | None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int32 [num_slots]
+    sampled_logprobs: list[float] | None  # logprob of each sampled token, where asked
+    top_logprobs: list[dict[int, Logprob] | None] | None
+
+
+def _needs_processing(p: SamplingParams, n_out: int) -> bool:
+    return bool(
+        p.logit_bias
+        or p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or n_out < p.min_tokens
+    )
+
+
+def _process(logits: torch.Tensor, slots: list[SampleSlot]) -> None:
+    for i, s in enumerate(slots):
+        p = s.params
+        if not _needs_processing(p, len(s.output_ids)):
+            continue
+        row = logits[i]
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+            ids = ids[ids < row.numel()]
+            row[ids] += torch.tensor([p.logit_bias[int(t)] for t in ids], device=row.device)
+        if len(s.output_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids)
+            if s.eos_token_id is not None and not p.ignore_eos:
+                banned.append(s.eos_token_id)
+            if banned:
+                row[torch.tensor(banned, device=row.device)] = float("-inf")
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted(set(s.prompt_ids) | set(s.output_ids)), dtype=torch.long, device=row.device
+            )
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+            out = torch.tensor(s.output_ids, dtype=torch.long, device=row.device)
+            counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on rows that sample at random."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temps[:, None]
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        drop = ranks >= ks[:, None]
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1) - probs  # mass strictly before each token
+        drop |= cum > torch.tensor(top_p, device=logits.device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(-1)
+        threshold = (
+            probs.max(-1, keepdim=True).values * torch.tensor(min_p, device=logits.device)[:, None]
+        )
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def _draw(
+    logits: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator
+) -> torch.Tensor:
+    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1) is a sample from p."""
+    probs = logits.softmax(-1)
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        noise[i].exponential_(generator=g or default)
+    return (probs / noise).argmax(-1)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, slots: list[SampleSlot]) -> SamplerOutput:
+        """Draws one token per row of float32 logits [len(slots), vocab]."""
+        want_logprobs = [s.params.needs_logprobs for s in slots]
+        raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+        if any(_needs_processing(s.params, len(s.output_ids)) for s in slots):
+            logits = logits.clone()
+            _process(logits, slots)
+        greedy = [s.params.greedy for s in slots]
+        tokens = logits.argmax(-1)
+        random_rows = [i for i, g in enumerate(greedy) if not g]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            params = [slots[i].params for i in random_rows]
+            filtered = _filter(logits[idx], params)
+            tokens[idx] = _draw(filtered, [slots[i].generator for i in random_rows], self.generator)
+        tokens = tokens.to(torch.int32)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens, None, None)
+        return SamplerOutput(tokens, *self._logprobs(raw_logprobs, tokens, slots, want_logprobs))
+
+    @staticmethod
+    def _logprobs(raw, tokens, slots, wanted):
+        chosen = raw.gather(1, tokens.long()[:, None]).squeeze(1)
+        ranks = (raw > chosen[:, None]).sum(-1) + 1
+        chosen_l, ranks_l, tokens_l = chosen.tolist(), ranks.tolist(), tokens.tolist()
+        k = max((s.params.logprobs or 0) for s in slots)
+        top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
+        tops = []
+        for i, s in enumerate(slots):
+            if not wanted[i] or s.params.logprobs is None:
+                tops.append(None)
+                continue
+            entry = {tokens_l[i]: Logprob(chosen_l[i], ranks_l[i])}
+            for r in range(s.params.logprobs):
+                tid = int(top_ids[i, r])
+                if tid not in entry:
+                    entry[tid] = Logprob(float(top_vals[i, r]), r + 1)
+            tops.append(entry)
+        return chosen_l, tops

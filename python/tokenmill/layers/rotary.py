@@ -1,0 +1,99 @@
+"""Rotary position embedding and its cos/sin table for each rope scaling type."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config) -> dict:
+    """Rope settings of a transformers config, old-style or new-style."""
+    params = dict(getattr(config, "rope_scaling", None) or {})
+    params.update(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def _inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def _yarn_inv_freq(p: dict, base: float, dim: int, orig_max: int) -> tuple[torch.Tensor, float]:
+    factor = p["factor"]
+    beta_fast, beta_slow = p.get("beta_fast", 32), p.get("beta_slow", 1)
+
+    def correction_dim(rotations):
+        return dim * math.log(orig_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolation = _inv_freq(base, dim)
+    interpolation = extrapolation / factor
+    inv = interpolation * ramp + extrapolation * (1 - ramp)
+    mscale = p.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv, mscale
+
+
+def _llama3_inv_freq(p: dict, base: float, dim: int) -> torch.Tensor:
+    inv = _inv_freq(base, dim)
+    factor, low_f, high_f = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    orig = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = orig / low_f, orig / high_f
+    wavelen = 2 * math.pi / inv
+    smooth = (orig / wavelen - low_f) / (high_f - low_f)
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def build_cos_sin_cache(config, rot_dim: int, max_positions: int) -> torch.Tensor:
+    """float32 [max_positions, rot_dim]: cos of each frequency, then sin."""
+    p = rope_parameters(config)
+    base, kind = float(p["rope_theta"]), p["rope_type"]
+    orig_max = p.get("original_max_position_embeddings") or getattr(
+        config, "max_position_embeddings", max_positions
+    )
+    mscale = 1.0
+    positions = torch.arange(max_positions, dtype=torch.float64)
+    if kind == "default":
+        inv = _inv_freq(base, rot_dim)
+    elif kind == "linear":
+        inv = _inv_freq(base, rot_dim)
+        positions = positions / p["factor"]
+    elif kind == "dynamic":
+        factor = p["factor"]
+        length = max(max_positions, orig_max)
+        base = base * ((factor * length / orig_max) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
+        inv = _inv_freq(base, rot_dim)
+    elif kind == "yarn":
+        inv, mscale = _yarn_inv_freq(p, base, rot_dim, orig_max)
+    elif kind == "llama3":
+        inv = _llama3_inv_freq(p, base, rot_dim)
+    else:
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    freqs = torch.outer(positions, inv)
+    return torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates query and key in place at the given positions."""
+
+    def __init__(self, config, head_size: int, max_positions: int, is_neox: bool = True):
+        super().__init__()
+        self.head_size = head_size
+        rot_dim = int(head_size * getattr(config, "partial_rotary_factor", 1.0))
+        self.register_buffer(
+            "cos_sin_cache", build_cos_sin_cache(config, rot_dim, max_positions), persistent=False
+        )
+        self.is_neox = is_neox
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        torch.ops.tokenmill.rotary_embedding(
+            positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox
+        )

