@@ -10,7 +10,7 @@ import pytest
 import tokenmill.ops as native
 import torch
 from tokenmill import ops_composite as composite
-from tokenmill.platform import cuda_kernels_available
+from tokenmill.devices import cuda_kernels_available
 
 BACKENDS = [
     pytest.param((native, "cpu"), id="native-cpu"),

@@ -16,7 +16,9 @@ def parse_memory(value) -> float | int | None:
         return value
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
     if not m:
-        raise InvalidParameterError("kv_cache_memory", f"cannot parse {value!r} (try 4GiB or 0.5)")
+        raise InvalidParameterError(
+            "kv_cache_memory", f"kv_cache_memory: cannot parse {value!r} (try 4GiB or 0.5)"
+        )
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     if not unit:
         return number if number < 1 else int(number)
@@ -58,15 +60,17 @@ class EngineArgs:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidParameterError(
-                "dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+                "dtype", f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
         if self.scheduling_policy not in ("fcfs", "priority"):
-            raise InvalidParameterError("scheduling_policy", "must be fcfs or priority")
+            raise InvalidParameterError(
+                "scheduling_policy", "scheduling_policy must be fcfs or priority"
+            )
         if self.block_size not in (16, 32):
-            raise InvalidParameterError("block_size", "must be 16 or 32")
+            raise InvalidParameterError("block_size", "block_size must be 16 or 32")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
-                raise InvalidParameterError(name, "must be at least 1")
+                raise InvalidParameterError(name, f"{name} must be at least 1")
         self.kv_cache_memory = parse_memory(self.kv_cache_memory)
 
     @classmethod

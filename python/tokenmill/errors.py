@@ -9,7 +9,7 @@ class InvalidParameterError(TokenmillError, ValueError):
     """A request or sampling parameter is out of range or of the wrong type."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
+        super().__init__(message)
         self.param = param
         self.message = message
 

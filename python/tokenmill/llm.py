@@ -43,7 +43,9 @@ class LLM:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise InvalidParameterError("sampling_params", "needs one per prompt or a single one")
+            raise InvalidParameterError(
+                "sampling_params", "sampling_params needs one per prompt or a single one"
+            )
         return self._run([(p, sp) for p, sp in zip(prompts, params, strict=True)], use_tqdm)
 
     def chat(

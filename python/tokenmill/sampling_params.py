@@ -48,7 +48,7 @@ class SamplingParams:
 
     def _check(self):
         def fail(param, msg):
-            raise InvalidParameterError(param, msg)
+            raise InvalidParameterError(param, f"{param} {msg}")
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -89,12 +89,14 @@ class SamplingParams:
             fail("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens > 2**31 - 1:
+            fail("max_tokens", f"must be below 2**31, got {self.max_tokens}")
         if self.min_tokens < 0 or (
             self.max_tokens is not None and self.min_tokens > self.max_tokens
         ):
             fail("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "must be an integer")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            fail("seed", "must be a 64-bit integer")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be non-empty strings")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -139,6 +141,10 @@ class BeamSearchParams:
 
     def __post_init__(self):
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise InvalidParameterError("beam_width", f"must be at least 1, got {self.beam_width}")
+            raise InvalidParameterError(
+                "beam_width", f"beam_width must be at least 1, got {self.beam_width}"
+            )
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidParameterError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+            raise InvalidParameterError(
+                "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}"
+            )

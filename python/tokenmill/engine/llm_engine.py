@@ -12,20 +12,17 @@ import torch
 
 from tokenmill import _core
 from tokenmill.config import EngineArgs
+from tokenmill.devices import resolve_device
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import RequestState, SequenceState
 from tokenmill.engine.sampler import Sampler, SampleSlot
 from tokenmill.errors import InvalidParameterError, PromptTooLongError
+from tokenmill.loader.config import load_config
 from tokenmill.loader.gguf import gguf_to_hf
-from tokenmill.loader.hf import (
-    load_generation_config,
-    load_hf_config,
-    load_tokenizer,
-    resolve_model_path,
-)
+from tokenmill.loader.hf import load_generation_config, resolve_model_path
+from tokenmill.loader.tokenizer import load_tokenizer
 from tokenmill.outputs import RequestOutput
-from tokenmill.platform import resolve_device
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,7 +40,7 @@ class LLMEngine:
         if path.endswith(".gguf"):
             path = gguf_to_hf(path)
         self.model_path = path
-        self.hf_config = load_hf_config(path, args.trust_remote_code)
+        self.hf_config = load_config(path)
         self.tokenizer = load_tokenizer(args.tokenizer or path, args.trust_remote_code)
         if args.chat_template:
             self.tokenizer.chat_template = _read_template(args.chat_template)
@@ -80,7 +77,7 @@ class LLMEngine:
         if self.args.max_model_len > model_max:
             raise InvalidParameterError(
                 "max_model_len",
-                f"{self.args.max_model_len} exceeds the model's context of {model_max} tokens",
+                f"max_model_len {self.args.max_model_len} exceeds the model's context of {model_max} tokens",
             )
         return self.args.max_model_len
 
@@ -122,7 +119,9 @@ class LLMEngine:
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
             return None, list(prompt)
-        raise InvalidParameterError("prompt", "must be a string, a list of token ids or a dict")
+        raise InvalidParameterError(
+            "prompt", "prompt must be a string, a list of token ids or a dict"
+        )
 
     def add_request(
         self,
@@ -184,15 +183,17 @@ class LLMEngine:
             )
         vocab = self.hf_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab})")
+            raise InvalidParameterError("prompt", f"prompt token ids must be in [0, {vocab})")
         if params.num_sequences > self.args.max_num_seqs:
             raise InvalidParameterError(
-                "n", f"at most {self.args.max_num_seqs} sequences per request"
+                "n", f"n must be at most {self.args.max_num_seqs} sequences per request"
             )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(params, name)
             if v is not None and v > self.args.max_logprobs:
-                raise InvalidParameterError(name, f"at most {self.args.max_logprobs}")
+                raise InvalidParameterError(
+                    name, f"{name} must be at most {self.args.max_logprobs}"
+                )
 
     def abort_request(self, request_id: str) -> None:
         """Stops a request now and frees its KV blocks."""
@@ -306,7 +307,9 @@ class LLMEngine:
             return
         if done is not None:
             seq.finish_reason = done.reason
-            seq.stop_reason = done.stop_token if stopped_by_token else None
+            # As in the OpenAI API, only a requested stop id is a stop_reason, not EOS.
+            user_stop = stopped_by_token and done.stop_token in state.params.stop_token_ids
+            seq.stop_reason = done.stop_token if user_stop else None
             seq.text_end = len(seq.detok.text)
 
     def _finish_step(self, touched: dict[int, RequestState]) -> list[RequestOutput]:

@@ -53,29 +53,12 @@ def resolve_model_path(model: str | None, revision: str | None = None) -> str:
         raise ModelLoadError(f"cannot fetch model {model!r}: {e}") from e
 
 
-def load_hf_config(path: str, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise ModelLoadError(f"no config.json in {path}")
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def load_generation_config(path: str) -> dict:
     p = os.path.join(path, "generation_config.json")
     if not os.path.exists(p):
         return {}
     with open(p) as f:
         return json.load(f)
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 def safetensors_files(path: str) -> list[str]:

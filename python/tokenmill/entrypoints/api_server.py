@@ -1,0 +1,584 @@
+"""OpenAI-compatible HTTP server (``tokenmill serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tokenmill
+from tokenmill.entrypoints.async_engine import AsyncEngine, EngineDeadError
+from tokenmill.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from tokenmill.errors import InvalidParameterError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill.server")
+
+MAX_BODY_BYTES = 4 << 20
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_response(
+    status: int, message: str, type_: str = "BadRequestError", param=None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": status}},
+        status_code=status,
+    )
+
+
+class Server:
+    """Routes over one AsyncEngine."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_names: list[str],
+        api_key: str | None = None,
+        max_n: int = 16,
+    ):
+        self.engine = engine
+        self.model_names = model_names
+        self.api_key = api_key
+        self.max_n = max_n
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return self.model_names[0]
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. Valid models: {', '.join(self.model_names)}",
+            "NotFoundError",
+            "model",
+        )
+
+    def check_n(self, params: SamplingParams) -> None:
+        if params.num_sequences > self.max_n:
+            name = "best_of" if params.best_of else "n"
+            raise APIError(
+                400, f"{name} must be at most {self.max_n}, got {params.num_sequences}", param=name
+            )
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.engine.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    async def _run(
+        self, raw: Request, rid: str, prompt, params: SamplingParams, priority: int
+    ) -> RequestOutput:
+        """Collects a request's final output, aborting it if the client goes away."""
+        final = None
+        agen = self.engine.generate(rid, prompt, params, priority)
+        try:
+            async for out in agen:
+                final = out
+                if not out.finished and await raw.is_disconnected():
+                    logger.info("client gone, aborting %s", rid)
+                    raise asyncio.CancelledError
+        finally:
+            await agen.aclose()
+        return final
+
+    # ------------------------------------------------------------ completions
+    def completion_prompts(self, req: CompletionRequest) -> list:
+        p = req.prompt
+        if p is None or p == "" or p == []:
+            raise APIError(400, "prompt must be provided and non-empty", param="prompt")
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if any(isinstance(x, (str, list)) and len(x) == 0 for x in p):
+            raise APIError(400, "prompts must be non-empty", param="prompt")
+        return [x if isinstance(x, str) else list(x) for x in p]
+
+    async def completions(self, req: CompletionRequest, raw: Request):
+        model = self.check_model(req.model)
+        if req.use_beam_search:
+            raise APIError(400, "use_beam_search is not supported yet", param="use_beam_search")
+        prompts = self.completion_prompts(req)
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        self.check_n(params)
+        rid = f"cmpl-{uuid.uuid4().hex[:16]}"
+        if req.stream:
+            return await self._stream(raw, rid, model, prompts, params, req, chat=False)
+        outs = await asyncio.gather(
+            *(self._run(raw, f"{rid}-{i}", p, params, req.priority) for i, p in enumerate(prompts))
+        )
+        choices, usage = [], _usage(outs)
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                text = c.text
+                if req.echo:
+                    text = (
+                        out.prompt
+                        if out.prompt is not None
+                        else self.engine.tokenizer.decode(out.prompt_token_ids)
+                    ) + text
+                choices.append(
+                    {
+                        "index": i * params.n + c.index,
+                        "text": text,
+                        "logprobs": self.completion_logprobs(c.token_ids, c.logprobs, 0)
+                        if params.logprobs is not None
+                        else None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
+        }
+
+    def completion_logprobs(self, token_ids, logprobs, offset: int) -> dict:
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        for tid, entry in zip(token_ids, logprobs or [], strict=False):
+            text = self.token_text(tid)
+            offsets.append(offset)
+            offset += len(text)
+            tokens.append(text)
+            token_logprobs.append(entry[tid].logprob if entry else None)
+            tops.append(
+                {self.token_text(t): lp.logprob for t, lp in entry.items()} if entry else None
+            )
+        return {
+            "text_offset": offsets,
+            "token_logprobs": token_logprobs,
+            "tokens": tokens,
+            "top_logprobs": tops,
+        }
+
+    def chat_logprobs(self, token_ids, logprobs, top_n: int) -> dict:
+        content = []
+        for tid, entry in zip(token_ids, logprobs or [], strict=False):
+
+            def item(t, lp):
+                text = self.token_text(t)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            top = [
+                item(t, lp.logprob) for t, lp in top if lp.rank is not None and lp.rank <= top_n
+            ][:top_n]
+            content.append({**item(tid, entry[tid].logprob), "top_logprobs": top})
+        return {"content": content}
+
+    # ------------------------------------------------------------------ chat
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tok = self.engine.tokenizer
+        try:
+            ids = tok.apply_chat_template(
+                messages,
+                chat_template=req.chat_template,
+                add_generation_prompt=req.add_generation_prompt,
+                tokenize=True,
+            )
+        except Exception as e:  # template errors are the caller's input
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request):
+        model = self.check_model(req.model)
+        top = req.top_logprobs if req.logprobs else None
+        if req.logprobs and top is None:
+            top = 0
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, top)
+        self.check_n(params)
+        prompt = {"prompt_token_ids": self.chat_prompt(req)}
+        rid = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        if req.stream:
+            return await self._stream(raw, rid, model, [prompt], params, req, chat=True)
+        out = await self._run(raw, rid, prompt, params, req.priority)
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, top or 0)
+                if req.logprobs
+                else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": _usage([out]),
+            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
+        }
+
+    # ------------------------------------------------------------- streaming
+    async def _stream(self, raw: Request, rid: str, model: str, prompts, params, req, chat: bool):
+        """Validates by starting every request, then streams their deltas as SSE."""
+        gens = [
+            self.engine.generate(f"{rid}-{i}", p, params, req.priority)
+            for i, p in enumerate(prompts)
+        ]
+        queue: asyncio.Queue = asyncio.Queue()
+        started = [asyncio.Event() for _ in gens]
+
+        async def pump(i, agen):
+            try:
+                async for out in agen:
+                    started[i].set()
+                    await queue.put((i, out))
+            except BaseException as e:  # noqa: BLE001  (reported to the stream)
+                started[i].set()
+                await queue.put((i, e))
+            finally:
+                await agen.aclose()
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        # The first item of each request tells whether the engine accepted it.
+        first = await queue.get()
+        if isinstance(first[1], BaseException):
+            for t in tasks:
+                t.cancel()
+            raise first[1]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            self._sse(
+                raw, rid, model, params, req, chat, queue, tasks, len(gens), first, include_usage
+            ),
+            media_type="text/event-stream",
+        )
+
+    async def _sse(
+        self, raw, rid, model, params, req, chat, queue, tasks, n_prompts, first, include_usage
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finished_choice: set[int] = set()
+        done_prompts = 0
+        last: dict[int, RequestOutput] = {}
+
+        def chunk(choices, **extra):
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+        try:
+            if chat:
+                for i in range(params.n):
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+            item = first
+            while True:
+                i, out = item
+                if out is None:
+                    done_prompts += 1
+                    if done_prompts == n_prompts:
+                        break
+                elif isinstance(out, BaseException):
+                    err = out if isinstance(out, (InvalidParameterError, APIError)) else None
+                    msg = err.message if err else f"{type(out).__name__}: {out}"
+                    yield f"data: {json.dumps({'error': {'message': msg, 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n"
+                    break
+                else:
+                    last[i] = out
+                    for c in out.outputs:
+                        key = i * params.n + c.index
+                        if key in finished_choice:
+                            continue
+                        start, tstart = sent_text.get(key, 0), sent_tokens.get(key, 0)
+                        delta = c.text[start:]
+                        new_ids = c.token_ids[tstart:]
+                        if not delta and not c.finish_reason:
+                            continue
+                        sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+                        lp = None
+                        if c.logprobs is not None and params.logprobs is not None:
+                            new_lp = c.logprobs[tstart:]
+                            lp = (
+                                self.chat_logprobs(new_ids, new_lp, params.logprobs)
+                                if chat
+                                else self.completion_logprobs(new_ids, new_lp, start)
+                            )
+                        choice = {"index": key, "logprobs": lp, "finish_reason": c.finish_reason}
+                        if chat:
+                            choice["delta"] = {"content": delta}
+                        else:
+                            choice["text"] = delta
+                        if c.finish_reason:
+                            choice["stop_reason"] = c.stop_reason
+                            finished_choice.add(key)
+                        yield chunk([choice])
+                if await raw.is_disconnected():
+                    logger.info("client gone, aborting %s", rid)
+                    return
+                item = await queue.get()
+            if include_usage:
+                yield chunk([], usage=_usage(list(last.values())))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ------------------------------------------------------------ tokenizer
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        self.check_model(req.model)
+        tok = self.engine.tokenizer
+        if req.messages is not None:
+            ids = self.chat_prompt(
+                ChatCompletionRequest(
+                    messages=req.messages, add_generation_prompt=req.add_generation_prompt
+                )
+            )
+        elif req.prompt is not None:
+            ids = tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        else:
+            raise APIError(400, "either prompt or messages must be given", param="prompt")
+        return {
+            "count": len(ids),
+            "max_model_len": self.engine.max_model_len,
+            "tokens": ids,
+            "token_strs": None,
+        }
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.check_model(req.model)
+        vocab = len(self.engine.tokenizer)
+        if any(
+            t < 0 or t >= max(vocab, self.engine.engine.hf_config.vocab_size) for t in req.tokens
+        ):
+            raise APIError(400, "token ids out of the vocabulary", param="tokens")
+        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card(n) for n in self.model_names]}
+
+    def model_card(self, name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tokenmill",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.engine.max_model_len,
+        }
+
+
+def _usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def build_app(server: Server) -> FastAPI:
+    engine = server.engine
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(
+                413, f"request body larger than {MAX_BODY_BYTES} bytes", "RequestTooLarge"
+            )
+        if server.api_key and request.url.path not in ("/health", "/metrics"):
+            if request.headers.get("authorization") != f"Bearer {server.api_key}":
+                return error_response(401, "invalid or missing API key", "AuthenticationError")
+        t0 = time.monotonic()
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/") and request.method == "POST":
+            logger.info(
+                "%s %s -> %d in %.3f s",
+                request.method,
+                request.url.path,
+                response.status_code,
+                time.monotonic() - t0,
+            )
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param)
+
+    @app.exception_handler(InvalidParameterError)
+    async def invalid(_, e: InvalidParameterError):
+        return error_response(400, e.message, "BadRequestError", e.param)
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(_, e: EngineDeadError):
+        return error_response(503, str(e), "ServiceUnavailableError")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = "; ".join(
+            f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in errors
+        )
+        return error_response(400, msg or "invalid request", "BadRequestError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return error_response(e.status_code, str(e.detail), "HTTPError")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if engine.alive else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": tokenmill.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return server.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return server.model_card(server.check_model(model_id))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await server.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await server.chat(req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        return server.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return server.detokenize(req)
+
+    return app
+
+
+def run_server(args) -> int:
+    import uvicorn
+
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    t0 = time.monotonic()
+    engine_args = EngineArgs.from_cli_args(args)
+    llm_engine = LLMEngine(engine_args)
+    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    engine = AsyncEngine(llm_engine, name, args.log_stats_interval)
+    server = Server(engine, [name], api_key=args.api_key, max_n=args.max_n)
+    app = build_app(server)
+    logger.info(
+        "serving %s on http://%s:%d (ready in %.1f s)",
+        name,
+        args.host,
+        args.port,
+        time.monotonic() - t0,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    _graceful_server_class()(config).run()
+    return 0
+
+
+def _graceful_server_class():
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM drains in-flight requests, then the process exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {
+                s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return GracefulServer

@@ -1,0 +1,31 @@
+"""Flags of ``tokenmill serve`` that are not engine arguments."""
+
+import argparse
+import os
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKENMILL_API_KEY"),
+        help="required bearer token (or TOKENMILL_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name clients use (default: the model argument)",
+    )
+    p.add_argument(
+        "--max-n", type=int, default=16, help="largest n / best_of a request may ask for"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to finish in-flight requests on SIGTERM",
+    )
+    p.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="seconds between engine stat lines"
+    )
