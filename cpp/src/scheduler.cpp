@@ -69,6 +69,16 @@ SeqId Scheduler::add_request(RequestId id, std::vector<int32_t> prompt,
   if (params.n < 1 || params.n > config_.max_num_seqs)
     throw std::invalid_argument("n must be in [1, max_num_seqs=" +
                                 std::to_string(config_.max_num_seqs) + "]");
+  // Preempted groups re-prefill each sequence separately, so the whole group
+  // must fit without sharing to be sure to finish.
+  const int64_t longest = std::min<int64_t>(
+      static_cast<int64_t>(prompt.size()) + params.max_tokens, config_.max_model_len);
+  const int64_t worst = static_cast<int64_t>(params.n) * blocks_.blocks_for(longest);
+  if (worst > config_.num_blocks)
+    throw std::invalid_argument(
+        "request needs up to " + std::to_string(worst) + " KV blocks (n=" +
+        std::to_string(params.n) + " x " + std::to_string(longest) +
+        " tokens) but the cache has " + std::to_string(config_.num_blocks));
   auto req = std::make_unique<Request>();
   req->id = id;
   req->params = params;
@@ -226,13 +236,21 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
     Plan p{s.get(), blocks_.find_cached_prefix(s->tokens, req.params.cache_salt), 0};
     int64_t cached = static_cast<int64_t>(p.hits.size()) * bs;
     int64_t remaining = static_cast<int64_t>(s->tokens.size()) - cached;
+    // Sequences of a group that do not fit in this step's budget join the
+    // running set with nothing scheduled and prefill in later steps.
     p.num_new = remaining;
     if (config_.enable_chunked_prefill)
       p.num_new = std::min<int64_t>(remaining, budget - tokens);
-    if (p.num_new <= 0 || tokens + p.num_new > budget) return false;
+    if (p.num_new <= 0 || tokens + p.num_new > budget) {
+      if (plans.empty()) return false;
+      p.num_new = 0;
+      p.hits.clear();
+    }
     tokens += static_cast<int>(p.num_new);
-    for (BlockId b : p.hits) needed += blocks_.ref_count(b) == 0;
-    needed += blocks_.blocks_for(cached + p.num_new) - static_cast<int>(p.hits.size());
+    if (p.num_new > 0) {
+      for (BlockId b : p.hits) needed += blocks_.ref_count(b) == 0;
+      needed += blocks_.blocks_for(cached + p.num_new) - static_cast<int>(p.hits.size());
+    }
     plans.push_back(std::move(p));
   }
   // A resumed request waits for headroom so that the running ones can grow
@@ -240,13 +258,14 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
   int headroom = resumed ? static_cast<int>(running_.size()) : 0;
   if (needed + headroom > blocks_.num_free_blocks()) return false;
   for (auto& p : plans) {
+    p.seq->status = SeqStatus::kRunning;
+    if (p.num_new == 0) continue;
     blocks_.attach(p.seq->block_table, p.hits);
     p.seq->num_computed = static_cast<int64_t>(p.hits.size()) * bs;
     if (!p.hits.empty())
       p.seq->hash_cursor = {static_cast<int>(p.hits.size()),
                             blocks_.block_hash(p.hits.back())};
     try_allocate(*p.seq, p.num_new, out);
-    p.seq->status = SeqStatus::kRunning;
     emit(req, *p.seq, p.num_new, out);
   }
   budget -= tokens;
