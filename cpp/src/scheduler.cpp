@@ -88,7 +88,7 @@ SeqId Scheduler::add_request(RequestId id, std::vector<int32_t> prompt,
   seq->num_prompt_tokens = static_cast<int>(prompt.size());
   seq->tokens = std::move(prompt);
   SeqId sid = seq->id;
-  seq_owner_[sid] = req.get();
+  seqs_[sid] = {req.get(), seq.get()};
   req->seqs.push_back(std::move(seq));
   waiting_.emplace(key(*req), req.get());
   requests_.emplace(id, std::move(req));
@@ -96,11 +96,8 @@ SeqId Scheduler::add_request(RequestId id, std::vector<int32_t> prompt,
 }
 
 const Sequence* Scheduler::sequence(SeqId id) const {
-  auto it = seq_owner_.find(id);
-  if (it == seq_owner_.end()) return nullptr;
-  for (const auto& s : it->second->seqs)
-    if (s->id == id) return s.get();
-  return nullptr;
+  auto it = seqs_.find(id);
+  return it == seqs_.end() ? nullptr : it->second.seq;
 }
 
 void Scheduler::abort_request(RequestId id) {
@@ -114,12 +111,11 @@ void Scheduler::abort_request(RequestId id) {
 }
 
 void Scheduler::finish_sequence(SeqId id, FinishReason reason) {
-  auto it = seq_owner_.find(id);
-  if (it == seq_owner_.end()) return;
-  Request& req = *it->second;
-  for (auto& s : req.seqs)
-    if (s->id == id && s->status != SeqStatus::kFinished)
-      finish_seq(req, *s, reason, -1, nullptr);
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return;
+  Request& req = *it->second.req;
+  if (it->second.seq->status != SeqStatus::kFinished)
+    finish_seq(req, *it->second.seq, reason, -1, nullptr);
   release_if_done(req.id, nullptr);
 }
 
@@ -138,7 +134,7 @@ void Scheduler::release_if_done(RequestId id, UpdateResult* result) {
   Request& req = *it->second;
   waiting_.erase(key(req));
   running_.erase(key(req));
-  for (auto& s : req.seqs) seq_owner_.erase(s->id);
+  for (auto& s : req.seqs) seqs_.erase(s->id);
   if (result) result->finished_requests.push_back(id);
   requests_.erase(it);
 }
@@ -148,6 +144,7 @@ void Scheduler::emit(const Request& req, Sequence& seq, int64_t num_new,
   const int bs = config_.block_size;
   out.seq_ids.push_back(seq.id);
   out.request_ids.push_back(req.id);
+  emitted_.push_back(&seq);
   const int64_t start = seq.num_computed;
   for (int64_t p = start; p < start + num_new; ++p) {
     out.input_ids.push_back(seq.tokens[p]);
@@ -181,7 +178,8 @@ bool Scheduler::try_allocate(Sequence& seq, int64_t num_new,
 // Returns false when the request needs blocks that are not free.
 bool Scheduler::schedule_running(Request& req, int& budget,
                                  SchedulerOutput& out) {
-  std::vector<std::pair<Sequence*, int64_t>> plan;
+  auto& plan = plan_;
+  plan.clear();
   int tokens = 0, needed = 0;
   for (auto& s : req.seqs) {
     if (s->status != SeqStatus::kRunning) continue;
@@ -278,11 +276,24 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
 std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
   auto out = std::make_unique<SchedulerOutput>();
   out->query_start_loc.push_back(0);
+  emitted_.clear();
+  const size_t expect = running_.size() + waiting_.size();
+  for (auto* v : {&out->input_ids, &out->positions, &out->slot_mapping})
+    v->reserve(expect);
+  for (auto* v : {&out->num_samples, &out->seq_lens, &out->sample_rows})
+    v->reserve(expect);
+  out->seq_ids.reserve(expect);
+  out->request_ids.reserve(expect);
+  out->query_start_loc.reserve(expect + 1);
   int budget = config_.max_num_batched_tokens;
 
   std::vector<Request*> order;
   order.reserve(running_.size());
-  for (auto& kv : running_) order.push_back(kv.second);
+  int running_width = 0;
+  for (auto& kv : running_) {
+    order.push_back(kv.second);
+    running_width += group_width(*kv.second);
+  }
   size_t end = order.size();
   for (size_t i = 0; i < end && budget > 0; ++i) {
     Request& req = *order[i];
@@ -307,8 +318,13 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
     }
   }
 
-  int seq_slots = config_.max_num_seqs;
-  for (auto& kv : running_) seq_slots -= group_width(*kv.second);
+  // Preempted or aborted requests left running_, so its width is recounted
+  // only when that happened.
+  if (!out->preempted.empty() || !out->aborted.empty()) {
+    running_width = 0;
+    for (auto& kv : running_) running_width += group_width(*kv.second);
+  }
+  int seq_slots = config_.max_num_seqs - running_width;
   if (out->preempted.empty()) {
     std::vector<Request*> candidates;
     for (auto& kv : waiting_) candidates.push_back(kv.second);
@@ -317,17 +333,15 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
   }
 
   int max_blocks = 0;
-  std::vector<const std::vector<BlockId>*> tables;
-  for (SeqId id : out->seq_ids) {
-    const Sequence* s = sequence(id);
-    tables.push_back(&s->block_table);
+  for (const Sequence* s : emitted_)
     max_blocks = std::max(max_blocks, static_cast<int>(s->block_table.size()));
-  }
   out->max_blocks = max_blocks;
-  out->block_tables.assign(tables.size() * max_blocks, 0);
-  for (size_t i = 0; i < tables.size(); ++i)
-    std::copy(tables[i]->begin(), tables[i]->end(),
-              out->block_tables.begin() + i * max_blocks);
+  out->block_tables.resize(emitted_.size() * max_blocks);
+  for (size_t i = 0; i < emitted_.size(); ++i) {
+    const auto& t = emitted_[i]->block_table;
+    auto row = out->block_tables.begin() + i * max_blocks;
+    std::fill(std::copy(t.begin(), t.end(), row), row + max_blocks, 0);
+  }
   return out;
 }
 
@@ -361,44 +375,40 @@ UpdateResult Scheduler::update(const SchedulerOutput& out,
                                 " sampled tokens, got " +
                                 std::to_string(num_sampled));
   UpdateResult result;
-  std::vector<RequestId> touched;
+  std::vector<RequestId> done;
   int64_t idx = 0;
   for (int i = 0; i < out.num_seqs(); ++i) {
     const int k = out.num_samples[i];
     if (k == 0) continue;
     const int32_t* toks = sampled + idx;
     idx += k;
-    auto owner = seq_owner_.find(out.seq_ids[i]);
-    if (owner == seq_owner_.end()) continue;  // aborted meanwhile
-    Request& req = *owner->second;
-    Sequence* seq = nullptr;
-    for (auto& s : req.seqs)
-      if (s->id == out.seq_ids[i]) seq = s.get();
+    auto found = seqs_.find(out.seq_ids[i]);
+    if (found == seqs_.end()) continue;  // aborted meanwhile
+    Request& req = *found->second.req;
+    Sequence* seq = found->second.seq;
     if (seq->status != SeqStatus::kRunning) continue;
-    std::vector<Sequence*> targets{seq};
-    if (k > 1) {
-      for (int j = 1; j < k; ++j) {
-        auto child = std::make_unique<Sequence>(*seq);
-        child->id = next_seq_id_++;
-        child->block_table = blocks_.fork(seq->block_table);
-        seq_owner_[child->id] = &req;
-        result.forks.emplace_back(seq->id, child->id);
-        targets.push_back(child.get());
-        req.seqs.push_back(std::move(child));
-      }
-      req.forked = true;
+    for (int j = 1; j < k; ++j) {  // the first sample forks the group
+      auto child = std::make_unique<Sequence>(*seq);
+      child->id = next_seq_id_++;
+      child->block_table = blocks_.fork(seq->block_table);
+      seqs_[child->id] = {&req, child.get()};
+      result.forks.emplace_back(seq->id, child->id);
+      req.seqs.push_back(std::move(child));
     }
+    if (k > 1) req.forked = true;
+    const size_t first_child = req.seqs.size() - (k - 1);
     for (int j = 0; j < k; ++j) {
-      Sequence& s = *targets[j];
+      Sequence& s = j == 0 ? *seq : *req.seqs[first_child + j - 1];
       s.tokens.push_back(toks[j]);
       FinishReason reason;
-      if (check_stop(req, s, toks[j], reason))
+      if (check_stop(req, s, toks[j], reason)) {
         finish_seq(req, s, reason,
                    reason == FinishReason::kStop ? toks[j] : -1, &result);
+        done.push_back(req.id);
+      }
     }
-    touched.push_back(req.id);
   }
-  for (RequestId id : touched) release_if_done(id, &result);
+  for (RequestId id : done) release_if_done(id, &result);
   return result;
 }
 

@@ -170,7 +170,14 @@ class Scheduler {
   SchedulerConfig config_;
   BlockManager blocks_;
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
-  std::unordered_map<SeqId, Request*> seq_owner_;
+  struct SeqRef {
+    Request* req;
+    Sequence* seq;
+  };
+  std::unordered_map<SeqId, SeqRef> seqs_;
+  // Per-step scratch, kept to avoid allocating on every step.
+  std::vector<std::pair<Sequence*, int64_t>> plan_;
+  std::vector<const Sequence*> emitted_;
   std::map<QueueKey, Request*> waiting_;
   std::map<QueueKey, Request*> running_;
   uint64_t next_arrival_ = 0;

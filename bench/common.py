@@ -1,0 +1,45 @@
+"""Shared helpers of the benchmarks: workloads, timing and a side-by-side table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+SHARED_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench")
+
+
+def workload_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    return os.path.join(SHARED_BENCH, name)
+
+
+def load_workload(name: str, limit: int | None = None) -> list[dict]:
+    with open(workload_path(name)) as f:
+        requests = json.load(f)["requests"]
+    return requests[:limit] if limit else requests
+
+
+def synthetic_workload(n: int, prompt_len: int, output_len: int, vocab: int = 49152, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(prompt_len)], "max_tokens": output_len} for _ in range(n)]
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
