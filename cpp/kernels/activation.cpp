@@ -6,11 +6,12 @@ namespace {
 
 __attribute__((always_inline)) inline float activate(Activation a, float x) {
   switch (a) {
-    case Activation::kSilu: return x / (1.f + std::exp(-x));
+    case Activation::kSilu: return x / (1.f + fast_exp(-x));
     case Activation::kGeluExact: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
     default: {
+      // 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))
       const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.f + std::tanh(inner));
+      return x / (1.f + fast_exp(-2.f * inner));
     }
   }
 }
@@ -18,6 +19,14 @@ __attribute__((always_inline)) inline float activate(Activation a, float x) {
 template <typename T>
 __attribute__((always_inline)) inline void act_row(Activation a, T* out,
                                                    const T* x, int64_t d) {
+  if (a == Activation::kSilu) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float g = to_float(x[i]);
+      out[i] = from_float<T>(g / (1.f + fast_exp(-g)) * to_float(x[d + i]));
+    }
+    return;
+  }
   for (int64_t i = 0; i < d; ++i)
     out[i] = from_float<T>(activate(a, to_float(x[i])) * to_float(x[d + i]));
 }

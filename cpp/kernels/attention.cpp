@@ -4,6 +4,7 @@
 // float32 running max, sum and accumulator per query row.
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -36,10 +37,28 @@ struct Scratch {
   std::vector<float> q, acc, m, l, k, v, s;
 };
 
+// Points `dst` at a float32 view of n*D cache elements: the cache itself for
+// float caches, else a converted copy in `buf`.
 template <typename T>
+TM_INLINE const float* as_float(const T* src, int64_t count, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    float* dst = buf.data();
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) dst[i] = to_float(src[i]);
+    return dst;
+  }
+}
+
+// HEAD is the head size when known at compile time (0: p.head_size), which
+// lets the per-token loops unroll completely.
+template <typename T, int HEAD>
 TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
                            int q_begin, int q_end, Scratch& w) {
-  const int D = p.head_size, bs = p.block_size;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int D = HEAD ? HEAD : p.head_size;
+  const int bs = p.block_size;
   const int group = p.num_heads / p.num_kv_heads;
   const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
   const int ctx = p.seq_lens[seq];
@@ -47,11 +66,11 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
   const int rows = (q_end - q_begin) * group;
   w.q.resize(static_cast<size_t>(rows) * D);
   w.acc.assign(static_cast<size_t>(rows) * D, 0.f);
-  w.m.assign(rows, -std::numeric_limits<float>::infinity());
+  w.m.assign(rows, kNegInf);
   w.l.assign(rows, 0.f);
   w.k.resize(static_cast<size_t>(bs) * D);
   w.v.resize(static_cast<size_t>(bs) * D);
-  w.s.resize(bs);
+  w.s.resize(static_cast<size_t>(rows) * bs);
 
   const T* query = static_cast<const T*>(p.query.data);
   for (int qi = q_begin; qi < q_end; ++qi) {
@@ -59,7 +78,8 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
     for (int g = 0; g < group; ++g) {
       const int h = kvh * group + g;
       float* dst = &w.q[static_cast<size_t>((qi - q_begin) * group + g) * D];
-      load_float(dst, query + tok * p.query.row_stride + h * p.query.head_stride, D);
+      const T* src = query + tok * p.query.row_stride + h * p.query.head_stride;
+      for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * p.scale;
     }
   }
 
@@ -76,42 +96,66 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
     const int64_t base = table[b] * block_elems + static_cast<int64_t>(kvh) * bs * D;
     const int t0 = b * bs;
     const int n = std::min(bs, last_pos + 1 - t0);
-    load_float(w.k.data(), kc + base, n * D);
-    load_float(w.v.data(), vc + base, n * D);
+    // Blocks sit anywhere in the cache, out of the hardware prefetcher's
+    // reach: fetch the next block while this one is being used.
+    if ((b + 1) * bs <= last_pos) {
+      const int64_t next = table[b + 1] * block_elems + static_cast<int64_t>(kvh) * bs * D;
+      const char* nk = reinterpret_cast<const char*>(kc + next);
+      const char* nv = reinterpret_cast<const char*>(vc + next);
+      for (int64_t off = 0; off < static_cast<int64_t>(bs) * D * static_cast<int64_t>(sizeof(T)); off += 64) {
+        __builtin_prefetch(nk + off);
+        __builtin_prefetch(nv + off);
+      }
+    }
+    const float* kb = as_float(kc + base, static_cast<int64_t>(n) * D, w.k);
+    const float* vb = as_float(vc + base, static_cast<int64_t>(n) * D, w.v);
+    // Scores of every row against the block's keys; each key is read once.
+    for (int t = 0; t < n; ++t) {
+      const float* kt = kb + static_cast<size_t>(t) * D;
+      for (int r = 0; r < rows; ++r)
+        w.s[static_cast<size_t>(r) * bs + t] = dot(&w.q[static_cast<size_t>(r) * D], kt, D);
+    }
     for (int r = 0; r < rows; ++r) {
       const int pos = first_pos + q_begin + r / group;
       const int h = kvh * group + r % group;
-      const float* q = &w.q[static_cast<size_t>(r) * D];
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < n; ++t) {
-        const int kpos = t0 + t;
-        float s;
-        if (kpos > pos || (p.sliding_window > 0 && pos - kpos >= p.sliding_window)) {
-          s = -std::numeric_limits<float>::infinity();
-        } else {
-          s = dot(q, &w.k[static_cast<size_t>(t) * D], D) * p.scale;
-          if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
-          if (p.alibi_slopes) s += p.alibi_slopes[h] * (kpos - pos);
+      float* s = &w.s[static_cast<size_t>(r) * bs];
+      const bool masked = t0 + n - 1 > pos || (p.sliding_window > 0 && pos - t0 >= p.sliding_window);
+      if (p.softcap > 0.f)
+        for (int t = 0; t < n; ++t) s[t] = p.softcap * std::tanh(s[t] / p.softcap);
+      if (p.alibi_slopes)
+        for (int t = 0; t < n; ++t) s[t] += p.alibi_slopes[h] * (t0 + t - pos);
+      if (masked)
+        for (int t = 0; t < n; ++t) {
+          const int kpos = t0 + t;
+          if (kpos > pos || (p.sliding_window > 0 && pos - kpos >= p.sliding_window)) s[t] = kNegInf;
         }
-        w.s[t] = s;
-        block_max = std::max(block_max, s);
+      float block_max = kNegInf;
+      for (int t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+      if (block_max == kNegInf) {
+        for (int t = 0; t < n; ++t) s[t] = 0.f;
+        continue;
       }
-      if (block_max == -std::numeric_limits<float>::infinity()) continue;
       float& m = w.m[r];
-      float& l = w.l[r];
       float* acc = &w.acc[static_cast<size_t>(r) * D];
       if (block_max > m) {
-        const float correction = std::exp(m - block_max);
+        const float correction = fast_exp(m - block_max);
         scale_vec(acc, correction, D);
-        l *= correction;
+        w.l[r] *= correction;
         m = block_max;
       }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int t = 0; t < n; ++t) {
-        if (w.s[t] == -std::numeric_limits<float>::infinity()) continue;
-        const float e = std::exp(w.s[t] - m);
-        l += e;
-        axpy(acc, e, &w.v[static_cast<size_t>(t) * D], D);
+        s[t] = fast_exp(s[t] - m);
+        sum += s[t];
       }
+      w.l[r] += sum;
+    }
+    // Weighted values; each value row is read once for all rows.
+    for (int t = 0; t < n; ++t) {
+      const float* vt = vb + static_cast<size_t>(t) * D;
+      for (int r = 0; r < rows; ++r)
+        axpy(&w.acc[static_cast<size_t>(r) * D], w.s[static_cast<size_t>(r) * bs + t], vt, D);
     }
   }
 
@@ -125,13 +169,26 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
   }
 }
 
+template <typename T>
+TM_INLINE void attend_typed(const PagedAttentionParams& p, int seq, int kvh, int q_begin,
+                            int q_end, Scratch& w) {
+  switch (p.head_size) {
+    case 64: attend_tile<T, 64>(p, seq, kvh, q_begin, q_end, w); break;
+    case 80: attend_tile<T, 80>(p, seq, kvh, q_begin, q_end, w); break;
+    case 96: attend_tile<T, 96>(p, seq, kvh, q_begin, q_end, w); break;
+    case 128: attend_tile<T, 128>(p, seq, kvh, q_begin, q_end, w); break;
+    case 256: attend_tile<T, 256>(p, seq, kvh, q_begin, q_end, w); break;
+    default: attend_tile<T, 0>(p, seq, kvh, q_begin, q_end, w); break;
+  }
+}
+
 TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq,
                                  int kvh, int q_begin, int q_end, Scratch& w) {
   switch (p.dtype) {
-    case DType::kFloat32: attend_tile<float>(p, seq, kvh, q_begin, q_end, w); break;
-    case DType::kBFloat16: attend_tile<bf16>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kFloat32: attend_typed<float>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kBFloat16: attend_typed<bf16>(p, seq, kvh, q_begin, q_end, w); break;
 #if defined(__FLT16_MAX__)
-    case DType::kFloat16: attend_tile<f16>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kFloat16: attend_typed<f16>(p, seq, kvh, q_begin, q_end, w); break;
 #endif
     default: break;
   }

@@ -34,7 +34,7 @@ struct f16 {
 
 inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
@@ -48,9 +48,9 @@ template <>
 inline bf16 from_float<bf16>(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16{static_cast<uint16_t>(nan ? 0x7fc0u : rounded)};
 }
 
 #if defined(__FLT16_MAX__)
@@ -58,6 +58,29 @@ inline float to_float(f16 x) { return static_cast<float>(x); }
 template <>
 inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
 #endif
+
+// exp(x) for float, accurate to a few ulp over the range softmax and SiLU
+// use, written without branches or calls so that loops over it vectorize
+// (with -fno-trapping-math). Inputs below -87 (including -inf) give 0.
+__attribute__((always_inline)) inline float fast_exp(float x) {
+  const float keep = x > -87.f ? 1.f : 0.f;
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  // round to nearest by adding and removing 1.5 * 2^23
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale * keep;
+}
 
 template <typename T>
 inline void load_float(float* dst, const T* src, int n) {
