@@ -21,11 +21,19 @@ def load_workload(name: str, limit: int | None = None) -> list[dict]:
     return requests[:limit] if limit else requests
 
 
-def synthetic_workload(n: int, prompt_len: int, output_len: int, vocab: int = 49152, seed: int = 0) -> list[dict]:
+def synthetic_workload(
+    n: int, prompt_len: int, output_len: int, vocab: int = 49152, seed: int = 0
+) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(prompt_len)], "max_tokens": output_len} for _ in range(n)]
+    return [
+        {
+            "prompt_token_ids": [rng.randrange(100, vocab) for _ in range(prompt_len)],
+            "max_tokens": output_len,
+        }
+        for _ in range(n)
+    ]
 
 
 class Timer:

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
-
 import tokenmill.ops as ops  # noqa: E402
+from common import table  # noqa: E402
 from tokenmill import ops_composite  # noqa: E402
 
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 576, 1536), "Llama-3-8B": (32, 8, 128, 4096, 14336)}
@@ -76,41 +75,79 @@ def main():
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    print(f"threads {torch.get_num_threads()}, dtype {args.dtype}, large-copy bandwidth {bw:.1f} GB/s\n")
+    print(
+        f"threads {torch.get_num_threads()}, dtype {args.dtype}, large-copy bandwidth {bw:.1f} GB/s\n"
+    )
 
     rows = []
     for name, (h, kvh, d, hidden, inter) in SHAPES.items():
         nat, comp, nbytes = decode_attention_case(h, kvh, d, dtype)
         gbs = nbytes / nat / 1e9
-        rows.append([f"{name} decode attention 256x512", nat * 1e3, comp * 1e3, comp / nat, f"{gbs:.1f} GB/s ({100 * gbs / bw:.0f}%)"])
+        rows.append(
+            [
+                f"{name} decode attention 256x512",
+                nat * 1e3,
+                comp * 1e3,
+                comp / nat,
+                f"{gbs:.1f} GB/s ({100 * gbs / bw:.0f}%)",
+            ]
+        )
 
         for tokens in (256, 2048):
             x = torch.randn(tokens, hidden, dtype=dtype)
             w = torch.randn(hidden, dtype=dtype)
             out = torch.empty_like(x)
-            rows.append([f"{name} rms_norm {tokens}x{hidden}", bench(lambda: ops.rms_norm(out, x, w, 1e-5)) * 1e3,
-                         bench(lambda: ops_composite.rms_norm(out, x, w, 1e-5)) * 1e3])
+            rows.append(
+                [
+                    f"{name} rms_norm {tokens}x{hidden}",
+                    bench(lambda: ops.rms_norm(out, x, w, 1e-5)) * 1e3,
+                    bench(lambda: ops_composite.rms_norm(out, x, w, 1e-5)) * 1e3,
+                ]
+            )
             res = torch.randn_like(x)
-            rows.append([f"{name} fused_add_rms_norm {tokens}", bench(lambda: ops.fused_add_rms_norm(x, res, w, 1e-5)) * 1e3,
-                         bench(lambda: ops_composite.fused_add_rms_norm(x, res, w, 1e-5)) * 1e3])
+            rows.append(
+                [
+                    f"{name} fused_add_rms_norm {tokens}",
+                    bench(lambda: ops.fused_add_rms_norm(x, res, w, 1e-5)) * 1e3,
+                    bench(lambda: ops_composite.fused_add_rms_norm(x, res, w, 1e-5)) * 1e3,
+                ]
+            )
             gu = torch.randn(tokens, 2 * inter, dtype=dtype)
             act = torch.empty(tokens, inter, dtype=dtype)
-            rows.append([f"{name} silu_and_mul {tokens}x{inter}", bench(lambda: ops.silu_and_mul(act, gu)) * 1e3,
-                         bench(lambda: ops_composite.silu_and_mul(act, gu)) * 1e3])
+            rows.append(
+                [
+                    f"{name} silu_and_mul {tokens}x{inter}",
+                    bench(lambda: ops.silu_and_mul(act, gu)) * 1e3,
+                    bench(lambda: ops_composite.silu_and_mul(act, gu)) * 1e3,
+                ]
+            )
             qkv = torch.randn(tokens, (h + 2 * kvh) * d, dtype=dtype)
             q, k = qkv[:, : h * d], qkv[:, h * d : (h + kvh) * d]
             pos = torch.randint(0, 4096, (tokens,), dtype=torch.int32)
             inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
             f = torch.outer(torch.arange(4096).float(), inv)
             cs = torch.cat([f.cos(), f.sin()], -1)
-            rows.append([f"{name} rotary {tokens}", bench(lambda: ops.rotary_embedding(pos, q, k, d, cs, True)) * 1e3,
-                         bench(lambda: ops_composite.rotary_embedding(pos, q, k, d, cs, True)) * 1e3])
+            rows.append(
+                [
+                    f"{name} rotary {tokens}",
+                    bench(lambda: ops.rotary_embedding(pos, q, k, d, cs, True)) * 1e3,
+                    bench(lambda: ops_composite.rotary_embedding(pos, q, k, d, cs, True)) * 1e3,
+                ]
+            )
             kc = torch.zeros(tokens // 16 + 1, kvh, 16, d, dtype=dtype)
             vc = torch.zeros_like(kc)
-            kk, vv = torch.randn(tokens, kvh * d, dtype=dtype), torch.randn(tokens, kvh * d, dtype=dtype)
+            kk, vv = (
+                torch.randn(tokens, kvh * d, dtype=dtype),
+                torch.randn(tokens, kvh * d, dtype=dtype),
+            )
             slots = torch.randperm(kc.shape[0] * 16)[:tokens].to(torch.int32)
-            rows.append([f"{name} reshape_and_cache {tokens}", bench(lambda: ops.reshape_and_cache(kk, vv, kc, vc, slots)) * 1e3,
-                         bench(lambda: ops_composite.reshape_and_cache(kk, vv, kc, vc, slots)) * 1e3])
+            rows.append(
+                [
+                    f"{name} reshape_and_cache {tokens}",
+                    bench(lambda: ops.reshape_and_cache(kk, vv, kc, vc, slots)) * 1e3,
+                    bench(lambda: ops_composite.reshape_and_cache(kk, vv, kc, vc, slots)) * 1e3,
+                ]
+            )
     for r in rows:
         if len(r) == 3:
             r += [r[2] / r[1], ""]

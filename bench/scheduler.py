@@ -15,7 +15,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
 from python_scheduler import PyScheduler  # noqa: E402
-
 from tokenmill import _core  # noqa: E402
 
 PROMPT, BLOCK = 64, 16

@@ -19,12 +19,19 @@ from common import Timer, load_workload, synthetic_workload, table  # noqa: E402
 def run_tokenmill(model, requests, dtype, args):
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+    )
     warm = [{"prompt_token_ids": [7] * 16}]
     llm.generate(warm, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
-    params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in requests]
+    params = [
+        SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in requests
+    ]
     with Timer() as t:
         outs = llm.generate(prompts, params, use_tqdm=True)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -41,24 +48,42 @@ def run_hf(path, requests, dtype, batch_size):
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
             width = max(len(r["prompt_token_ids"]) for r in chunk)
-            ids = torch.tensor([[0] * (width - len(r["prompt_token_ids"])) + r["prompt_token_ids"] for r in chunk])
-            mask = (torch.arange(width)[None, :] >= (width - torch.tensor([len(r["prompt_token_ids"]) for r in chunk]))[:, None]).long()
+            ids = torch.tensor(
+                [[0] * (width - len(r["prompt_token_ids"])) + r["prompt_token_ids"] for r in chunk]
+            )
+            mask = (
+                torch.arange(width)[None, :]
+                >= (width - torch.tensor([len(r["prompt_token_ids"]) for r in chunk]))[:, None]
+            ).long()
             new = max(r["max_tokens"] for r in chunk)
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
             out_tokens += (out.shape[1] - width) * len(chunk)
     return t.seconds, out_tokens
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--workload", default="workload_main.json")
-    ap.add_argument("--num-requests", type=int, default=None, help="first N requests of the workload")
+    ap.add_argument(
+        "--num-requests", type=int, default=None, help="first N requests of the workload"
+    )
     ap.add_argument("--synthetic", default=None, help="N,PROMPT,OUTPUT instead of a workload file")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--hf-requests", type=int, default=32, help="requests given to transformers (0 skips it)")
+    ap.add_argument(
+        "--hf-requests", type=int, default=32, help="requests given to transformers (0 skips it)"
+    )
     ap.add_argument("--hf-batch-size", type=int, default=16)
     args = ap.parse_args()
 
@@ -82,9 +107,23 @@ def main():
         sub = requests[: args.hf_requests]
         hs, hout = run_hf(path, sub, args.dtype, args.hf_batch_size)
         htotal = hout + sum(len(r["prompt_token_ids"]) for r in sub)
-        rows.append([f"transformers (batch {args.hf_batch_size})", len(sub), hs, hout / hs, htotal / hs, ours / (hout / hs)])
+        rows.append(
+            [
+                f"transformers (batch {args.hf_batch_size})",
+                len(sub),
+                hs,
+                hout / hs,
+                htotal / hs,
+                ours / (hout / hs),
+            ]
+        )
     print(f"\nOffline throughput, {args.dtype}, model {os.path.basename(path)}")
-    print(table(rows, ["engine", "requests", "seconds", "output tok/s", "total tok/s", "tokenmill speed-up"]))
+    print(
+        table(
+            rows,
+            ["engine", "requests", "seconds", "output tok/s", "total tok/s", "tokenmill speed-up"],
+        )
+    )
 
 
 if __name__ == "__main__":

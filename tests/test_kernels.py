@@ -308,3 +308,35 @@ def test_ops_trace_under_torch_compile():
     x, w = torch.randn(4, 64), torch.randn(64)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w), f(x, w))
+
+
+@pytest.mark.parametrize(
+    "dtype,wdtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],
+)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 7), (5, 576, 960), (16, 100, 33), (32, 1536, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(dtype, wdtype, m, k, n, bias):
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=wdtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    out = poisoned((m, n), dtype, "cpu")
+    torch.ops.tokenmill.linear(out, x, w, b)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_linear_layer_paths_agree():
+    from tokenmill.layers.linear import SMALL_M, linear
+
+    w = torch.randn(300, 64, dtype=torch.bfloat16)
+    for m in (1, SMALL_M, SMALL_M + 1, 700):
+        x = torch.randn(m, 64, dtype=torch.bfloat16)
+        ref = x.double() @ w.double().T
+        got = linear(x, w)
+        assert got.is_contiguous() and rel_err(got, ref) < 1e-2

@@ -162,6 +162,23 @@ void gelu_and_mul(Tensor out, Tensor x, bool approximate_tanh) {
                                : tokenmill::cpu::Activation::kGeluExact);
 }
 
+void linear(Tensor out, Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "linear takes 2-D tensors");
+  STD_TORCH_CHECK(weight.is_contiguous() && x.stride(1) == 1 && out.stride(1) == 1,
+                  "linear needs a contiguous weight and rows with a contiguous last dimension");
+  check_same_dtype(x, out, "out");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == k && out.size(0) == m && out.size(1) == n, "linear: shape mismatch");
+  const void* b = nullptr;
+  if (bias.has_value()) {
+    check_same_dtype(x, *bias, "bias");
+    STD_TORCH_CHECK(bias->numel() == n, "bias must have one value per output");
+    b = bias->data_ptr();
+  }
+  tokenmill::cpu::linear(dtype_of(x), dtype_of(weight), out.data_ptr(), x.data_ptr(), weight.data_ptr(), b, m, k, n,
+                         x.stride(0), out.stride(0));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) {
@@ -176,6 +193,7 @@ STABLE_TORCH_LIBRARY(tokenmill, m) {
         "Tensor cos_sin_cache, bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor x, bool approximate_tanh=False) -> ()");
+  m.def("linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias=None) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
@@ -186,4 +204,5 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("rotary_embedding", TORCH_BOX(&rotary_embedding));
   m.impl("silu_and_mul", TORCH_BOX(&silu_and_mul));
   m.impl("gelu_and_mul", TORCH_BOX(&gelu_and_mul));
+  m.impl("linear", TORCH_BOX(&linear));
 }

@@ -68,4 +68,11 @@ void act_and_mul(DType dtype, Activation act, void* out, const void* x,
                  int64_t rows, int64_t d, int64_t x_stride,
                  int64_t out_stride);
 
+// out[m, n] = x[m, :] . weight[n, :] (+ bias[n]) for few rows m, reading the
+// weight once. x, out and bias share a dtype; weight may be bfloat16 under
+// float32 activations.
+void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* weight,
+            const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
+            int64_t out_stride);
+
 }  // namespace tokenmill::cpu

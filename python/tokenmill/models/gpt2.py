@@ -11,6 +11,7 @@ from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
+from tokenmill.layers.linear import Linear, linear
 
 
 class GPT2Block(nn.Module):
@@ -20,11 +21,11 @@ class GPT2Block(nn.Module):
         self.head_dim = d // heads
         self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.attn_proj = nn.Linear(d, d)
+        self.c_attn = Linear(d, 3 * d)
+        self.attn_proj = Linear(d, d)
         inner = config.n_inner or 4 * d
-        self.c_fc = nn.Linear(d, inner)
-        self.mlp_proj = nn.Linear(inner, d)
+        self.c_fc = Linear(d, inner)
+        self.mlp_proj = Linear(inner, d)
         scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.attn = PagedAttention(heads, heads, self.head_dim, scale)
         self.approximate = (
@@ -67,7 +68,7 @@ class GPT2LMHeadModel(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.wte.weight).float()
+        return linear(hidden, self.wte.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

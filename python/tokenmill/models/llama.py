@@ -10,7 +10,7 @@ from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
-from tokenmill.layers.linear import MergedLinear
+from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 
@@ -36,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias
         )
-        self.o_proj = nn.Linear(
+        self.o_proj = Linear(
             q_size, config.hidden_size, bias=getattr(config, "attention_bias", False)
         )
         self.qk_norm = config.model_type == "qwen3"
@@ -69,7 +69,7 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedLinear(config.hidden_size, {0: inter, 1: inter}, bias=bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
 
@@ -131,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_positions)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,0 +1,139 @@
+// Dense projections for few rows (decode): out[M, N] = x[M, K] @ w[N, K]^T.
+// Memory-bound, so each weight row is read once for all M input rows: a
+// thread converts a tile of weight rows to float32 in L1 and takes the dot
+// products of every input row with it. Parallel over output columns.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace tokenmill::cpu {
+namespace {
+
+constexpr int kRows = 4;  // weight rows per tile
+
+template <typename TX, typename TW>
+__attribute__((always_inline)) inline void linear_tile(
+    void* out, const void* x, const void* w, const void* bias, int64_t m_rows, int64_t k,
+    int64_t n, int64_t n0, int64_t n1, int64_t x_stride, int64_t out_stride, float* wbuf,
+    float* xbuf) {
+  const TX* xp = static_cast<const TX*>(x);
+  const TW* wp = static_cast<const TW*>(w);
+  TX* op = static_cast<TX*>(out);
+  const TX* bp = static_cast<const TX*>(bias);
+  for (int64_t j = n0; j < n1; j += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - j));
+    for (int r = 0; r < rows; ++r) {
+      const TW* src = wp + (j + r) * k;
+      float* dst = wbuf + r * k;
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) dst[i] = to_float(src[i]);
+    }
+    for (int r = rows; r < kRows; ++r)
+      std::fill(wbuf + r * k, wbuf + (r + 1) * k, 0.f);
+    const float *w0 = wbuf, *w1 = wbuf + k, *w2 = wbuf + 2 * k, *w3 = wbuf + 3 * k;
+    auto store = [&](int64_t m, const float* acc) {
+      for (int r = 0; r < rows; ++r) {
+        const float b = bp ? to_float(bp[j + r]) : 0.f;
+        op[m * out_stride + j + r] = from_float<TX>(acc[r] + b);
+      }
+    };
+    int64_t m = 0;
+    for (; m + 2 <= m_rows; m += 2) {  // two input rows share each weight load
+      const float* xa = xbuf + m * k;
+      const float* xb = xa + k;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+      for (int64_t i = 0; i < k; ++i) {
+        a0 += xa[i] * w0[i];
+        a1 += xa[i] * w1[i];
+        a2 += xa[i] * w2[i];
+        a3 += xa[i] * w3[i];
+        b0 += xb[i] * w0[i];
+        b1 += xb[i] * w1[i];
+        b2 += xb[i] * w2[i];
+        b3 += xb[i] * w3[i];
+      }
+      const float acc_a[kRows] = {a0, a1, a2, a3}, acc_b[kRows] = {b0, b1, b2, b3};
+      store(m, acc_a);
+      store(m + 1, acc_b);
+    }
+    for (; m < m_rows; ++m) {
+      const float* xr = xbuf + m * k;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < k; ++i) {
+        a0 += xr[i] * w0[i];
+        a1 += xr[i] * w1[i];
+        a2 += xr[i] * w2[i];
+        a3 += xr[i] * w3[i];
+      }
+      const float acc[kRows] = {a0, a1, a2, a3};
+      store(m, acc);
+    }
+  }
+  (void)n;
+  (void)x_stride;
+}
+
+template <typename TX, typename TW>
+__attribute__((always_inline)) inline void linear_typed(void* out, const void* x, const void* w,
+                                                        const void* bias, int64_t m, int64_t k,
+                                                        int64_t n, int64_t x_stride,
+                                                        int64_t out_stride, int64_t n0,
+                                                        int64_t n1, float* wbuf, float* xbuf) {
+  linear_tile<TX, TW>(out, x, w, bias, m, k, n, n0, n1, x_stride, out_stride, wbuf, xbuf);
+}
+
+TM_MULTIVERSION void linear_range(DType xt, DType wt, void* out, const void* x, const void* w,
+                                  const void* bias, int64_t m, int64_t k, int64_t n,
+                                  int64_t x_stride, int64_t out_stride, int64_t n0, int64_t n1,
+                                  float* wbuf, float* xbuf) {
+  if (xt == DType::kFloat32 && wt == DType::kFloat32)
+    linear_typed<float, float>(out, x, w, bias, m, k, n, x_stride, out_stride, n0, n1, wbuf, xbuf);
+  else if (xt == DType::kBFloat16 && wt == DType::kBFloat16)
+    linear_typed<bf16, bf16>(out, x, w, bias, m, k, n, x_stride, out_stride, n0, n1, wbuf, xbuf);
+  else if (xt == DType::kFloat32 && wt == DType::kBFloat16)
+    linear_typed<float, bf16>(out, x, w, bias, m, k, n, x_stride, out_stride, n0, n1, wbuf, xbuf);
+#if defined(__FLT16_MAX__)
+  else if (xt == DType::kFloat16 && wt == DType::kFloat16)
+    linear_typed<f16, f16>(out, x, w, bias, m, k, n, x_stride, out_stride, n0, n1, wbuf, xbuf);
+#endif
+}
+
+template <typename T>
+void rows_to_float(float* dst, const void* x, int64_t m, int64_t k, int64_t stride) {
+  const T* xp = static_cast<const T*>(x);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) dst[r * k + i] = to_float(xp[r * stride + i]);
+}
+
+}  // namespace
+
+void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* weight,
+            const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
+            int64_t out_stride) {
+  std::vector<float> xbuf(static_cast<size_t>(m) * k);
+  switch (x_dtype) {
+    case DType::kFloat32: rows_to_float<float>(xbuf.data(), x, m, k, x_stride); break;
+    case DType::kBFloat16: rows_to_float<bf16>(xbuf.data(), x, m, k, x_stride); break;
+#if defined(__FLT16_MAX__)
+    case DType::kFloat16: rows_to_float<f16>(xbuf.data(), x, m, k, x_stride); break;
+#endif
+  }
+  // Column chunks: a multiple of the tile, small enough to balance threads.
+  const int64_t chunk = std::max<int64_t>(kRows, (n / 64 + kRows - 1) / kRows * kRows);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel
+  {
+    std::vector<float> wbuf(static_cast<size_t>(kRows) * k);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(n, n0 + chunk);
+      linear_range(x_dtype, w_dtype, out, x, weight, bias, m, k, n, x_stride, out_stride, n0, n1,
+                   wbuf.data(), xbuf.data());
+    }
+  }
+}
+
+}  // namespace tokenmill::cpu
