@@ -113,7 +113,7 @@ def main():
             proc.terminate()
             proc.wait()
     ttft = [s[0] - t0 for t0, s in results if s]
-    itl = [b - a for _, s in results for a, b in zip(s, s[1:])]
+    itl = [b - a for _, s in results for a, b in zip(s, s[1:], strict=False)]
     out_tokens = sum(r["max_tokens"] for r in requests)
     total = out_tokens + sum(len(r["prompt_token_ids"]) for r in requests)
     print(
