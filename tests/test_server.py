@@ -263,3 +263,26 @@ def test_api_key(tiny_model):
         assert good.completions.create(model=tiny_model("llama"), prompt="x", max_tokens=2).choices
     finally:
         assert server.stop() == 0
+
+
+def test_beam_search_completions(tiny_server, client):
+    server, path = tiny_server
+    llm = LLM(path, dtype="float32", kv_cache_memory="32MiB", max_model_len=256)
+    from tokenmill import BeamSearchParams
+
+    expected = llm.beam_search(["The quick"], BeamSearchParams(3, 8), use_tqdm=False)[0].outputs
+    got = client.completions.create(
+        model=path,
+        prompt="The quick",
+        max_tokens=8,
+        n=2,
+        extra_body={"use_beam_search": True, "best_of": 3},
+    )
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [
+        o.text for o in expected[:2]
+    ]
+    bad = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "x", "use_beam_search": True, "n": 3, "best_of": 2},
+    )
+    assert bad.status_code == 400

@@ -49,7 +49,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("eos_token_id", &RequestParams::eos_token_id)
       .def_readwrite("ignore_eos", &RequestParams::ignore_eos)
       .def_readwrite("priority", &RequestParams::priority)
-      .def_readwrite("cache_salt", &RequestParams::cache_salt);
+      .def_readwrite("cache_salt", &RequestParams::cache_salt)
+      .def_readwrite("restart_on_preempt", &RequestParams::restart_on_preempt);
 
   py::class_<SchedulerOutput>(m, "SchedulerOutput")
       .def_property_readonly("num_seqs", &SchedulerOutput::num_seqs)
@@ -102,6 +103,8 @@ PYBIND11_MODULE(_core, m) {
              s.finish_sequence(id, reason == "length" ? FinishReason::kLength
                                    : reason == "abort" ? FinishReason::kAbort : FinishReason::kStop);
            }, py::arg("seq_id"), py::arg("reason") = "stop")
+      .def("fork_sequence", &Scheduler::fork_sequence, py::arg("parent"), py::arg("token"),
+           "Fork a running sequence (sharing its blocks) and continue the child with a token.")
       .def("schedule", &Scheduler::schedule, "Build the next step's batch.")
       .def("update", [](Scheduler& s, const SchedulerOutput& out,
                         py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {

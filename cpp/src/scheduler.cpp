@@ -119,6 +119,23 @@ void Scheduler::finish_sequence(SeqId id, FinishReason reason) {
   release_if_done(req.id, nullptr);
 }
 
+SeqId Scheduler::fork_sequence(SeqId parent, int32_t token) {
+  auto it = seqs_.find(parent);
+  if (it == seqs_.end() || it->second.seq->status != SeqStatus::kRunning)
+    throw std::invalid_argument("fork_sequence: no running sequence " + std::to_string(parent));
+  Request& req = *it->second.req;
+  const Sequence& src = *it->second.seq;
+  auto child = std::make_unique<Sequence>(src);
+  child->id = next_seq_id_++;
+  child->block_table = blocks_.fork(src.block_table);
+  child->tokens.push_back(token);
+  seqs_[child->id] = {&req, child.get()};
+  SeqId id = child->id;
+  req.seqs.push_back(std::move(child));
+  req.forked = true;
+  return id;
+}
+
 void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason,
                            int32_t stop_token, UpdateResult* result) {
   seq.status = SeqStatus::kFinished;
@@ -203,6 +220,16 @@ bool Scheduler::schedule_running(Request& req, int& budget,
 }
 
 void Scheduler::preempt(Request& req, SchedulerOutput& out) {
+  if (req.params.restart_on_preempt) {
+    for (size_t i = 1; i < req.seqs.size(); ++i) {
+      blocks_.free(req.seqs[i]->block_table);
+      seqs_.erase(req.seqs[i]->id);
+    }
+    req.seqs.resize(1);
+    req.seqs[0]->tokens.resize(req.seqs[0]->num_prompt_tokens);
+    req.seqs[0]->status = SeqStatus::kRunning;  // reset below like any other
+    req.forked = false;
+  }
   for (auto& s : req.seqs) {
     if (s->status == SeqStatus::kFinished) continue;
     blocks_.free(s->block_table);

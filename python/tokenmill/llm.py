@@ -11,7 +11,7 @@ from tokenmill.config import EngineArgs
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.errors import InvalidParameterError
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -64,6 +64,19 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Beam search for each prompt; each output lists the hypotheses, best score first."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        return self._run([(p, params) for p in prompts], use_tqdm)
+
     def apply_chat_template(
         self, messages, chat_template=None, add_generation_prompt=True
     ) -> list[int]:
@@ -82,7 +95,10 @@ class LLM:
         try:
             for prompt, params in requests:
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt, params)
+                if isinstance(params, BeamSearchParams):
+                    engine.add_beam_request(rid, prompt, params)
+                else:
+                    engine.add_request(rid, prompt, params)
                 ids.append(rid)
         except Exception:
             for rid in ids:

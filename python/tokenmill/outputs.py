@@ -25,6 +25,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None
+    score: float | None = None  # beam search: cumulative_logprob / length ** length_penalty
 
     def finished(self) -> bool:
         return self.finish_reason is not None

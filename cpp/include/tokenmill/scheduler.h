@@ -36,6 +36,10 @@ struct RequestParams {
   bool ignore_eos = false;
   int priority = 0;          // lower runs first under the priority policy
   uint64_t cache_salt = 0;   // isolates prefix-cache entries
+  // Preemption restarts the request from its prompt (one sequence) instead of
+  // recomputing every sequence; beam search, whose beams must advance
+  // together, uses it.
+  bool restart_on_preempt = false;
 };
 
 enum class SeqStatus { kWaiting, kRunning, kPreempted, kFinished };
@@ -128,6 +132,10 @@ class Scheduler {
   void abort_request(RequestId id);
   // Finishes one sequence (e.g. a stop string found by the detokenizer).
   void finish_sequence(SeqId id, FinishReason reason);
+  // A new running sequence of the same request that shares every block of
+  // `parent` (copy on write) and continues it with `token`; for beam search,
+  // between schedule() and update(). Returns the child's id.
+  SeqId fork_sequence(SeqId parent, int32_t token);
 
   std::unique_ptr<SchedulerOutput> schedule();
   // Appends the sampled tokens, one per sample of `out` in order, and applies

@@ -13,6 +13,7 @@ import torch
 from tokenmill import _core
 from tokenmill.config import EngineArgs
 from tokenmill.devices import resolve_device
+from tokenmill.engine.beam_search import BeamSearchState
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import RequestState, SequenceState
@@ -22,8 +23,8 @@ from tokenmill.loader.config import load_config
 from tokenmill.loader.gguf import gguf_to_hf
 from tokenmill.loader.hf import load_generation_config, resolve_model_path
 from tokenmill.loader.tokenizer import load_tokenizer
-from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,12 @@ class LLMEngine:
         """Runs one batch; returns the outputs of requests that made progress."""
         out = self.scheduler.schedule()
         self.counters["preemptions"] += len(out.preempted)
+        for internal in out.preempted:  # beam searches restart from their prompt
+            state = self.requests.get(internal)
+            if state is not None and state.beam is not None:
+                state.beam = BeamSearchState(
+                    state.beam.params, state.beam.eos, state.seqs[0].seq_id
+                )
         touched: dict[int, RequestState] = {}
         for internal in out.aborted:
             state = self.requests.get(internal)
@@ -228,12 +235,16 @@ class LLMEngine:
         num_samples = out.num_samples
         sampling = np.flatnonzero(num_samples)
         seq_ids, req_ids = out.seq_ids, out.request_ids
-        slots, rows = [], []
+        # Row r of the logits belongs to sampling[r]; sampled rows repeat it num_samples times.
+        slots, slot_rows, beam_rows = [], [], defaultdict(dict)
         for row, i in enumerate(sampling):
             state = self.requests[int(req_ids[i])]
-            seq = state.seq_by_id(int(seq_ids[i]))
             if state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
+            if state.beam is not None:
+                beam_rows[state.internal_id][int(seq_ids[i])] = row
+                continue
+            seq = state.seq_by_id(int(seq_ids[i]))
             for _ in range(int(num_samples[i])):
                 slots.append(
                     SampleSlot(
@@ -244,15 +255,134 @@ class LLMEngine:
                         self.eos_token_id,
                     )
                 )
-                rows.append(row)
+                slot_rows.append(row)
         logits = self.runner.execute(out, out.sample_rows)
-        if len(rows) != len(sampling):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        sampled = self.sampler(logits, slots) if slots else None
-        tokens = sampled.token_ids.cpu().numpy() if sampled else np.zeros(0, np.int32)
+        sampled = None
+        if slots:
+            rows = slot_rows if len(slot_rows) != len(logits) else None
+            picked = logits if rows is None else logits[torch.tensor(rows, device=logits.device)]
+            sampled = self.sampler(picked, slots)
+        beam_tokens = self._beam_steps(logits, beam_rows)
+        tokens = np.zeros(int(num_samples.sum()), np.int32)
+        normal = sampled.token_ids.cpu().numpy() if sampled else None
+        k_slot = k_normal = 0
+        for i in sampling:
+            k = int(num_samples[i])
+            sid = int(seq_ids[i])
+            if sid in beam_tokens:
+                tokens[k_slot : k_slot + k] = beam_tokens[sid][:k]
+            else:
+                tokens[k_slot : k_slot + k] = normal[k_normal : k_normal + k]
+                k_normal += k
+            k_slot += k
         result = self.scheduler.update(out, tokens)
         self._apply(out, sampling, tokens, sampled, result, touched)
+        self._commit_beams(beam_rows, result, touched)
         return self._finish_step(touched)
+
+    # ------------------------------------------------------------ beam search
+    def _beam_steps(self, logits: torch.Tensor, beam_rows: dict) -> dict[int, list[int]]:
+        """Selects each beam request's continuations; forks and drops beams in the core.
+
+        Returns, per scheduled beam sequence, the tokens the core appends to it
+        in update() (several at the first step, when the core forks the prompt)."""
+        tokens: dict[int, list[int]] = {}
+        for internal, rows_by_seq in beam_rows.items():
+            state = self.requests[internal]
+            beam = state.beam
+            order = [rows_by_seq[b.seq_id] for b in beam.beams]
+            logprobs = logits[torch.tensor(order, device=logits.device)].float().log_softmax(-1)
+            selection = beam.step(logprobs.cpu())
+            state.beam_forks = {}
+            first_step = len(beam.beams) == 1 and not beam.beams[0].tokens
+            for b in beam.beams:
+                conts = selection.continuations.get(b.seq_id, [])
+                if first_step:
+                    width = beam.params.beam_width  # the core forks the prompt into this many
+                    tokens[b.seq_id] = (conts + [conts[0] if conts else 0] * width)[:width]
+                    state.beam_unused = width - len(conts)
+                    continue
+                if not conts:
+                    self.scheduler.finish_sequence(b.seq_id, "abort")
+                    tokens[b.seq_id] = [0]
+                    continue
+                tokens[b.seq_id] = conts[:1]
+                for n, tok in enumerate(conts[1:], start=1):
+                    state.beam_forks[(b.seq_id, n)] = self.scheduler.fork_sequence(b.seq_id, tok)
+        return tokens
+
+    def _commit_beams(self, beam_rows: dict, result, touched) -> None:
+        forks = defaultdict(list)
+        for parent, child in result.forks:
+            forks[parent].append(child)
+        for internal in beam_rows:
+            state = self.requests[internal]
+            beam = state.beam
+            ids = dict(state.beam_forks)
+            for b in beam.beams:
+                ids[(b.seq_id, 0)] = b.seq_id
+                for n, child in enumerate(forks.get(b.seq_id, []), start=1):
+                    ids[(b.seq_id, n)] = child
+            unused = getattr(state, "beam_unused", 0)
+            if unused:  # the core forked more sequences than there were continuations
+                for b in beam.beams:
+                    for child in forks.get(b.seq_id, [])[-unused:]:
+                        self.scheduler.finish_sequence(child, "abort")
+                state.beam_unused = 0
+            if beam.done:
+                self._finish_beam_request(state)
+            else:
+                beam.commit(ids)
+            touched[internal] = state
+
+    def _finish_beam_request(self, state: RequestState) -> None:
+        self.scheduler.abort_request(state.internal_id)
+        outputs = []
+        for i, h in enumerate(state.beam.results()):
+            ends_with_eos = bool(h.tokens) and h.tokens[-1] in state.beam.eos
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    text=self.tokenizer.decode(h.tokens, skip_special_tokens=True),
+                    token_ids=h.tokens,
+                    cumulative_logprob=h.logprob,
+                    logprobs=None,
+                    finish_reason="stop" if ends_with_eos else "length",
+                    score=h.score,
+                )
+            )
+        state.beam_outputs = outputs
+        for s in state.seqs:
+            s.finish_reason = s.finish_reason or "stop"
+        self.counters["generation_tokens"] += sum(len(o.token_ids) for o in outputs)
+
+    def add_beam_request(
+        self, request_id: str, prompt: PromptType, params: BeamSearchParams
+    ) -> None:
+        """Queues a beam search; its single output lists the hypotheses, best first."""
+        if request_id in self.internal_ids:
+            raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, SamplingParams(n=params.beam_width, max_tokens=params.max_tokens))
+        internal = next(self._next_id)
+        core = _core.RequestParams()
+        core.max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        core.n = params.beam_width
+        core.ignore_eos = True  # EOS ends hypotheses here, not sequences in the core
+        core.restart_on_preempt = True
+        try:
+            seq_id = self.scheduler.add_request(internal, ids, core)
+        except ValueError as e:
+            raise InvalidParameterError("prompt", str(e)) from e
+        eos = {t for t in [self.eos_token_id, *self.extra_stop_ids] if t is not None}
+        sp = SamplingParams(n=1, max_tokens=params.max_tokens, temperature=0)
+        state = RequestState(request_id, internal, text, ids, sp, StopChecker([], False), None)
+        state.seqs.append(SequenceState(seq_id, 0, None))
+        effective = BeamSearchParams(**{**params.__dict__, "max_tokens": core.max_tokens})
+        state.beam = BeamSearchState(effective, eos, seq_id)
+        self.requests[internal] = state
+        self.internal_ids[request_id] = internal
+        self.counters["prompt_tokens"] += len(ids)
 
     def _apply(self, out, sampling, tokens, sampled, result, touched) -> None:
         finished = {f.seq_id: f for f in result.finished}
@@ -260,11 +390,11 @@ class LLMEngine:
         for parent, child in result.forks:
             children[parent].append(child)
         now = time.monotonic()
-        slot = 0
+        slot = k_normal = 0
         for i in sampling:
             state = self.requests.get(int(out.request_ids[i]))
             k = int(out.num_samples[i])
-            if state is None:  # aborted while the step ran
+            if state is None or state.beam is not None:  # aborted meanwhile, or beam search
                 slot += k
                 continue
             seq = state.seq_by_id(int(out.seq_ids[i]))
@@ -275,9 +405,10 @@ class LLMEngine:
                 targets.append(forked)
             for target in targets:
                 self._append_token(
-                    state, target, int(tokens[slot]), sampled, slot, finished.get(target.seq_id)
+                    state, target, int(tokens[slot]), sampled, k_normal, finished.get(target.seq_id)
                 )
                 slot += 1
+                k_normal += 1
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now

@@ -64,6 +64,8 @@ class RequestState:
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     finished: bool = False
+    beam: object | None = None  # BeamSearchState for beam-search requests
+    beam_outputs: list | None = None
 
     def seq_by_id(self, seq_id: int) -> SequenceState | None:
         for s in self.seqs:
@@ -73,6 +75,15 @@ class RequestState:
 
     def to_output(self) -> RequestOutput:
         """A snapshot of everything generated so far."""
+        if self.beam is not None:
+            return RequestOutput(
+                self.request_id,
+                self.prompt,
+                self.prompt_ids,
+                self.beam_outputs or [],
+                self.finished,
+                metrics=self.metrics,
+            )
         seqs = self.seqs
         if self.finished and self.params.num_sequences > self.params.n:
             seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: self.params.n]

@@ -26,7 +26,7 @@ from tokenmill.entrypoints.protocol import (
 )
 from tokenmill.errors import InvalidParameterError
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -123,9 +123,9 @@ class Server:
 
     async def completions(self, req: CompletionRequest, raw: Request):
         model = self.check_model(req.model)
-        if req.use_beam_search:
-            raise APIError(400, "use_beam_search is not supported yet", param="use_beam_search")
         prompts = self.completion_prompts(req)
+        if req.use_beam_search:
+            return await self.beam_completions(req, raw, model, prompts)
         params = req.sampling_params(req.max_tokens, req.logprobs)
         self.check_n(params)
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
@@ -155,6 +155,54 @@ class Server:
                         "stop_reason": c.stop_reason,
                     }
                 )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
+        }
+
+    async def beam_completions(
+        self, req: CompletionRequest, raw: Request, model: str, prompts: list
+    ):
+        if req.stream:
+            raise APIError(400, "beam search cannot be streamed", param="stream")
+        width = req.best_of or req.n
+        if req.n < 1 or width < req.n:
+            raise APIError(400, f"best_of must be at least n ({req.n})", param="best_of")
+        if width > self.max_n:
+            raise APIError(
+                400, f"beam width must be at most {self.max_n}, got {width}", param="best_of"
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.engine.max_model_len
+        params = BeamSearchParams(
+            width, max_tokens, ignore_eos=req.ignore_eos, length_penalty=req.length_penalty
+        )
+        rid = f"cmpl-{uuid.uuid4().hex[:16]}"
+        outs = await asyncio.gather(
+            *(self._run(raw, f"{rid}-{i}", p, params, req.priority) for i, p in enumerate(prompts))
+        )
+        choices = []
+        for i, out in enumerate(outs):
+            for j, c in enumerate(out.outputs[: req.n]):
+                choices.append(
+                    {
+                        "index": i * req.n + j,
+                        "text": c.text,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": None,
+                    }
+                )
+        usage = _usage(
+            [
+                RequestOutput(o.request_id, o.prompt, o.prompt_token_ids, o.outputs[: req.n], True)
+                for o in outs
+            ]
+        )
         return {
             "id": rid,
             "object": "text_completion",

@@ -15,7 +15,7 @@ from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.entrypoints.metrics import EngineMetrics
 from tokenmill.errors import TokenmillError
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("tokenmill.engine")
 
@@ -28,7 +28,7 @@ class EngineDeadError(TokenmillError):
 class _Add:
     request_id: str
     prompt: PromptType
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     priority: int
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
@@ -144,7 +144,10 @@ class AsyncEngine:
                     self.metrics.aborted.inc()
                 continue
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority)
+                if isinstance(cmd.params, BeamSearchParams):
+                    self.engine.add_beam_request(cmd.request_id, cmd.prompt, cmd.params)
+                else:
+                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority)
             except Exception as e:  # noqa: BLE001  (handed to the caller)
                 cmd.loop.call_soon_threadsafe(_settle, cmd.accepted, e)
                 continue
