@@ -179,6 +179,44 @@ void linear(Tensor out, Tensor x, Tensor weight, std::optional<Tensor> bias) {
                          x.stride(0), out.stride(0));
 }
 
+void check_int4(const Tensor& qweight, const Tensor& scales, const Tensor& zeros) {
+  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte && qweight.dim() == 2 &&
+                      qweight.is_contiguous(),
+                  "qweight must be a contiguous uint8 [N, K/2] tensor");
+  for (const Tensor* t : {&scales, &zeros})
+    STD_TORCH_CHECK(t->scalar_type() == torch::headeronly::ScalarType::Float && t->is_contiguous() &&
+                        t->dim() == 2 && t->size(0) == qweight.size(0),
+                    "scales and zeros must be contiguous float32 [N, groups]");
+}
+
+void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size) {
+  check_int4(qweight, scales, zeros);
+  const int64_t kp = qweight.size(1) * 2, n = qweight.size(0);
+  STD_TORCH_CHECK(x.scalar_type() == torch::headeronly::ScalarType::Float && x.is_contiguous() && x.dim() == 2 &&
+                      x.size(1) == kp,
+                  "x must be contiguous float32 [M, K_padded]");
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float && out.is_contiguous() &&
+                      out.size(0) == x.size(0) && out.size(1) == n,
+                  "out must be contiguous float32 [M, N]");
+  tokenmill::cpu::int4_linear(static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()),
+                              x.size(0), static_cast<const uint8_t*>(qweight.data_ptr()),
+                              static_cast<const float*>(scales.data_ptr()), static_cast<const float*>(zeros.data_ptr()),
+                              kp, n, group_size);
+}
+
+void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, int64_t row_start) {
+  check_int4(qweight, scales, zeros);
+  const int64_t kp = qweight.size(1) * 2;
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float && out.is_contiguous() &&
+                      out.dim() == 2 && out.size(1) == kp && row_start >= 0 &&
+                      row_start + out.size(0) <= qweight.size(0),
+                  "out must be contiguous float32 [rows, K_padded] within the weight");
+  tokenmill::cpu::int4_dequantize(static_cast<float*>(out.data_ptr()), static_cast<const uint8_t*>(qweight.data_ptr()),
+                                  static_cast<const float*>(scales.data_ptr()),
+                                  static_cast<const float*>(zeros.data_ptr()), kp, group_size, row_start,
+                                  row_start + out.size(0));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) {
@@ -194,6 +232,9 @@ STABLE_TORCH_LIBRARY(tokenmill, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor x, bool approximate_tanh=False) -> ()");
   m.def("linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias=None) -> ()");
+  m.def("int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> ()");
+  m.def("int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
+        "int row_start) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
@@ -205,4 +246,6 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("silu_and_mul", TORCH_BOX(&silu_and_mul));
   m.impl("gelu_and_mul", TORCH_BOX(&gelu_and_mul));
   m.impl("linear", TORCH_BOX(&linear));
+  m.impl("int4_linear", TORCH_BOX(&int4_linear));
+  m.impl("int4_dequantize", TORCH_BOX(&int4_dequantize));
 }

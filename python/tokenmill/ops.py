@@ -25,6 +25,9 @@ OP_NAMES = (
     "rotary_embedding",
     "silu_and_mul",
     "gelu_and_mul",
+    "linear",
+    "int4_linear",
+    "int4_dequantize",
 )
 
 if os.path.exists(os.path.join(NATIVE_DIR, "_cuda_ops.so")) and torch.cuda.is_available():
@@ -34,7 +37,9 @@ for _name in OP_NAMES:
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)
     # Devices without a native kernel for an op run its torch composite.
     for _key in ("CUDA", "XPU"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tokenmill::{_name}", _key):
+        if hasattr(composite, _name) and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"tokenmill::{_name}", _key
+        ):
             torch.library.impl(f"tokenmill::{_name}", _key)(getattr(composite, _name))
 
 reshape_and_cache = ops.reshape_and_cache

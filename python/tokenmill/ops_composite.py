@@ -100,3 +100,28 @@ def gelu_and_mul(out, x, approximate_tanh=False):
     d = out.shape[-1]
     act = F.gelu(x[..., :d].float(), approximate="tanh" if approximate_tanh else "none")
     out.copy_((act * x[..., d:].float()).to(out.dtype))
+
+
+def linear(out, x, weight, bias=None):
+    out.copy_(F.linear(x, weight.to(x.dtype), bias))
+
+
+def _unpack_int4(qweight):
+    """tokenmill int4 layout -> uint8 values [N, K_padded]."""
+    n, half = qweight.shape
+    runs = qweight.view(n, half // 16, 16)
+    return torch.cat((runs & 15, runs >> 4), dim=-1).view(n, half * 2)
+
+
+def int4_dequantize(out, qweight, scales, zeros, group_size, row_start):
+    rows = slice(row_start, row_start + out.shape[0])
+    q = _unpack_int4(qweight[rows]).float()
+    s = scales[rows].repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    z = zeros[rows].repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    out.copy_(q * s - z)
+
+
+def int4_linear(out, x, qweight, scales, zeros, group_size):
+    w = torch.empty(qweight.shape[0], qweight.shape[1] * 2, device=x.device)
+    int4_dequantize(w, qweight, scales, zeros, group_size, 0)
+    out.copy_(x @ w.t())

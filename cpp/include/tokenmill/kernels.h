@@ -75,4 +75,14 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
             int64_t out_stride);
 
+// Weight-only int4 (layout in cpp/kernels/int4.cpp). out[m, n] = x[m, :] .
+// dequant(w[n, :]) with x float32 [m, k_padded].
+void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight,
+                 const float* scales, const float* zeros, int64_t k_padded, int64_t n,
+                 int64_t group_size);
+// Rows n0..n1 of the dequantized weight into out, float32 [n1 - n0, k_padded].
+void int4_dequantize(float* out, const uint8_t* qweight, const float* scales,
+                     const float* zeros, int64_t k_padded, int64_t group_size, int64_t n0,
+                     int64_t n1);
+
 }  // namespace tokenmill::cpu

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+
 # Up to this many rows the weight-streaming kernel beats the BLAS on CPUs.
 SMALL_M = 32
 
@@ -85,3 +87,20 @@ class MergedLinear(Linear):
         offset, size = self.shards[shard]
         target = self.weight if name == "weight" else self.bias
         target.data[offset : offset + size].copy_(tensor)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, quant=None) -> nn.Module:
+    """A plain or a 4-bit linear layer, as the checkpoint's quantization config says."""
+    if quant is None:
+        return Linear(in_features, out_features, bias=bias)
+    from tokenmill.layers.quantization import Int4Linear
+
+    return Int4Linear(in_features, {None: out_features}, bias, quant)
+
+
+def make_merged_linear(in_features: int, out_sizes: dict, bias: bool, quant=None) -> nn.Module:
+    if quant is None:
+        return MergedLinear(in_features, out_sizes, bias=bias)
+    from tokenmill.layers.quantization import Int4Linear
+
+    return Int4Linear(in_features, out_sizes, bias, quant)

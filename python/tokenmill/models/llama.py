@@ -10,8 +10,9 @@ from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
-from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.linear import Linear, make_linear, make_merged_linear
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.quantization import Int4Linear, QuantConfig
 from tokenmill.layers.rotary import RotaryEmbedding
 
 
@@ -33,11 +34,12 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias
+        quant = QuantConfig.from_hf(getattr(config, "quantization_config", None))
+        self.qkv_proj = make_merged_linear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias, quant
         )
-        self.o_proj = Linear(
-            q_size, config.hidden_size, bias=getattr(config, "attention_bias", False)
+        self.o_proj = make_linear(
+            q_size, config.hidden_size, getattr(config, "attention_bias", False), quant
         )
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
@@ -68,8 +70,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, {0: inter, 1: inter}, bias=bias)
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias)
+        quant = QuantConfig.from_hf(getattr(config, "quantization_config", None))
+        self.gate_up_proj = make_merged_linear(
+            config.hidden_size, {0: inter, 1: inter}, bias, quant
+        )
+        self.down_proj = make_linear(inter, config.hidden_size, bias, quant)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
 
@@ -154,16 +159,27 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
                 continue
-            for fragment, (merged, shard) in self.stacked.items():
-                if f".{fragment}." in name:
-                    target = name.replace(fragment, merged)
-                    module = self.get_submodule(target.rsplit(".", 1)[0])
-                    module.load_shard(name.rsplit(".", 1)[1], shard, tensor)
-                    loaded.add(target)
+            module_name, piece = name.rsplit(".", 1)
+            shard = None
+            for fragment, (merged, shard_id) in self.stacked.items():
+                if module_name.endswith(f".{fragment}"):
+                    module_name, shard = module_name[: -len(fragment)] + merged, shard_id
                     break
+            module = self.get_submodule(module_name)
+            if isinstance(module, Int4Linear):
+                module.load_piece(shard, piece, tensor)
+                if piece == "bias":
+                    loaded.add(f"{module_name}.bias")
+            elif shard is not None:
+                module.load_shard(piece, shard, tensor)
+                loaded.add(f"{module_name}.{piece}")
             else:
-                if name not in params:
+                target = f"{module_name}.{piece}"
+                if target not in params:
                     raise KeyError(f"unexpected checkpoint tensor {name}")
-                params[name].data.copy_(tensor)
-                loaded.add(name)
+                params[target].data.copy_(tensor)
+                loaded.add(target)
+        for module_name, module in self.named_modules():
+            if isinstance(module, Int4Linear) and module.loaded_shards != set(module.shards):
+                raise KeyError(f"quantized weights of {module_name} are incomplete")
         return loaded

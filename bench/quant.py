@@ -1,0 +1,121 @@
+"""int4 weight-only kernels beside bf16 and fp32 dense matmul on the same
+shapes (time and GB/s of weights read), and end-to-end decode tokens/s of a
+4-bit SmolLM2 beside bf16, from the same run.
+
+  python bench/quant.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import tokenmill.ops  # noqa: E402,F401
+from common import table  # noqa: E402
+from tokenmill.layers.linear import linear  # noqa: E402
+from tokenmill.layers.quantization import pack_tokenmill  # noqa: E402
+
+SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)]
+
+
+def bench(fn, min_time=0.3):
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_time or n < 3:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def kernels():
+    rows = []
+    for k, n in SHAPES:
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        qw = pack_tokenmill(q)
+        groups = k // 128
+        scales, zeros = torch.rand(n, groups), torch.rand(n, groups)
+        w16 = torch.randn(n, k, dtype=torch.bfloat16)
+        w32 = w16.float()
+        for m in (1, 16, 256):
+            x = torch.randn(m, k)
+            out = torch.empty(m, n)
+            if m <= 32:
+                t4 = bench(lambda: torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, 128))
+            else:
+                tile = torch.empty(n, k)
+                t4 = bench(
+                    lambda: (
+                        torch.ops.tokenmill.int4_dequantize(tile, qw, scales, zeros, 128, 0),
+                        x @ tile.t(),
+                    )
+                )
+            xb = x.bfloat16()
+            t16 = bench(lambda: linear(xb, w16))
+            t32 = bench(lambda: torch.nn.functional.linear(x, w32))
+            int4_bytes = qw.numel() + 2 * scales.numel() * 4
+            rows.append(
+                [
+                    f"{k}x{n}",
+                    m,
+                    t4 * 1e3,
+                    int4_bytes / t4 / 1e9,
+                    t16 * 1e3,
+                    w16.numel() * 2 / t16 / 1e9,
+                    t32 * 1e3,
+                    t16 / t4,
+                ]
+            )
+    print(
+        table(
+            rows,
+            [
+                "K x N",
+                "M",
+                "int4 ms",
+                "int4 GB/s",
+                "bf16 ms",
+                "bf16 GB/s",
+                "fp32 torch ms",
+                "int4 vs bf16",
+            ],
+        )
+    )
+
+
+def end_to_end():
+    from quant_utils import quantize_checkpoint
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.hf import default_model_path
+
+    path = gguf_to_hf(default_model_path())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        q4 = os.path.join(tmp, "smollm2-gptq")
+        quantize_checkpoint(path, q4, "gptq", 128, sym=False)
+        for name, model, dtype in (
+            ("bf16", path, "bfloat16"),
+            ("int4 (GPTQ g128)", q4, "bfloat16"),
+        ):
+            llm = LLM(model, dtype=dtype, max_model_len=1024)
+            params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+            llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
+            t = time.perf_counter()
+            llm.generate(["The capital of France is"], params, use_tqdm=False)
+            rows.append([name, 64 / (time.perf_counter() - t)])
+    rows[1].append(rows[1][1] / rows[0][1])
+    rows[0].append(1.0)
+    print("\nSingle-stream decode, SmolLM2-135M (64 tokens, prompt of 5)")
+    print(table(rows, ["weights", "tokens/s", "vs bf16"]))
+
+
+if __name__ == "__main__":
+    print(f"threads {torch.get_num_threads()}, group size 128")
+    kernels()
+    end_to_end()

@@ -1,0 +1,154 @@
+"""GPTQ and AWQ 4-bit checkpoints and the int4 kernels."""
+
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, hf_model
+from quant_utils import dequant_awq, dequant_gptq, pack_awq, pack_gptq, quantize_checkpoint
+from tokenmill import LLM, SamplingParams
+from tokenmill import ops_composite as composite
+from tokenmill.errors import UnsupportedModelError
+from tokenmill.layers.quantization import (
+    Int4Linear,
+    QuantConfig,
+    convert_awq,
+    convert_gptq,
+    pack_tokenmill,
+)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 100])
+@pytest.mark.parametrize(
+    "k,n,group", [(64, 8, 32), (256, 100, 64), (512, 96, 128), (128, 24, 128), (576, 40, 128)]
+)
+def test_int4_kernels_against_float64(m, k, n, group):
+    g = torch.Generator().manual_seed(m * 7 + k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    groups = -(-k // group)  # the last group may be partial
+    scales = torch.rand(n, groups, generator=g) + 0.1
+    zeros = torch.randn(n, groups, generator=g)
+    ref_w = (
+        q.double() * scales.double().repeat_interleave(group, 1)[:, :k]
+        - zeros.double().repeat_interleave(group, 1)[:, :k]
+    )
+    qw = pack_tokenmill(q)
+    x = torch.randn(m, k, generator=g)
+    out = torch.full((m, n), float("nan"))
+    torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, group)
+    assert rel(out, x.double() @ ref_w.t()) < 1e-5
+    w = torch.full((n - 3, k), float("nan"))
+    torch.ops.tokenmill.int4_dequantize(w, qw, scales, zeros, group, 3)
+    assert rel(w, ref_w[3:]) < 1e-6
+    wc = torch.empty_like(w)
+    composite.int4_dequantize(wc, qw, scales, zeros, group, 3)
+    assert rel(wc, ref_w[3:]) < 1e-6
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_conversion_keeps_the_dequantized_weight(group, sym, desc_act):
+    w = torch.randn(48, 256)
+    t = pack_gptq(w, group, sym, desc_act)
+    ref = dequant_gptq(t)
+    conv = convert_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], group)
+    dense = torch.empty(48, 256)
+    gs = group if group != -1 else 256
+    composite.int4_dequantize(dense, conv.qweight, conv.scales, conv.zeros, gs, 0)
+    if conv.perm is not None:  # stored input-sorted
+        dense = dense[:, torch.argsort(conv.perm)]
+    assert rel(dense, ref) < 1e-6
+    assert rel(ref, w) < 0.15  # a sane 4-bit approximation
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_awq_conversion_keeps_the_dequantized_weight(group):
+    w = torch.randn(64, 256)
+    t = pack_awq(w, group)
+    ref = dequant_awq(t, group)
+    conv = convert_awq(t["qweight"], t["qzeros"], t["scales"], group)
+    dense = torch.empty(64, 256)
+    composite.int4_dequantize(dense, conv.qweight, conv.scales, conv.zeros, group, 0)
+    assert rel(dense, ref) < 1e-6 and rel(ref, w) < 0.15
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_int4_linear_layer_with_shards_and_odd_sizes(m):
+    quant = QuantConfig("gptq", 4, 32, desc_act=True)
+    layer = Int4Linear(96, {"a": 16, "b": 24}, bias=True, quant=quant)
+    refs = []
+    for i, (shard, size) in enumerate([("a", 16), ("b", 24)]):
+        t = pack_gptq(torch.randn(size, 96), 32, True, True, seed=i)
+        for piece, tensor in t.items():
+            layer.load_piece(shard, piece, tensor)
+        refs.append(dequant_gptq(t))
+        layer.load_piece(shard, "bias", torch.randn(size))
+    x = torch.randn(m, 96, dtype=torch.bfloat16)
+    ref = x.double() @ torch.cat(refs).t() + layer.bias.double()
+    assert rel(layer(x), ref) < 1e-2
+
+
+def test_unsupported_quantization_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="GPTQ and AWQ"):
+        QuantConfig.from_hf({"quant_method": "bitsandbytes"})
+    with pytest.raises(UnsupportedModelError, match="bits=3"):
+        QuantConfig.from_hf({"quant_method": "gptq", "bits": 3, "group_size": 128})
+
+
+@pytest.mark.parametrize(
+    "method,group,sym,desc_act",
+    [
+        ("gptq", 32, True, False),
+        ("gptq", 64, False, True),
+        ("gptq", -1, True, False),
+        ("awq", 32, False, False),
+    ],
+)
+def test_quantized_model_matches_its_dequantized_reference(
+    tiny_model, tmp_path, method, group, sym, desc_act
+):
+    src = tiny_model("llama")
+    dst = str(tmp_path / method)
+    dequant = quantize_checkpoint(src, dst, method, group, sym, desc_act)
+    ref_model = hf_model(src)
+    ref_model.load_state_dict({k: v for k, v in dequant.items()}, strict=False)
+    llm = LLM(dst, dtype="float32", kv_cache_memory="32MiB", enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+    for n in (7, 40):  # decode-sized and prefill-sized batches take different kernels
+        p = torch.randint(2, VOCAB, (n,), generator=g).tolist()
+        ours = llm.generate(
+            [{"prompt_token_ids": p}],
+            SamplingParams(temperature=0, max_tokens=8, min_tokens=8),
+            use_tqdm=False,
+        )
+        ref = ref_model.generate(
+            torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=1
+        )
+        assert ours[0].outputs[0].token_ids == ref[0, n:].tolist()
+        from test_models import prefill_logits
+
+        got = prefill_logits(llm, [p])[0]
+        with torch.no_grad():
+            exp = ref_model(torch.tensor([p])).logits[0]
+        assert rel(got, exp) < 1e-4
+
+
+@pytest.mark.slow
+def test_4bit_smollm2_is_coherent(smollm2_path, tmp_path):
+    dst = str(tmp_path / "smol-gptq")
+    quantize_checkpoint(smollm2_path, dst, "gptq", 128, sym=False)
+    llm = LLM(dst, dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
+    assert isinstance(llm.engine.runner.model.model.layers[0].mlp.down_proj, Int4Linear)
+    size = sum(
+        os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst) if f.endswith(".safetensors")
+    )
+    assert size < 0.5 * os.path.getsize(os.path.join(smollm2_path, "model.safetensors"))
+    out = llm.generate(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False
+    )
+    assert "Paris" in out[0].outputs[0].text
