@@ -81,7 +81,7 @@ def pack_awq(w: torch.Tensor, group_size: int):
 
 def dequant_awq(t, group_size: int) -> torch.Tensor:
     qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
-    k, n = qweight.shape[0], qweight.shape[1] * 8
+    k = qweight.shape[0]
     gs = group_size if group_size != -1 else k
 
     def unpack(p):
