@@ -142,7 +142,7 @@ def test_quantized_model_matches_its_dequantized_reference(
 def test_4bit_smollm2_is_coherent(smollm2_path, tmp_path):
     dst = str(tmp_path / "smol-gptq")
     quantize_checkpoint(smollm2_path, dst, "gptq", 128, sym=False)
-    llm = LLM(dst, dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
+    llm = LLM(dst, dtype="bfloat16", kv_cache_memory="256MiB", max_model_len=1024)
     assert isinstance(llm.engine.runner.model.model.layers[0].mlp.down_proj, Int4Linear)
     size = sum(
         os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst) if f.endswith(".safetensors")

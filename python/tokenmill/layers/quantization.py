@@ -164,8 +164,8 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "qweight", torch.zeros(self.out_features, self.k_padded // 2, dtype=torch.uint8)
         )
-        self.register_buffer("scales", torch.zeros(self.out_features, groups))
-        self.register_buffer("zeros", torch.zeros(self.out_features, groups))
+        self.register_buffer("scales", torch.zeros(self.out_features, groups, dtype=torch.float32))
+        self.register_buffer("zeros", torch.zeros(self.out_features, groups, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
         self.shards = {}
         offset = 0
@@ -228,12 +228,12 @@ class Int4Linear(nn.Module):
     def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
         if x.device.type == "cpu" and x.shape[0] <= SMALL_M:
-            out = torch.empty(x.shape[0], q.shape[0])
+            out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
             torch.ops.tokenmill.int4_linear(out, x, q, s, z, self.group_size)
             return out
         # Prefill: dequantize tiles of rows into a reused buffer for the BLAS.
-        out_t = torch.empty(q.shape[0], x.shape[0], device=x.device)
-        tile = torch.empty(min(_TILE_ROWS, q.shape[0]), self.k_padded, device=x.device)
+        out_t = torch.empty(q.shape[0], x.shape[0], device=x.device, dtype=torch.float32)
+        tile = torch.empty(min(_TILE_ROWS, q.shape[0]), self.k_padded, device=x.device, dtype=torch.float32)
         xt = x.t()
         for r0 in range(0, q.shape[0], _TILE_ROWS):
             r1 = min(q.shape[0], r0 + _TILE_ROWS)
