@@ -1,0 +1,98 @@
+"""Single-stream latency: one request alone, time to first token and decode
+tokens/s, beside transformers generating the same request in the same run.
+
+  python bench/latency.py [--dtype bfloat16] [--prompt-len 128] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import load_workload, table  # noqa: E402
+
+
+def tokenmill_latency(path, prompt, max_tokens, dtype):
+    from tokenmill import SamplingParams
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineArgs(model=path, dtype=dtype, max_model_len=2048))
+    for i in range(2):  # warm-up
+        engine.add_request(
+            f"w{i}", {"prompt_token_ids": [11] * 16}, SamplingParams(max_tokens=8, temperature=0)
+        )
+        while engine.has_unfinished_requests():
+            engine.step()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.add_request("r", {"prompt_token_ids": prompt}, params)
+    start = time.perf_counter()
+    first = None
+    steps = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        steps.append(time.perf_counter() - t)
+        if first is None and outs and outs[0].outputs[0].token_ids:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return first, (max_tokens - 1) / (total - first), sorted(steps[1:])[len(steps[1:]) // 2]
+
+
+def hf_latency(path, prompt, max_tokens, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        model.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(
+            ids,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        total = time.perf_counter() - t
+    return ttft, (max_tokens - 1) / (total - ttft)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.hf import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    path = gguf_to_hf(path) if path.endswith(".gguf") else path
+    prompt = load_workload("workload_main.json", 1)[0]["prompt_token_ids"][: args.prompt_len]
+    ttft, tps, step = tokenmill_latency(path, prompt, args.max_tokens, args.dtype)
+    rows = [["tokenmill", ttft * 1e3, tps, step * 1e3, 1.0]]
+    if not args.no_hf:
+        hf_ttft, hf_tps = hf_latency(path, prompt, args.max_tokens, args.dtype)
+        rows.append(["transformers", hf_ttft * 1e3, hf_tps, 1e3 / hf_tps, tps / hf_tps])
+    print(f"Single stream, {len(prompt)}-token prompt, {args.max_tokens} new tokens, {args.dtype}")
+    print(
+        table(
+            rows,
+            ["engine", "TTFT ms", "decode tok/s", "decode step ms", "tokenmill decode speed-up"],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
