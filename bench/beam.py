@@ -56,7 +56,7 @@ def main():
     )
 
     rows = []
-    for width in map(int, args.widths.split(",")):
+    for width in map(int, args.widths.split(",") if not args.blocks_only else []):
         params = BeamSearchParams(width, args.max_tokens, ignore_eos=True)
         with Timer() as t:
             llm.beam_search([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -90,9 +90,8 @@ def main():
     )
 
     engine = llm.engine
-    long_prompt = {
-        "prompt_token_ids": load_workload("workload_main.json")[0]["prompt_token_ids"][:512] * 1
-    }
+    long_ids = [t for r in load_workload("workload_main.json") for t in r["prompt_token_ids"]][:512]
+    long_prompt = {"prompt_token_ids": long_ids}
     block_rows = []
     for n in (1, 2, 4, 8):
         samples = peak_blocks(

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_decode.h"
 #include "common.h"
 
 namespace tokenmill::cpu {
@@ -213,13 +214,17 @@ void paged_attention(const PagedAttentionParams& p) {
         items.push_back({s, h, q0, std::min(q_len, q0 + kQueryTile)});
   }
   const int64_t num_items = static_cast<int64_t>(items.size());
+  const bool fast = decode_fast_path_supported(p);
 #pragma omp parallel
   {
     Scratch w;
+    DecodeScratch dw;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item& it = items[i];
-      attend_item(p, it.seq, it.kvh, it.q_begin, it.q_end, w);
+      const bool single = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq] == 1;
+      if (!(fast && single && decode_fast_path(p, it.seq, it.kvh, dw)))
+        attend_item(p, it.seq, it.kvh, it.q_begin, it.q_end, w);
     }
   }
 }

@@ -233,7 +233,9 @@ class Int4Linear(nn.Module):
             return out
         # Prefill: dequantize tiles of rows into a reused buffer for the BLAS.
         out_t = torch.empty(q.shape[0], x.shape[0], device=x.device, dtype=torch.float32)
-        tile = torch.empty(min(_TILE_ROWS, q.shape[0]), self.k_padded, device=x.device, dtype=torch.float32)
+        tile = torch.empty(
+            min(_TILE_ROWS, q.shape[0]), self.k_padded, device=x.device, dtype=torch.float32
+        )
         xt = x.t()
         for r0 in range(0, q.shape[0], _TILE_ROWS):
             r1 = min(q.shape[0], r0 + _TILE_ROWS)

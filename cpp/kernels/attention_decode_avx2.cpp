@@ -1,0 +1,178 @@
+// Decode attention (one query token per sequence) with AVX2 + FMA intrinsics,
+// for head sizes 64 and 128 and up to 8 query heads per KV head. Each key and
+// value row is loaded and widened once and used by every head of the group;
+// per-head accumulators live in registers.
+#include "attention_decode.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "common.h"
+
+namespace tokenmill::cpu {
+namespace {
+
+#define TM_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+TM_AVX2 __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+TM_AVX2 __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+TM_AVX2 float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+template <typename T, int D, int G>
+__attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams& p, int seq,
+                                                     int kvh, DecodeScratch& w) {
+  constexpr int C = D / 8;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int bs = p.block_size;
+  const int pos = p.seq_lens[seq] - 1;
+  const int64_t tok = p.query_start_loc[seq];
+  float* q = w.q;
+  float* s = w.s;
+  float* acc = w.acc;
+  float m[G], l[G];
+  const T* query = static_cast<const T*>(p.query.data);
+  for (int g = 0; g < G; ++g) {
+    const T* src = query + tok * p.query.row_stride + (kvh * G + g) * p.query.head_stride;
+    for (int d = 0; d < D; ++d) q[g * D + d] = to_float(src[d]) * p.scale;
+    for (int d = 0; d < D; ++d) acc[g * D + d] = 0.f;
+    m[g] = kNegInf;
+    l[g] = 0.f;
+  }
+  const int lo = p.sliding_window > 0 ? std::max(0, pos - p.sliding_window + 1) : 0;
+  const int32_t* table = p.block_tables + seq * p.block_table_stride;
+  const T* kc = static_cast<const T*>(p.key_cache);
+  const T* vc = static_cast<const T*>(p.value_cache);
+  const int64_t block_elems = static_cast<int64_t>(p.num_kv_heads) * bs * D;
+  const int64_t head_off = static_cast<int64_t>(kvh) * bs * D;
+
+  for (int b = lo / bs; b * bs <= pos; ++b) {
+    const int t0 = b * bs;
+    const int n = std::min(bs, pos + 1 - t0);
+    const T* kb = kc + table[b] * block_elems + head_off;
+    const T* vb = vc + table[b] * block_elems + head_off;
+    if ((b + 1) * bs <= pos) {
+      const char* nk = reinterpret_cast<const char*>(kc + table[b + 1] * block_elems + head_off);
+      const char* nv = reinterpret_cast<const char*>(vc + table[b + 1] * block_elems + head_off);
+      for (int off = 0; off < bs * D * static_cast<int>(sizeof(T)); off += 64) {
+        _mm_prefetch(nk + off, _MM_HINT_T0);
+        _mm_prefetch(nv + off, _MM_HINT_T0);
+      }
+    }
+    // Scores: each key chunk is widened once and used by every head.
+    for (int t = 0; t < n; ++t) {
+      __m256 a0[G], a1[G];
+      for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+      const T* kt = kb + t * D;
+      for (int c = 0; c < C; c += 2) {
+        const __m256 k0 = load8(kt + c * 8), k1 = load8(kt + c * 8 + 8);
+        for (int g = 0; g < G; ++g) {
+          a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c * 8), k0, a0[g]);
+          a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c * 8 + 8), k1, a1[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) s[g * bs + t] = hsum(_mm256_add_ps(a0[g], a1[g]));
+    }
+    if (t0 < lo)
+      for (int t = 0; t < lo - t0; ++t)
+        for (int g = 0; g < G; ++g) s[g * bs + t] = kNegInf;
+    // Online softmax per head.
+    for (int g = 0; g < G; ++g) {
+      float* sg = s + g * bs;
+      float block_max = kNegInf;
+      for (int t = 0; t < n; ++t) block_max = std::max(block_max, sg[t]);
+      if (block_max > m[g]) {
+        const float corr = fast_exp(m[g] - block_max);
+        const __m256 cv = _mm256_set1_ps(corr);
+        for (int c = 0; c < C; ++c)
+          _mm256_storeu_ps(acc + g * D + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + c * 8), cv));
+        l[g] *= corr;
+        m[g] = block_max;
+      }
+      float sum = 0.f;
+      for (int t = 0; t < n; ++t) {
+        sg[t] = fast_exp(sg[t] - m[g]);
+        sum += sg[t];
+      }
+      l[g] += sum;
+    }
+    // Values: each value chunk is widened once and used by every head.
+    for (int c = 0; c < C; ++c) {
+      __m256 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm256_loadu_ps(acc + g * D + c * 8);
+      for (int t = 0; t < n; ++t) {
+        const __m256 v = load8(vb + t * D + c * 8);
+        for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(s[g * bs + t]), v, a[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + c * 8, a[g]);
+    }
+  }
+  T* out = static_cast<T*>(p.out.data);
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    T* dst = out + tok * p.out.row_stride + (kvh * G + g) * p.out.head_stride;
+    for (int d = 0; d < D; ++d) dst[d] = from_float<T>(acc[g * D + d] * inv);
+  }
+}
+
+template <typename T, int D>
+bool dispatch_group(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
+  switch (p.num_heads / p.num_kv_heads) {
+    case 1: decode_item<T, D, 1>(p, seq, kvh, w); return true;
+    case 2: decode_item<T, D, 2>(p, seq, kvh, w); return true;
+    case 3: decode_item<T, D, 3>(p, seq, kvh, w); return true;
+    case 4: decode_item<T, D, 4>(p, seq, kvh, w); return true;
+    case 5: decode_item<T, D, 5>(p, seq, kvh, w); return true;
+    case 6: decode_item<T, D, 6>(p, seq, kvh, w); return true;
+    case 7: decode_item<T, D, 7>(p, seq, kvh, w); return true;
+    case 8: decode_item<T, D, 8>(p, seq, kvh, w); return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
+  switch (p.head_size) {
+    case 64: return dispatch_group<T, 64>(p, seq, kvh, w);
+    case 128: return dispatch_group<T, 128>(p, seq, kvh, w);
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool decode_fast_path_supported(const PagedAttentionParams& p) {
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const int group = p.num_heads / p.num_kv_heads;
+  return cpu_ok && p.softcap == 0.f && p.alibi_slopes == nullptr && group >= 1 && group <= 8 &&
+         (p.head_size == 64 || p.head_size == 128) && p.block_size <= kMaxDecodeBlock &&
+         (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16);
+}
+
+bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
+  if (p.dtype == DType::kFloat32) return dispatch_head<float>(p, seq, kvh, w);
+  return dispatch_head<bf16>(p, seq, kvh, w);
+}
+
+}  // namespace tokenmill::cpu
+
+#else
+
+namespace tokenmill::cpu {
+bool decode_fast_path_supported(const PagedAttentionParams&) { return false; }
+bool decode_fast_path(const PagedAttentionParams&, int, int, DecodeScratch&) { return false; }
+}  // namespace tokenmill::cpu
+
+#endif
