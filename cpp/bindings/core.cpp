@@ -18,10 +18,10 @@ py::array_t<T> view(std::vector<T>& v, py::handle owner) {
 
 py::array_t<int32_t> block_tables(SchedulerOutput& o, py::handle owner) {
   const py::ssize_t rows = o.num_seqs(), cols = o.max_blocks;
-  return py::array_t<int32_t>({rows, cols},
-                              {static_cast<py::ssize_t>(cols * sizeof(int32_t)),
-                               static_cast<py::ssize_t>(sizeof(int32_t))},
-                              o.block_tables.data(), owner);
+  return py::array_t<int32_t>(
+      {rows, cols},
+      {static_cast<py::ssize_t>(cols * sizeof(int32_t)), static_cast<py::ssize_t>(sizeof(int32_t))},
+      o.block_tables.data(), owner);
 }
 
 }  // namespace
@@ -55,21 +55,37 @@ PYBIND11_MODULE(_core, m) {
   py::class_<SchedulerOutput>(m, "SchedulerOutput")
       .def_property_readonly("num_seqs", &SchedulerOutput::num_seqs)
       .def_property_readonly("num_tokens", &SchedulerOutput::num_tokens)
-      .def_property_readonly("seq_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().seq_ids, s); })
-      .def_property_readonly("request_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().request_ids, s); })
-      .def_property_readonly("num_samples", [](py::object s) { return view(s.cast<SchedulerOutput&>().num_samples, s); })
-      .def_property_readonly("input_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().input_ids, s); })
-      .def_property_readonly("positions", [](py::object s) { return view(s.cast<SchedulerOutput&>().positions, s); })
-      .def_property_readonly("slot_mapping", [](py::object s) { return view(s.cast<SchedulerOutput&>().slot_mapping, s); })
-      .def_property_readonly("query_start_loc", [](py::object s) { return view(s.cast<SchedulerOutput&>().query_start_loc, s); })
-      .def_property_readonly("seq_lens", [](py::object s) { return view(s.cast<SchedulerOutput&>().seq_lens, s); })
-      .def_property_readonly("sample_rows", [](py::object s) { return view(s.cast<SchedulerOutput&>().sample_rows, s); })
-      .def_property_readonly("block_tables", [](py::object s) { return block_tables(s.cast<SchedulerOutput&>(), s); })
-      .def_property_readonly("block_copies", [](const SchedulerOutput& o) {
-        std::vector<std::pair<int, int>> v;
-        for (auto c : o.block_copies) v.emplace_back(c.src, c.dst);
-        return v;
-      })
+      .def_property_readonly(
+          "seq_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().seq_ids, s); })
+      .def_property_readonly(
+          "request_ids",
+          [](py::object s) { return view(s.cast<SchedulerOutput&>().request_ids, s); })
+      .def_property_readonly(
+          "num_samples",
+          [](py::object s) { return view(s.cast<SchedulerOutput&>().num_samples, s); })
+      .def_property_readonly(
+          "input_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().input_ids, s); })
+      .def_property_readonly(
+          "positions", [](py::object s) { return view(s.cast<SchedulerOutput&>().positions, s); })
+      .def_property_readonly(
+          "slot_mapping",
+          [](py::object s) { return view(s.cast<SchedulerOutput&>().slot_mapping, s); })
+      .def_property_readonly(
+          "query_start_loc",
+          [](py::object s) { return view(s.cast<SchedulerOutput&>().query_start_loc, s); })
+      .def_property_readonly(
+          "seq_lens", [](py::object s) { return view(s.cast<SchedulerOutput&>().seq_lens, s); })
+      .def_property_readonly(
+          "sample_rows",
+          [](py::object s) { return view(s.cast<SchedulerOutput&>().sample_rows, s); })
+      .def_property_readonly(
+          "block_tables", [](py::object s) { return block_tables(s.cast<SchedulerOutput&>(), s); })
+      .def_property_readonly("block_copies",
+                             [](const SchedulerOutput& o) {
+                               std::vector<std::pair<int, int>> v;
+                               for (auto c : o.block_copies) v.emplace_back(c.src, c.dst);
+                               return v;
+                             })
       .def_readonly("preempted", &SchedulerOutput::preempted)
       .def_readonly("aborted", &SchedulerOutput::aborted);
 
@@ -89,39 +105,55 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_waiting_requests", &SchedulerStats::num_waiting_requests)
       .def_readonly("num_free_blocks", &SchedulerStats::num_free_blocks)
       .def_readonly("num_blocks", &SchedulerStats::num_blocks)
-      .def_property_readonly("prefix_queries", [](const SchedulerStats& s) { return s.prefix.queries; })
+      .def_property_readonly("prefix_queries",
+                             [](const SchedulerStats& s) { return s.prefix.queries; })
       .def_property_readonly("prefix_hits", [](const SchedulerStats& s) { return s.prefix.hits; });
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>())
-      .def("add_request", [](Scheduler& s, RequestId id, std::vector<int32_t> prompt,
-                             const RequestParams& p) { return s.add_request(id, std::move(prompt), p); },
-           py::arg("request_id"), py::arg("prompt_token_ids"), py::arg("params"),
-           "Queue a request; raises ValueError when it can never run. Returns its first sequence id.")
+      .def(
+          "add_request",
+          [](Scheduler& s, RequestId id, std::vector<int32_t> prompt, const RequestParams& p) {
+            return s.add_request(id, std::move(prompt), p);
+          },
+          py::arg("request_id"), py::arg("prompt_token_ids"), py::arg("params"),
+          "Queue a request; raises ValueError when it can never run. Returns its first sequence "
+          "id.")
       .def("abort_request", &Scheduler::abort_request, "Finish a request and free its blocks.")
-      .def("finish_sequence", [](Scheduler& s, SeqId id, const std::string& reason) {
-             s.finish_sequence(id, reason == "length" ? FinishReason::kLength
-                                   : reason == "abort" ? FinishReason::kAbort : FinishReason::kStop);
-           }, py::arg("seq_id"), py::arg("reason") = "stop")
+      .def(
+          "finish_sequence",
+          [](Scheduler& s, SeqId id, const std::string& reason) {
+            s.finish_sequence(id, reason == "length"  ? FinishReason::kLength
+                                  : reason == "abort" ? FinishReason::kAbort
+                                                      : FinishReason::kStop);
+          },
+          py::arg("seq_id"), py::arg("reason") = "stop")
       .def("fork_sequence", &Scheduler::fork_sequence, py::arg("parent"), py::arg("token"),
            "Fork a running sequence (sharing its blocks) and continue the child with a token.")
       .def("schedule", &Scheduler::schedule, "Build the next step's batch.")
-      .def("update", [](Scheduler& s, const SchedulerOutput& out,
-                        py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {
-             return s.update(out, sampled.data(), sampled.size());
-           }, "Append sampled tokens (in sample order) and apply stop conditions.")
+      .def(
+          "update",
+          [](Scheduler& s, const SchedulerOutput& out,
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {
+            return s.update(out, sampled.data(), sampled.size());
+          },
+          "Append sampled tokens (in sample order) and apply stop conditions.")
       .def("has_unfinished", &Scheduler::has_unfinished)
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
-      .def("block_table", [](const Scheduler& s, SeqId id) {
-        const Sequence* q = s.sequence(id);
-        return q ? q->block_table : std::vector<BlockId>{};
-      })
-      .def("seq_tokens", [](const Scheduler& s, SeqId id) {
-        const Sequence* q = s.sequence(id);
-        return q ? q->tokens : std::vector<int32_t>{};
-      })
-      .def("ref_count", [](const Scheduler& s, BlockId b) { return s.block_manager().ref_count(b); })
+      .def("block_table",
+           [](const Scheduler& s, SeqId id) {
+             const Sequence* q = s.sequence(id);
+             return q ? q->block_table : std::vector<BlockId>{};
+           })
+      .def("seq_tokens",
+           [](const Scheduler& s, SeqId id) {
+             const Sequence* q = s.sequence(id);
+             return q ? q->tokens : std::vector<int32_t>{};
+           })
+      .def("ref_count",
+           [](const Scheduler& s, BlockId b) { return s.block_manager().ref_count(b); })
       .def_property_readonly("num_blocks", [](const Scheduler& s) { return s.config().num_blocks; })
-      .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; });
+      .def_property_readonly("block_size",
+                             [](const Scheduler& s) { return s.config().block_size; });
 }

@@ -11,16 +11,20 @@
 
 namespace {
 
-using torch::stable::Tensor;
 using tokenmill::cpu::DType;
 using tokenmill::cpu::View3;
+using torch::stable::Tensor;
 
 DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
-    case torch::headeronly::ScalarType::Float: return DType::kFloat32;
-    case torch::headeronly::ScalarType::BFloat16: return DType::kBFloat16;
-    case torch::headeronly::ScalarType::Half: return DType::kFloat16;
-    default: STD_TORCH_CHECK(false, "tokenmill ops take float32, bfloat16 or float16 tensors");
+    case torch::headeronly::ScalarType::Float:
+      return DType::kFloat32;
+    case torch::headeronly::ScalarType::BFloat16:
+      return DType::kBFloat16;
+    case torch::headeronly::ScalarType::Half:
+      return DType::kFloat16;
+    default:
+      STD_TORCH_CHECK(false, "tokenmill ops take float32, bfloat16 or float16 tensors");
   }
   return DType::kFloat32;
 }
@@ -30,8 +34,8 @@ void check_same_dtype(const Tensor& a, const Tensor& b, const char* what) {
 }
 
 void check_int32(const Tensor& t, const char* what) {
-  STD_TORCH_CHECK(t.scalar_type() == torch::headeronly::ScalarType::Int && t.is_contiguous(),
-                  what, " must be a contiguous int32 tensor");
+  STD_TORCH_CHECK(t.scalar_type() == torch::headeronly::ScalarType::Int && t.is_contiguous(), what,
+                  " must be a contiguous int32 tensor");
 }
 
 // [tokens, heads, dim] or [tokens, heads * dim] with a contiguous last dim.
@@ -104,12 +108,14 @@ void rms_norm(Tensor out, Tensor x, Tensor weight, double eps) {
   check_same_dtype(x, out, "out");
   check_same_dtype(x, weight, "weight");
   const int64_t dim = x.size(x.dim() - 1);
-  STD_TORCH_CHECK(x.stride(x.dim() - 1) == 1 && out.stride(out.dim() - 1) == 1 && weight.numel() == dim,
-                  "rms_norm expects rows with a contiguous last dimension");
+  STD_TORCH_CHECK(
+      x.stride(x.dim() - 1) == 1 && out.stride(out.dim() - 1) == 1 && weight.numel() == dim,
+      "rms_norm expects rows with a contiguous last dimension");
   const int64_t rows = x.numel() / dim;
   tokenmill::cpu::rms_norm(dtype_of(x), out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, dim,
                            x.dim() > 1 ? x.stride(x.dim() - 2) : dim,
-                           out.dim() > 1 ? out.stride(out.dim() - 2) : dim, static_cast<float>(eps));
+                           out.dim() > 1 ? out.stride(out.dim() - 2) : dim,
+                           static_cast<float>(eps));
 }
 
 void fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, double eps) {
@@ -168,73 +174,83 @@ void linear(Tensor out, Tensor x, Tensor weight, std::optional<Tensor> bias) {
                   "linear needs a contiguous weight and rows with a contiguous last dimension");
   check_same_dtype(x, out, "out");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == k && out.size(0) == m && out.size(1) == n, "linear: shape mismatch");
+  STD_TORCH_CHECK(weight.size(1) == k && out.size(0) == m && out.size(1) == n,
+                  "linear: shape mismatch");
   const void* b = nullptr;
   if (bias.has_value()) {
     check_same_dtype(x, *bias, "bias");
     STD_TORCH_CHECK(bias->numel() == n, "bias must have one value per output");
     b = bias->data_ptr();
   }
-  tokenmill::cpu::linear(dtype_of(x), dtype_of(weight), out.data_ptr(), x.data_ptr(), weight.data_ptr(), b, m, k, n,
-                         x.stride(0), out.stride(0));
+  tokenmill::cpu::linear(dtype_of(x), dtype_of(weight), out.data_ptr(), x.data_ptr(),
+                         weight.data_ptr(), b, m, k, n, x.stride(0), out.stride(0));
 }
 
 void check_int4(const Tensor& qweight, const Tensor& scales, const Tensor& zeros) {
-  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte && qweight.dim() == 2 &&
-                      qweight.is_contiguous(),
+  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
+                      qweight.dim() == 2 && qweight.is_contiguous(),
                   "qweight must be a contiguous uint8 [N, K/2] tensor");
   for (const Tensor* t : {&scales, &zeros})
-    STD_TORCH_CHECK(t->scalar_type() == torch::headeronly::ScalarType::Float && t->is_contiguous() &&
-                        t->dim() == 2 && t->size(0) == qweight.size(0),
+    STD_TORCH_CHECK(t->scalar_type() == torch::headeronly::ScalarType::Float &&
+                        t->is_contiguous() && t->dim() == 2 && t->size(0) == qweight.size(0),
                     "scales and zeros must be contiguous float32 [N, groups]");
 }
 
-void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size) {
+void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
+                 int64_t group_size) {
   check_int4(qweight, scales, zeros);
   const int64_t kp = qweight.size(1) * 2, n = qweight.size(0);
-  STD_TORCH_CHECK(x.scalar_type() == torch::headeronly::ScalarType::Float && x.is_contiguous() && x.dim() == 2 &&
-                      x.size(1) == kp,
+  STD_TORCH_CHECK(x.scalar_type() == torch::headeronly::ScalarType::Float && x.is_contiguous() &&
+                      x.dim() == 2 && x.size(1) == kp,
                   "x must be contiguous float32 [M, K_padded]");
-  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float && out.is_contiguous() &&
-                      out.size(0) == x.size(0) && out.size(1) == n,
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == n,
                   "out must be contiguous float32 [M, N]");
-  tokenmill::cpu::int4_linear(static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()),
-                              x.size(0), static_cast<const uint8_t*>(qweight.data_ptr()),
-                              static_cast<const float*>(scales.data_ptr()), static_cast<const float*>(zeros.data_ptr()),
-                              kp, n, group_size);
+  tokenmill::cpu::int4_linear(
+      static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()), x.size(0),
+      static_cast<const uint8_t*>(qweight.data_ptr()), static_cast<const float*>(scales.data_ptr()),
+      static_cast<const float*>(zeros.data_ptr()), kp, n, group_size);
 }
 
-void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, int64_t row_start) {
+void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size,
+                     int64_t row_start) {
   check_int4(qweight, scales, zeros);
   const int64_t kp = qweight.size(1) * 2;
-  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float && out.is_contiguous() &&
-                      out.dim() == 2 && out.size(1) == kp && row_start >= 0 &&
-                      row_start + out.size(0) <= qweight.size(0),
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      out.is_contiguous() && out.dim() == 2 && out.size(1) == kp &&
+                      row_start >= 0 && row_start + out.size(0) <= qweight.size(0),
                   "out must be contiguous float32 [rows, K_padded] within the weight");
-  tokenmill::cpu::int4_dequantize(static_cast<float*>(out.data_ptr()), static_cast<const uint8_t*>(qweight.data_ptr()),
-                                  static_cast<const float*>(scales.data_ptr()),
-                                  static_cast<const float*>(zeros.data_ptr()), kp, group_size, row_start,
-                                  row_start + out.size(0));
+  tokenmill::cpu::int4_dequantize(
+      static_cast<float*>(out.data_ptr()), static_cast<const uint8_t*>(qweight.data_ptr()),
+      static_cast<const float*>(scales.data_ptr()), static_cast<const float*>(zeros.data_ptr()), kp,
+      group_size, row_start, row_start + out.size(0));
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) {
-  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
-        "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
-  m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
-        "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
-        "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> ()");
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
+      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
-  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
-        "Tensor cos_sin_cache, bool is_neox) -> ()");
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
+      "Tensor cos_sin_cache, bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor x, bool approximate_tanh=False) -> ()");
   m.def("linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias=None) -> ()");
-  m.def("int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> ()");
-  m.def("int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
-        "int row_start) -> ()");
+  m.def(
+      "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int "
+      "group_size) -> ()");
+  m.def(
+      "int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int "
+      "group_size, "
+      "int row_start) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {

@@ -6,8 +6,10 @@ namespace {
 
 __attribute__((always_inline)) inline float activate(Activation a, float x) {
   switch (a) {
-    case Activation::kSilu: return x / (1.f + fast_exp(-x));
-    case Activation::kGeluExact: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+    case Activation::kSilu:
+      return x / (1.f + fast_exp(-x));
+    case Activation::kGeluExact:
+      return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
     default: {
       // 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))
       const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
@@ -17,8 +19,7 @@ __attribute__((always_inline)) inline float activate(Activation a, float x) {
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void act_row(Activation a, T* out,
-                                                   const T* x, int64_t d) {
+__attribute__((always_inline)) inline void act_row(Activation a, T* out, const T* x, int64_t d) {
   if (a == Activation::kSilu) {
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) {
@@ -31,9 +32,8 @@ __attribute__((always_inline)) inline void act_row(Activation a, T* out,
     out[i] = from_float<T>(activate(a, to_float(x[i])) * to_float(x[d + i]));
 }
 
-TM_MULTIVERSION void act_rows(DType dtype, Activation a, void* out,
-                              const void* x, int64_t r0, int64_t r1, int64_t d,
-                              int64_t xs, int64_t os) {
+TM_MULTIVERSION void act_rows(DType dtype, Activation a, void* out, const void* x, int64_t r0,
+                              int64_t r1, int64_t d, int64_t xs, int64_t os) {
   for (int64_t r = r0; r < r1; ++r) {
     switch (dtype) {
       case DType::kFloat32:
@@ -47,16 +47,16 @@ TM_MULTIVERSION void act_rows(DType dtype, Activation a, void* out,
         act_row(a, static_cast<f16*>(out) + r * os, static_cast<const f16*>(x) + r * xs, d);
         break;
 #endif
-      default: break;
+      default:
+        break;
     }
   }
 }
 
 }  // namespace
 
-void act_and_mul(DType dtype, Activation act, void* out, const void* x,
-                 int64_t rows, int64_t d, int64_t x_stride,
-                 int64_t out_stride) {
+void act_and_mul(DType dtype, Activation act, void* out, const void* x, int64_t rows, int64_t d,
+                 int64_t x_stride, int64_t out_stride) {
   dispatch_dtype(dtype, [](auto) {});
 #pragma omp parallel for if (rows * d > 16384)
   for (int64_t r = 0; r < rows; ++r)

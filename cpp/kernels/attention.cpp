@@ -55,8 +55,8 @@ TM_INLINE const float* as_float(const T* src, int64_t count, std::vector<float>&
 // HEAD is the head size when known at compile time (0: p.head_size), which
 // lets the per-token loops unroll completely.
 template <typename T, int HEAD>
-TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
-                           int q_begin, int q_end, Scratch& w) {
+TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int q_begin, int q_end,
+                           Scratch& w) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int D = HEAD ? HEAD : p.head_size;
   const int bs = p.block_size;
@@ -86,8 +86,7 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
 
   const int last_pos = first_pos + q_end - 1;
   int lo = 0;
-  if (p.sliding_window > 0)
-    lo = std::max(0, first_pos + q_begin - p.sliding_window + 1);
+  if (p.sliding_window > 0) lo = std::max(0, first_pos + q_begin - p.sliding_window + 1);
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
@@ -103,7 +102,8 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
       const int64_t next = table[b + 1] * block_elems + static_cast<int64_t>(kvh) * bs * D;
       const char* nk = reinterpret_cast<const char*>(kc + next);
       const char* nv = reinterpret_cast<const char*>(vc + next);
-      for (int64_t off = 0; off < static_cast<int64_t>(bs) * D * static_cast<int64_t>(sizeof(T)); off += 64) {
+      for (int64_t off = 0; off < static_cast<int64_t>(bs) * D * static_cast<int64_t>(sizeof(T));
+           off += 64) {
         __builtin_prefetch(nk + off);
         __builtin_prefetch(nv + off);
       }
@@ -120,7 +120,8 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
       const int pos = first_pos + q_begin + r / group;
       const int h = kvh * group + r % group;
       float* s = &w.s[static_cast<size_t>(r) * bs];
-      const bool masked = t0 + n - 1 > pos || (p.sliding_window > 0 && pos - t0 >= p.sliding_window);
+      const bool masked =
+          t0 + n - 1 > pos || (p.sliding_window > 0 && pos - t0 >= p.sliding_window);
       if (p.softcap > 0.f)
         for (int t = 0; t < n; ++t) s[t] = p.softcap * std::tanh(s[t] / p.softcap);
       if (p.alibi_slopes)
@@ -128,7 +129,8 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
       if (masked)
         for (int t = 0; t < n; ++t) {
           const int kpos = t0 + t;
-          if (kpos > pos || (p.sliding_window > 0 && pos - kpos >= p.sliding_window)) s[t] = kNegInf;
+          if (kpos > pos || (p.sliding_window > 0 && pos - kpos >= p.sliding_window))
+            s[t] = kNegInf;
         }
       float block_max = kNegInf;
       for (int t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
@@ -171,27 +173,46 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh,
 }
 
 template <typename T>
-TM_INLINE void attend_typed(const PagedAttentionParams& p, int seq, int kvh, int q_begin,
-                            int q_end, Scratch& w) {
+TM_INLINE void attend_typed(const PagedAttentionParams& p, int seq, int kvh, int q_begin, int q_end,
+                            Scratch& w) {
   switch (p.head_size) {
-    case 64: attend_tile<T, 64>(p, seq, kvh, q_begin, q_end, w); break;
-    case 80: attend_tile<T, 80>(p, seq, kvh, q_begin, q_end, w); break;
-    case 96: attend_tile<T, 96>(p, seq, kvh, q_begin, q_end, w); break;
-    case 128: attend_tile<T, 128>(p, seq, kvh, q_begin, q_end, w); break;
-    case 256: attend_tile<T, 256>(p, seq, kvh, q_begin, q_end, w); break;
-    default: attend_tile<T, 0>(p, seq, kvh, q_begin, q_end, w); break;
+    case 64:
+      attend_tile<T, 64>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    case 80:
+      attend_tile<T, 80>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    case 96:
+      attend_tile<T, 96>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    case 128:
+      attend_tile<T, 128>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    case 256:
+      attend_tile<T, 256>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    default:
+      attend_tile<T, 0>(p, seq, kvh, q_begin, q_end, w);
+      break;
   }
 }
 
-TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq,
-                                 int kvh, int q_begin, int q_end, Scratch& w) {
+TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq, int kvh, int q_begin,
+                                 int q_end, Scratch& w) {
   switch (p.dtype) {
-    case DType::kFloat32: attend_typed<float>(p, seq, kvh, q_begin, q_end, w); break;
-    case DType::kBFloat16: attend_typed<bf16>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kFloat32:
+      attend_typed<float>(p, seq, kvh, q_begin, q_end, w);
+      break;
+    case DType::kBFloat16:
+      attend_typed<bf16>(p, seq, kvh, q_begin, q_end, w);
+      break;
 #if defined(__FLT16_MAX__)
-    case DType::kFloat16: attend_typed<f16>(p, seq, kvh, q_begin, q_end, w); break;
+    case DType::kFloat16:
+      attend_typed<f16>(p, seq, kvh, q_begin, q_end, w);
+      break;
 #endif
-    default: break;
+    default:
+      break;
   }
 }
 

@@ -97,7 +97,8 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
         const float corr = fast_exp(m[g] - block_max);
         const __m256 cv = _mm256_set1_ps(corr);
         for (int c = 0; c < C; ++c)
-          _mm256_storeu_ps(acc + g * D + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + c * 8), cv));
+          _mm256_storeu_ps(acc + g * D + c * 8,
+                           _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + c * 8), cv));
         l[g] *= corr;
         m[g] = block_max;
       }
@@ -130,24 +131,44 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
 template <typename T, int D>
 bool dispatch_group(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
   switch (p.num_heads / p.num_kv_heads) {
-    case 1: decode_item<T, D, 1>(p, seq, kvh, w); return true;
-    case 2: decode_item<T, D, 2>(p, seq, kvh, w); return true;
-    case 3: decode_item<T, D, 3>(p, seq, kvh, w); return true;
-    case 4: decode_item<T, D, 4>(p, seq, kvh, w); return true;
-    case 5: decode_item<T, D, 5>(p, seq, kvh, w); return true;
-    case 6: decode_item<T, D, 6>(p, seq, kvh, w); return true;
-    case 7: decode_item<T, D, 7>(p, seq, kvh, w); return true;
-    case 8: decode_item<T, D, 8>(p, seq, kvh, w); return true;
-    default: return false;
+    case 1:
+      decode_item<T, D, 1>(p, seq, kvh, w);
+      return true;
+    case 2:
+      decode_item<T, D, 2>(p, seq, kvh, w);
+      return true;
+    case 3:
+      decode_item<T, D, 3>(p, seq, kvh, w);
+      return true;
+    case 4:
+      decode_item<T, D, 4>(p, seq, kvh, w);
+      return true;
+    case 5:
+      decode_item<T, D, 5>(p, seq, kvh, w);
+      return true;
+    case 6:
+      decode_item<T, D, 6>(p, seq, kvh, w);
+      return true;
+    case 7:
+      decode_item<T, D, 7>(p, seq, kvh, w);
+      return true;
+    case 8:
+      decode_item<T, D, 8>(p, seq, kvh, w);
+      return true;
+    default:
+      return false;
   }
 }
 
 template <typename T>
 bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
   switch (p.head_size) {
-    case 64: return dispatch_group<T, 64>(p, seq, kvh, w);
-    case 128: return dispatch_group<T, 128>(p, seq, kvh, w);
-    default: return false;
+    case 64:
+      return dispatch_group<T, 64>(p, seq, kvh, w);
+    case 128:
+      return dispatch_group<T, 128>(p, seq, kvh, w);
+    default:
+      return false;
   }
 }
 

@@ -5,10 +5,9 @@
 
 namespace tokenmill::cpu {
 
-void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache,
-                       void* value_cache, const int32_t* slot_mapping,
-                       int64_t num_tokens, int num_kv_heads, int head_size,
-                       int block_size) {
+void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache, void* value_cache,
+                       const int32_t* slot_mapping, int64_t num_tokens, int num_kv_heads,
+                       int head_size, int block_size) {
   int64_t elem = 4;
   dispatch_dtype(dtype, [&](auto t) { elem = sizeof(t); });
   const int64_t row_bytes = head_size * elem;
@@ -23,8 +22,9 @@ void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache,
     if (slot < 0) continue;  // padding
     const int64_t block = slot / block_size, offset = slot % block_size;
     for (int h = 0; h < num_kv_heads; ++h) {
-      const int64_t dst = (block * block_elems +
-                           (static_cast<int64_t>(h) * block_size + offset) * head_size) * elem;
+      const int64_t dst =
+          (block * block_elems + (static_cast<int64_t>(h) * block_size + offset) * head_size) *
+          elem;
       std::memcpy(kc + dst, k + (t * key.row_stride + h * key.head_stride) * elem, row_bytes);
       std::memcpy(vc + dst, v + (t * value.row_stride + h * value.head_stride) * elem, row_bytes);
     }

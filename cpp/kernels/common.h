@@ -10,8 +10,7 @@
 
 // Hot per-item functions are compiled for several x86 levels and picked at
 // load time; other CPUs get the portable build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(TOKENMILL_NO_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TOKENMILL_NO_CLONES)
 #define TM_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -43,7 +42,9 @@ inline float to_float(bf16 x) {
 template <typename T>
 inline T from_float(float x);
 template <>
-inline float from_float<float>(float x) { return x; }
+inline float from_float<float>(float x) {
+  return x;
+}
 template <>
 inline bf16 from_float<bf16>(float x) {
   uint32_t u;
@@ -56,7 +57,9 @@ inline bf16 from_float<bf16>(float x) {
 #if defined(__FLT16_MAX__)
 inline float to_float(f16 x) { return static_cast<float>(x); }
 template <>
-inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
+inline f16 from_float<f16>(float x) {
+  return static_cast<f16>(x);
+}
 #endif
 
 // exp(x) for float, accurate to a few ulp over the range softmax and SiLU
@@ -96,12 +99,19 @@ inline void store_float(T* dst, const float* src, int n) {
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kBFloat16: fn(bf16{}); break;
+    case DType::kFloat32:
+      fn(float{});
+      break;
+    case DType::kBFloat16:
+      fn(bf16{});
+      break;
 #if defined(__FLT16_MAX__)
-    case DType::kFloat16: fn(f16{}); break;
+    case DType::kFloat16:
+      fn(f16{});
+      break;
 #endif
-    default: throw std::invalid_argument("unsupported dtype on this CPU");
+    default:
+      throw std::invalid_argument("unsupported dtype on this CPU");
   }
 }
 

@@ -73,9 +73,8 @@ TM_MULTIVERSION void dequant_rows(float* out, const uint8_t* qweight, const floa
 
 }  // namespace
 
-void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight,
-                 const float* scales, const float* zeros, int64_t k_padded, int64_t n,
-                 int64_t group_size) {
+void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, const float* scales,
+                 const float* zeros, int64_t k_padded, int64_t n, int64_t group_size) {
   if (k_padded % 32 || group_size % 32 || group_size <= 0)
     throw std::invalid_argument("int4 layout needs K and group_size multiples of 32");
   const int64_t groups = (k_padded + group_size - 1) / group_size;  // last may be partial
@@ -91,9 +90,8 @@ void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight,
   }
 }
 
-void int4_dequantize(float* out, const uint8_t* qweight, const float* scales,
-                     const float* zeros, int64_t k_padded, int64_t group_size, int64_t n0,
-                     int64_t n1) {
+void int4_dequantize(float* out, const uint8_t* qweight, const float* scales, const float* zeros,
+                     int64_t k_padded, int64_t group_size, int64_t n0, int64_t n1) {
   if (k_padded % 32 || group_size % 32 || group_size <= 0)
     throw std::invalid_argument("int4 layout needs K and group_size multiples of 32");
   const int64_t groups = (k_padded + group_size - 1) / group_size;  // last may be partial

@@ -13,10 +13,11 @@ namespace {
 constexpr int kRows = 4;  // weight rows per tile
 
 template <typename TX, typename TW>
-__attribute__((always_inline)) inline void linear_tile(
-    void* out, const void* x, const void* w, const void* bias, int64_t m_rows, int64_t k,
-    int64_t n, int64_t n0, int64_t n1, int64_t x_stride, int64_t out_stride, float* wbuf,
-    float* xbuf) {
+__attribute__((always_inline)) inline void linear_tile(void* out, const void* x, const void* w,
+                                                       const void* bias, int64_t m_rows, int64_t k,
+                                                       int64_t n, int64_t n0, int64_t n1,
+                                                       int64_t x_stride, int64_t out_stride,
+                                                       float* wbuf, float* xbuf) {
   const TX* xp = static_cast<const TX*>(x);
   const TW* wp = static_cast<const TW*>(w);
   TX* op = static_cast<TX*>(out);
@@ -29,8 +30,7 @@ __attribute__((always_inline)) inline void linear_tile(
 #pragma omp simd
       for (int64_t i = 0; i < k; ++i) dst[i] = to_float(src[i]);
     }
-    for (int r = rows; r < kRows; ++r)
-      std::fill(wbuf + r * k, wbuf + (r + 1) * k, 0.f);
+    for (int r = rows; r < kRows; ++r) std::fill(wbuf + r * k, wbuf + (r + 1) * k, 0.f);
     const float *w0 = wbuf, *w1 = wbuf + k, *w2 = wbuf + 2 * k, *w3 = wbuf + 3 * k;
     auto store = [&](int64_t m, const float* acc) {
       for (int r = 0; r < rows; ++r) {
@@ -80,8 +80,8 @@ template <typename TX, typename TW>
 __attribute__((always_inline)) inline void linear_typed(void* out, const void* x, const void* w,
                                                         const void* bias, int64_t m, int64_t k,
                                                         int64_t n, int64_t x_stride,
-                                                        int64_t out_stride, int64_t n0,
-                                                        int64_t n1, float* wbuf, float* xbuf) {
+                                                        int64_t out_stride, int64_t n0, int64_t n1,
+                                                        float* wbuf, float* xbuf) {
   linear_tile<TX, TW>(out, x, w, bias, m, k, n, n0, n1, x_stride, out_stride, wbuf, xbuf);
 }
 
@@ -115,10 +115,16 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             int64_t out_stride) {
   std::vector<float> xbuf(static_cast<size_t>(m) * k);
   switch (x_dtype) {
-    case DType::kFloat32: rows_to_float<float>(xbuf.data(), x, m, k, x_stride); break;
-    case DType::kBFloat16: rows_to_float<bf16>(xbuf.data(), x, m, k, x_stride); break;
+    case DType::kFloat32:
+      rows_to_float<float>(xbuf.data(), x, m, k, x_stride);
+      break;
+    case DType::kBFloat16:
+      rows_to_float<bf16>(xbuf.data(), x, m, k, x_stride);
+      break;
 #if defined(__FLT16_MAX__)
-    case DType::kFloat16: rows_to_float<f16>(xbuf.data(), x, m, k, x_stride); break;
+    case DType::kFloat16:
+      rows_to_float<f16>(xbuf.data(), x, m, k, x_stride);
+      break;
 #endif
   }
   // Column chunks: a multiple of the tile, small enough to balance threads.

@@ -7,8 +7,7 @@ namespace tokenmill::cpu {
 namespace {
 
 template <typename T>
-__attribute__((always_inline)) inline void norm_row(T* out, const float* x,
-                                                    const T* w, int64_t dim,
+__attribute__((always_inline)) inline void norm_row(T* out, const float* x, const T* w, int64_t dim,
                                                     float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
@@ -18,18 +17,16 @@ __attribute__((always_inline)) inline void norm_row(T* out, const float* x,
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void rms_row(void* out, const void* x,
-                                                   const void* w, int64_t dim,
-                                                   float eps, float* buf) {
+__attribute__((always_inline)) inline void rms_row(void* out, const void* x, const void* w,
+                                                   int64_t dim, float eps, float* buf) {
   load_float(buf, static_cast<const T*>(x), static_cast<int>(dim));
   norm_row(static_cast<T*>(out), buf, static_cast<const T*>(w), dim, eps);
 }
 
 // residual += x (rounded to T, as the unfused model does); x = norm(residual)
 template <typename T>
-__attribute__((always_inline)) inline void add_rms_row(void* x, void* residual,
-                                                       const void* w, int64_t dim,
-                                                       float eps, float* buf) {
+__attribute__((always_inline)) inline void add_rms_row(void* x, void* residual, const void* w,
+                                                       int64_t dim, float eps, float* buf) {
   T* xr = static_cast<T*>(x);
   T* rr = static_cast<T*>(residual);
   for (int64_t i = 0; i < dim; ++i) {
@@ -40,10 +37,9 @@ __attribute__((always_inline)) inline void add_rms_row(void* x, void* residual,
   norm_row(xr, buf, static_cast<const T*>(w), dim, eps);
 }
 
-TM_MULTIVERSION void rms_rows(DType dtype, void* out, const void* x,
-                              const void* w, int64_t r0, int64_t r1, int64_t dim,
-                              int64_t x_stride, int64_t out_stride, float eps,
-                              float* buf) {
+TM_MULTIVERSION void rms_rows(DType dtype, void* out, const void* x, const void* w, int64_t r0,
+                              int64_t r1, int64_t dim, int64_t x_stride, int64_t out_stride,
+                              float eps, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
     switch (dtype) {
       case DType::kFloat32:
@@ -60,15 +56,15 @@ TM_MULTIVERSION void rms_rows(DType dtype, void* out, const void* x,
                      static_cast<const f16*>(x) + r * x_stride, w, dim, eps, buf);
         break;
 #endif
-      default: break;
+      default:
+        break;
     }
   }
 }
 
-TM_MULTIVERSION void add_rms_rows(DType dtype, void* x, void* residual,
-                                  const void* w, int64_t r0, int64_t r1,
-                                  int64_t dim, int64_t x_stride,
-                                  int64_t res_stride, float eps, float* buf) {
+TM_MULTIVERSION void add_rms_rows(DType dtype, void* x, void* residual, const void* w, int64_t r0,
+                                  int64_t r1, int64_t dim, int64_t x_stride, int64_t res_stride,
+                                  float eps, float* buf) {
   for (int64_t r = r0; r < r1; ++r) {
     switch (dtype) {
       case DType::kFloat32:
@@ -85,16 +81,16 @@ TM_MULTIVERSION void add_rms_rows(DType dtype, void* x, void* residual,
                          static_cast<f16*>(residual) + r * res_stride, w, dim, eps, buf);
         break;
 #endif
-      default: break;
+      default:
+        break;
     }
   }
 }
 
 }  // namespace
 
-void rms_norm(DType dtype, void* out, const void* x, const void* weight,
-              int64_t rows, int64_t dim, int64_t x_stride, int64_t out_stride,
-              float eps) {
+void rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows, int64_t dim,
+              int64_t x_stride, int64_t out_stride, float eps) {
   dispatch_dtype(dtype, [](auto) {});
 #pragma omp parallel if (rows * dim > 32768)
   {
@@ -105,17 +101,16 @@ void rms_norm(DType dtype, void* out, const void* x, const void* weight,
   }
 }
 
-void fused_add_rms_norm(DType dtype, void* x, void* residual,
-                        const void* weight, int64_t rows, int64_t dim,
-                        int64_t x_stride, int64_t residual_stride, float eps) {
+void fused_add_rms_norm(DType dtype, void* x, void* residual, const void* weight, int64_t rows,
+                        int64_t dim, int64_t x_stride, int64_t residual_stride, float eps) {
   dispatch_dtype(dtype, [](auto) {});
 #pragma omp parallel if (rows * dim > 32768)
   {
     std::vector<float> buf(dim);
 #pragma omp for
     for (int64_t r = 0; r < rows; ++r)
-      add_rms_rows(dtype, x, residual, weight, r, r + 1, dim, x_stride,
-                   residual_stride, eps, buf.data());
+      add_rms_rows(dtype, x, residual, weight, r, r + 1, dim, x_stride, residual_stride, eps,
+                   buf.data());
   }
 }
 

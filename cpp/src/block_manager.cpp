@@ -12,7 +12,10 @@ FreeBlockQueue::FreeBlockQueue(int num_blocks)
 void FreeBlockQueue::push_back(BlockId b) {
   prev_[b] = tail_;
   next_[b] = -1;
-  if (tail_ >= 0) next_[tail_] = b; else head_ = b;
+  if (tail_ >= 0)
+    next_[tail_] = b;
+  else
+    head_ = b;
   tail_ = b;
   in_queue_[b] = true;
   ++size_;
@@ -25,15 +28,20 @@ BlockId FreeBlockQueue::pop_front() {
 }
 
 void FreeBlockQueue::remove(BlockId b) {
-  if (prev_[b] >= 0) next_[prev_[b]] = next_[b]; else head_ = next_[b];
-  if (next_[b] >= 0) prev_[next_[b]] = prev_[b]; else tail_ = prev_[b];
+  if (prev_[b] >= 0)
+    next_[prev_[b]] = next_[b];
+  else
+    head_ = next_[b];
+  if (next_[b] >= 0)
+    prev_[next_[b]] = prev_[b];
+  else
+    tail_ = prev_[b];
   prev_[b] = next_[b] = -1;
   in_queue_[b] = false;
   --size_;
 }
 
-BlockManager::BlockManager(int num_blocks, int block_size,
-                           bool enable_prefix_caching)
+BlockManager::BlockManager(int num_blocks, int block_size, bool enable_prefix_caching)
     : num_blocks_(num_blocks),
       block_size_(block_size),
       prefix_caching_(enable_prefix_caching),
@@ -47,8 +55,7 @@ BlockManager::BlockManager(int num_blocks, int block_size,
   for (BlockId b = 0; b < num_blocks; ++b) free_.push_back(b);
 }
 
-BlockHash BlockManager::hash_block(BlockHash parent, const int32_t* tokens,
-                                   uint64_t salt) const {
+BlockHash BlockManager::hash_block(BlockHash parent, const int32_t* tokens, uint64_t salt) const {
   // splitmix64-style mixing; collisions are ruled out by comparing tokens.
   auto mix = [](uint64_t x) {
     x += 0x9e3779b97f4a7c15ULL;
@@ -57,8 +64,7 @@ BlockHash BlockManager::hash_block(BlockHash parent, const int32_t* tokens,
     return x ^ (x >> 31);
   };
   uint64_t h = mix(parent ^ mix(salt));
-  for (int i = 0; i < block_size_; ++i)
-    h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  for (int i = 0; i < block_size_; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
   return h ? h : 1;  // 0 marks "no hash"
 }
 
@@ -74,8 +80,8 @@ BlockId BlockManager::take_free_block() {
   return b;
 }
 
-std::vector<BlockId> BlockManager::find_cached_prefix(
-    const std::vector<int32_t>& tokens, uint64_t cache_salt) {
+std::vector<BlockId> BlockManager::find_cached_prefix(const std::vector<int32_t>& tokens,
+                                                      uint64_t cache_salt) {
   std::vector<BlockId> found;
   if (!prefix_caching_ || tokens.empty()) return found;
   const int64_t max_blocks = (static_cast<int64_t>(tokens.size()) - 1) / block_size_;
@@ -87,8 +93,7 @@ std::vector<BlockId> BlockManager::find_cached_prefix(
     auto it = cached_.find(h);
     if (it == cached_.end()) break;
     BlockId b = it->second;
-    if (parent_hash_[b] != parent ||
-        !std::equal(t, t + block_size_, block_tokens_[b].begin()))
+    if (parent_hash_[b] != parent || !std::equal(t, t + block_size_, block_tokens_[b].begin()))
       break;
     ++stats_.hits;
     found.push_back(b);
@@ -97,26 +102,24 @@ std::vector<BlockId> BlockManager::find_cached_prefix(
   return found;
 }
 
-void BlockManager::attach(std::vector<BlockId>& table,
-                          const std::vector<BlockId>& blocks) {
+void BlockManager::attach(std::vector<BlockId>& table, const std::vector<BlockId>& blocks) {
   for (BlockId b : blocks) {
     if (ref_[b]++ == 0) free_.remove(b);
     table.push_back(b);
   }
 }
 
-int BlockManager::blocks_needed(const std::vector<BlockId>& table,
-                                int64_t write_pos, int64_t num_tokens) const {
+int BlockManager::blocks_needed(const std::vector<BlockId>& table, int64_t write_pos,
+                                int64_t num_tokens) const {
   int needed = blocks_for(num_tokens) - static_cast<int>(table.size());
   if (needed < 0) needed = 0;
   int64_t idx = write_pos / block_size_;
-  if (idx < static_cast<int64_t>(table.size()) && ref_[table[idx]] > 1)
-    ++needed;
+  if (idx < static_cast<int64_t>(table.size()) && ref_[table[idx]] > 1) ++needed;
   return needed;
 }
 
-void BlockManager::allocate(std::vector<BlockId>& table, int64_t write_pos,
-                            int64_t num_tokens, std::vector<BlockCopy>& copies) {
+void BlockManager::allocate(std::vector<BlockId>& table, int64_t write_pos, int64_t num_tokens,
+                            std::vector<BlockCopy>& copies) {
   int64_t idx = write_pos / block_size_;
   if (idx < static_cast<int64_t>(table.size()) && ref_[table[idx]] > 1) {
     BlockId src = table[idx];
@@ -126,14 +129,12 @@ void BlockManager::allocate(std::vector<BlockId>& table, int64_t write_pos,
     copies.push_back({src, dst});
   }
   const int target = blocks_for(num_tokens);
-  while (static_cast<int>(table.size()) < target)
-    table.push_back(take_free_block());
+  while (static_cast<int>(table.size()) < target) table.push_back(take_free_block());
 }
 
 void BlockManager::cache_full_blocks(const std::vector<BlockId>& table,
-                                     const std::vector<int32_t>& tokens,
-                                     int64_t num_computed, uint64_t cache_salt,
-                                     HashCursor& cursor) {
+                                     const std::vector<int32_t>& tokens, int64_t num_computed,
+                                     uint64_t cache_salt, HashCursor& cursor) {
   if (!prefix_caching_) return;
   const int64_t full = num_computed / block_size_;
   for (int64_t i = cursor.num_blocks; i < full; ++i) {
@@ -166,8 +167,7 @@ void BlockManager::free(std::vector<BlockId>& table) {
 void BlockManager::check_consistency() const {
   int free_count = 0;
   for (BlockId b = 0; b < num_blocks_; ++b) {
-    if (ref_[b] < 0)
-      throw std::logic_error("negative ref count on block " + std::to_string(b));
+    if (ref_[b] < 0) throw std::logic_error("negative ref count on block " + std::to_string(b));
     if (free_.contains(b) != (ref_[b] == 0))
       throw std::logic_error("block " + std::to_string(b) +
                              " free-queue membership disagrees with ref count");
@@ -178,8 +178,7 @@ void BlockManager::check_consistency() const {
         throw std::logic_error("prefix-cache index out of sync");
     }
   }
-  if (free_count != free_.size())
-    throw std::logic_error("free queue size mismatch");
+  if (free_count != free_.size()) throw std::logic_error("free queue size mismatch");
 }
 
 }  // namespace tokenmill

@@ -8,10 +8,14 @@ namespace tokenmill {
 
 const char* to_string(FinishReason r) {
   switch (r) {
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kAbort: return "abort";
-    default: return "";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kAbort:
+      return "abort";
+    default:
+      return "";
   }
 }
 
@@ -21,27 +25,20 @@ int Request::num_live() const {
   return n;
 }
 
-static int group_width(const Request& r) {
-  return r.forked ? r.num_live() : r.params.n;
-}
+static int group_width(const Request& r) { return r.forked ? r.num_live() : r.params.n; }
 
 Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config),
-      blocks_(config.num_blocks, config.block_size,
-              config.enable_prefix_caching) {
-  if (config.max_num_seqs <= 0 || config.max_num_batched_tokens <= 0 ||
-      config.max_model_len <= 0)
+    : config_(config), blocks_(config.num_blocks, config.block_size, config.enable_prefix_caching) {
+  if (config.max_num_seqs <= 0 || config.max_num_batched_tokens <= 0 || config.max_model_len <= 0)
     throw std::invalid_argument(
         "max_num_seqs, max_num_batched_tokens and max_model_len must be "
         "positive");
   if (blocks_.blocks_for(config.max_model_len) > config.num_blocks)
-    throw std::invalid_argument(
-        "KV cache of " + std::to_string(config.num_blocks) + " blocks x " +
-        std::to_string(config.block_size) +
-        " tokens cannot hold one sequence of max_model_len " +
-        std::to_string(config.max_model_len));
-  if (!config.enable_chunked_prefill &&
-      config.max_num_batched_tokens < config.max_model_len)
+    throw std::invalid_argument("KV cache of " + std::to_string(config.num_blocks) + " blocks x " +
+                                std::to_string(config.block_size) +
+                                " tokens cannot hold one sequence of max_model_len " +
+                                std::to_string(config.max_model_len));
+  if (!config.enable_chunked_prefill && config.max_num_batched_tokens < config.max_model_len)
     throw std::invalid_argument(
         "without chunked prefill, max_num_batched_tokens must be at least "
         "max_model_len");
@@ -55,30 +52,26 @@ SeqId Scheduler::add_request(RequestId id, std::vector<int32_t> prompt,
                              const RequestParams& params) {
   if (requests_.count(id))
     throw std::invalid_argument("duplicate request id " + std::to_string(id));
-  if (prompt.empty())
-    throw std::invalid_argument("prompt must contain at least one token");
+  if (prompt.empty()) throw std::invalid_argument("prompt must contain at least one token");
   if (static_cast<int64_t>(prompt.size()) > config_.max_model_len)
-    throw std::invalid_argument(
-        "prompt of " + std::to_string(prompt.size()) +
-        " tokens is longer than max_model_len " +
-        std::to_string(config_.max_model_len));
-  if (params.max_tokens < 1)
-    throw std::invalid_argument("max_tokens must be at least 1");
+    throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
+                                " tokens is longer than max_model_len " +
+                                std::to_string(config_.max_model_len));
+  if (params.max_tokens < 1) throw std::invalid_argument("max_tokens must be at least 1");
   if (params.min_tokens < 0 || params.min_tokens > params.max_tokens)
     throw std::invalid_argument("min_tokens must be in [0, max_tokens]");
   if (params.n < 1 || params.n > config_.max_num_seqs)
-    throw std::invalid_argument("n must be in [1, max_num_seqs=" +
-                                std::to_string(config_.max_num_seqs) + "]");
+    throw std::invalid_argument(
+        "n must be in [1, max_num_seqs=" + std::to_string(config_.max_num_seqs) + "]");
   // Preempted groups re-prefill each sequence separately, so the whole group
   // must fit without sharing to be sure to finish.
-  const int64_t longest = std::min<int64_t>(
-      static_cast<int64_t>(prompt.size()) + params.max_tokens, config_.max_model_len);
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(prompt.size()) + params.max_tokens,
+                                            config_.max_model_len);
   const int64_t worst = static_cast<int64_t>(params.n) * blocks_.blocks_for(longest);
   if (worst > config_.num_blocks)
-    throw std::invalid_argument(
-        "request needs up to " + std::to_string(worst) + " KV blocks (n=" +
-        std::to_string(params.n) + " x " + std::to_string(longest) +
-        " tokens) but the cache has " + std::to_string(config_.num_blocks));
+    throw std::invalid_argument("request needs up to " + std::to_string(worst) + " KV blocks (n=" +
+                                std::to_string(params.n) + " x " + std::to_string(longest) +
+                                " tokens) but the cache has " + std::to_string(config_.num_blocks));
   auto req = std::make_unique<Request>();
   req->id = id;
   req->params = params;
@@ -105,8 +98,7 @@ void Scheduler::abort_request(RequestId id) {
   if (it == requests_.end()) return;
   Request& req = *it->second;
   for (auto& s : req.seqs)
-    if (s->status != SeqStatus::kFinished)
-      finish_seq(req, *s, FinishReason::kAbort, -1, nullptr);
+    if (s->status != SeqStatus::kFinished) finish_seq(req, *s, FinishReason::kAbort, -1, nullptr);
   release_if_done(id, nullptr);
 }
 
@@ -136,8 +128,8 @@ SeqId Scheduler::fork_sequence(SeqId parent, int32_t token) {
   return id;
 }
 
-void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason,
-                           int32_t stop_token, UpdateResult* result) {
+void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason, int32_t stop_token,
+                           UpdateResult* result) {
   seq.status = SeqStatus::kFinished;
   seq.finish_reason = reason;
   seq.stop_token = stop_token;
@@ -156,8 +148,7 @@ void Scheduler::release_if_done(RequestId id, UpdateResult* result) {
   requests_.erase(it);
 }
 
-void Scheduler::emit(const Request& req, Sequence& seq, int64_t num_new,
-                     SchedulerOutput& out) {
+void Scheduler::emit(const Request& req, Sequence& seq, int64_t num_new, SchedulerOutput& out) {
   const int bs = config_.block_size;
   out.seq_ids.push_back(seq.id);
   out.request_ids.push_back(req.id);
@@ -176,25 +167,21 @@ void Scheduler::emit(const Request& req, Sequence& seq, int64_t num_new,
     samples = req.forked ? 1 : req.params.n;
   out.num_samples.push_back(samples);
   if (samples) out.sample_rows.push_back(out.num_tokens() - 1);
-  blocks_.cache_full_blocks(seq.block_table, seq.tokens, seq.num_computed,
-                            req.params.cache_salt, seq.hash_cursor);
+  blocks_.cache_full_blocks(seq.block_table, seq.tokens, seq.num_computed, req.params.cache_salt,
+                            seq.hash_cursor);
 }
 
-bool Scheduler::try_allocate(Sequence& seq, int64_t num_new,
-                             SchedulerOutput& out) {
-  if (blocks_.blocks_needed(seq.block_table, seq.num_computed,
-                            seq.num_computed + num_new) >
+bool Scheduler::try_allocate(Sequence& seq, int64_t num_new, SchedulerOutput& out) {
+  if (blocks_.blocks_needed(seq.block_table, seq.num_computed, seq.num_computed + num_new) >
       blocks_.num_free_blocks())
     return false;
-  blocks_.allocate(seq.block_table, seq.num_computed,
-                   seq.num_computed + num_new, out.block_copies);
+  blocks_.allocate(seq.block_table, seq.num_computed, seq.num_computed + num_new, out.block_copies);
   return true;
 }
 
 // Schedules every live sequence of a running request, or none of them.
 // Returns false when the request needs blocks that are not free.
-bool Scheduler::schedule_running(Request& req, int& budget,
-                                 SchedulerOutput& out) {
+bool Scheduler::schedule_running(Request& req, int& budget, SchedulerOutput& out) {
   auto& plan = plan_;
   plan.clear();
   int tokens = 0, needed = 0;
@@ -202,13 +189,11 @@ bool Scheduler::schedule_running(Request& req, int& budget,
     if (s->status != SeqStatus::kRunning) continue;
     int64_t remaining = static_cast<int64_t>(s->tokens.size()) - s->num_computed;
     int64_t num_new = remaining;
-    if (config_.enable_chunked_prefill)
-      num_new = std::min<int64_t>(remaining, budget - tokens);
+    if (config_.enable_chunked_prefill) num_new = std::min<int64_t>(remaining, budget - tokens);
     if (num_new <= 0 || tokens + num_new > budget) return true;  // next step
     plan.emplace_back(s.get(), num_new);
     tokens += static_cast<int>(num_new);
-    needed += blocks_.blocks_needed(s->block_table, s->num_computed,
-                                    s->num_computed + num_new);
+    needed += blocks_.blocks_needed(s->block_table, s->num_computed, s->num_computed + num_new);
   }
   if (needed > blocks_.num_free_blocks()) return false;
   for (auto& [seq, num_new] : plan) {
@@ -242,8 +227,7 @@ void Scheduler::preempt(Request& req, SchedulerOutput& out) {
   out.preempted.push_back(req.id);
 }
 
-bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
-                              SchedulerOutput& out) {
+bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots, SchedulerOutput& out) {
   const int width = group_width(req);
   if (width > seq_slots || budget <= 0) return false;
   const int bs = config_.block_size;
@@ -264,8 +248,7 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
     // Sequences of a group that do not fit in this step's budget join the
     // running set with nothing scheduled and prefill in later steps.
     p.num_new = remaining;
-    if (config_.enable_chunked_prefill)
-      p.num_new = std::min<int64_t>(remaining, budget - tokens);
+    if (config_.enable_chunked_prefill) p.num_new = std::min<int64_t>(remaining, budget - tokens);
     if (p.num_new <= 0 || tokens + p.num_new > budget) {
       if (plans.empty()) return false;
       p.num_new = 0;
@@ -288,8 +271,7 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots,
     blocks_.attach(p.seq->block_table, p.hits);
     p.seq->num_computed = static_cast<int64_t>(p.hits.size()) * bs;
     if (!p.hits.empty())
-      p.seq->hash_cursor = {static_cast<int>(p.hits.size()),
-                            blocks_.block_hash(p.hits.back())};
+      p.seq->hash_cursor = {static_cast<int>(p.hits.size()), blocks_.block_hash(p.hits.back())};
     try_allocate(*p.seq, p.num_new, out);
     emit(req, *p.seq, p.num_new, out);
   }
@@ -305,10 +287,8 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
   out->query_start_loc.push_back(0);
   emitted_.clear();
   const size_t expect = running_.size() + waiting_.size();
-  for (auto* v : {&out->input_ids, &out->positions, &out->slot_mapping})
-    v->reserve(expect);
-  for (auto* v : {&out->num_samples, &out->seq_lens, &out->sample_rows})
-    v->reserve(expect);
+  for (auto* v : {&out->input_ids, &out->positions, &out->slot_mapping}) v->reserve(expect);
+  for (auto* v : {&out->num_samples, &out->seq_lens, &out->sample_rows}) v->reserve(expect);
   out->seq_ids.reserve(expect);
   out->request_ids.reserve(expect);
   out->query_start_loc.reserve(expect + 1);
@@ -378,29 +358,27 @@ bool Scheduler::check_stop(const Request& req, Sequence& seq, int32_t token,
   const int n_out = seq.num_output_tokens();
   if (n_out >= p.min_tokens) {
     bool stop = !p.ignore_eos && p.eos_token_id >= 0 && token == p.eos_token_id;
-    stop |= std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(),
-                      token) != p.stop_token_ids.end();
+    stop |= std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) !=
+            p.stop_token_ids.end();
     if (stop) {
       reason = FinishReason::kStop;
       return true;
     }
   }
-  if (n_out >= p.max_tokens ||
-      static_cast<int64_t>(seq.tokens.size()) >= config_.max_model_len) {
+  if (n_out >= p.max_tokens || static_cast<int64_t>(seq.tokens.size()) >= config_.max_model_len) {
     reason = FinishReason::kLength;
     return true;
   }
   return false;
 }
 
-UpdateResult Scheduler::update(const SchedulerOutput& out,
-                               const int32_t* sampled, int64_t num_sampled) {
+UpdateResult Scheduler::update(const SchedulerOutput& out, const int32_t* sampled,
+                               int64_t num_sampled) {
   int64_t expected = 0;
   for (int32_t k : out.num_samples) expected += k;
   if (expected != num_sampled)
     throw std::invalid_argument("update expects " + std::to_string(expected) +
-                                " sampled tokens, got " +
-                                std::to_string(num_sampled));
+                                " sampled tokens, got " + std::to_string(num_sampled));
   UpdateResult result;
   std::vector<RequestId> done;
   int64_t idx = 0;
@@ -429,8 +407,7 @@ UpdateResult Scheduler::update(const SchedulerOutput& out,
       s.tokens.push_back(toks[j]);
       FinishReason reason;
       if (check_stop(req, s, toks[j], reason)) {
-        finish_seq(req, s, reason,
-                   reason == FinishReason::kStop ? toks[j] : -1, &result);
+        finish_seq(req, s, reason, reason == FinishReason::kStop ? toks[j] : -1, &result);
         done.push_back(req.id);
       }
     }

@@ -67,8 +67,7 @@ TEST(Scheduler, SlotMappingFollowsBlockTable) {
   SeqId id = s.add_request(1, prompt(9), params(2));
   auto out = s.schedule();
   const auto& table = s.sequence(id)->block_table;
-  for (int p = 0; p < 9; ++p)
-    EXPECT_EQ(out->slot_mapping[p], table[p / 4] * 4 + p % 4);
+  for (int p = 0; p < 9; ++p) EXPECT_EQ(out->slot_mapping[p], table[p / 4] * 4 + p % 4);
   EXPECT_EQ(out->max_blocks, 3);
 }
 

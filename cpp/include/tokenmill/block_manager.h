@@ -68,27 +68,23 @@ class BlockManager {
 
   // Longest chain of cached full blocks that prefixes `tokens`, leaving at
   // least one token uncomputed. Returns the block ids (not yet referenced).
-  std::vector<BlockId> find_cached_prefix(const std::vector<int32_t>& tokens,
-                                          uint64_t cache_salt);
+  std::vector<BlockId> find_cached_prefix(const std::vector<int32_t>& tokens, uint64_t cache_salt);
   // Takes a reference on cached blocks found by find_cached_prefix.
   void attach(std::vector<BlockId>& table, const std::vector<BlockId>& blocks);
 
   // Number of fresh blocks `table` needs to cover `num_tokens` tokens, plus
   // one for a copy-on-write of the block at `write_pos` when it is shared.
-  int blocks_needed(const std::vector<BlockId>& table, int64_t write_pos,
-                    int64_t num_tokens) const;
+  int blocks_needed(const std::vector<BlockId>& table, int64_t write_pos, int64_t num_tokens) const;
   // Grows `table` to cover `num_tokens` and un-shares the block that the
   // write at `write_pos` lands in. Copies to perform are appended to `copies`.
   // The caller checks blocks_needed() against num_free_blocks() first.
-  void allocate(std::vector<BlockId>& table, int64_t write_pos,
-                int64_t num_tokens, std::vector<BlockCopy>& copies);
+  void allocate(std::vector<BlockId>& table, int64_t write_pos, int64_t num_tokens,
+                std::vector<BlockCopy>& copies);
 
   // Registers the hash of every full block of `table` whose tokens are all
   // computed; `cursor` remembers how far this table's chain has been hashed.
-  void cache_full_blocks(const std::vector<BlockId>& table,
-                         const std::vector<int32_t>& tokens,
-                         int64_t num_computed, uint64_t cache_salt,
-                         HashCursor& cursor);
+  void cache_full_blocks(const std::vector<BlockId>& table, const std::vector<int32_t>& tokens,
+                         int64_t num_computed, uint64_t cache_salt, HashCursor& cursor);
 
   // A child table sharing every block of the parent.
   std::vector<BlockId> fork(const std::vector<BlockId>& table);
@@ -101,8 +97,7 @@ class BlockManager {
 
  private:
   BlockId take_free_block();
-  BlockHash hash_block(BlockHash parent, const int32_t* tokens,
-                       uint64_t salt) const;
+  BlockHash hash_block(BlockHash parent, const int32_t* tokens, uint64_t salt) const;
 
   int num_blocks_;
   int block_size_;

@@ -16,10 +16,9 @@ struct View3 {
   int64_t head_stride;
 };
 
-void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache,
-                       void* value_cache, const int32_t* slot_mapping,
-                       int64_t num_tokens, int num_kv_heads, int head_size,
-                       int block_size);
+void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache, void* value_cache,
+                       const int32_t* slot_mapping, int64_t num_tokens, int num_kv_heads,
+                       int head_size, int block_size);
 
 struct PagedAttentionParams {
   DType dtype;
@@ -37,8 +36,8 @@ struct PagedAttentionParams {
   int head_size;
   int block_size;
   float scale;
-  int sliding_window = 0;  // 0: attend to the whole context
-  float softcap = 0.f;     // 0: none
+  int sliding_window = 0;               // 0: attend to the whole context
+  float softcap = 0.f;                  // 0: none
   const float* alibi_slopes = nullptr;  // [num_heads] or null
 };
 
@@ -47,26 +46,22 @@ struct PagedAttentionParams {
 // mix freely in one call.
 void paged_attention(const PagedAttentionParams& p);
 
-void rms_norm(DType dtype, void* out, const void* x, const void* weight,
-              int64_t rows, int64_t dim, int64_t x_stride, int64_t out_stride,
-              float eps);
+void rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows, int64_t dim,
+              int64_t x_stride, int64_t out_stride, float eps);
 // residual += x; x = rms_norm(residual)
-void fused_add_rms_norm(DType dtype, void* x, void* residual,
-                        const void* weight, int64_t rows, int64_t dim,
-                        int64_t x_stride, int64_t residual_stride, float eps);
+void fused_add_rms_norm(DType dtype, void* x, void* residual, const void* weight, int64_t rows,
+                        int64_t dim, int64_t x_stride, int64_t residual_stride, float eps);
 
 // In place on query [tokens, heads, head_size] and key; rot_dim leading
 // dims rotate. cos_sin_cache is float32 [max_position, rot_dim] (cos, sin).
-void rotary_embedding(DType dtype, const int32_t* positions,
-                      int64_t num_tokens, View3 query, int num_heads,
-                      View3 key, int num_kv_heads, int head_size,
+void rotary_embedding(DType dtype, const int32_t* positions, int64_t num_tokens, View3 query,
+                      int num_heads, View3 key, int num_kv_heads, int head_size,
                       const float* cos_sin_cache, int rot_dim, bool is_neox);
 
 enum class Activation { kSilu, kGeluExact, kGeluTanh };
 // out[t, :d] = act(x[t, :d]) * x[t, d:2d]
-void act_and_mul(DType dtype, Activation act, void* out, const void* x,
-                 int64_t rows, int64_t d, int64_t x_stride,
-                 int64_t out_stride);
+void act_and_mul(DType dtype, Activation act, void* out, const void* x, int64_t rows, int64_t d,
+                 int64_t x_stride, int64_t out_stride);
 
 // out[m, n] = x[m, :] . weight[n, :] (+ bias[n]) for few rows m, reading the
 // weight once. x, out and bias share a dtype; weight may be bfloat16 under
@@ -77,12 +72,10 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
 
 // Weight-only int4 (layout in cpp/kernels/int4.cpp). out[m, n] = x[m, :] .
 // dequant(w[n, :]) with x float32 [m, k_padded].
-void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight,
-                 const float* scales, const float* zeros, int64_t k_padded, int64_t n,
-                 int64_t group_size);
+void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, const float* scales,
+                 const float* zeros, int64_t k_padded, int64_t n, int64_t group_size);
 // Rows n0..n1 of the dequantized weight into out, float32 [n1 - n0, k_padded].
-void int4_dequantize(float* out, const uint8_t* qweight, const float* scales,
-                     const float* zeros, int64_t k_padded, int64_t group_size, int64_t n0,
-                     int64_t n1);
+void int4_dequantize(float* out, const uint8_t* qweight, const float* scales, const float* zeros,
+                     int64_t k_padded, int64_t group_size, int64_t n0, int64_t n1);
 
 }  // namespace tokenmill::cpu

@@ -34,8 +34,8 @@ struct RequestParams {
   std::vector<int32_t> stop_token_ids;
   int32_t eos_token_id = -1;  // -1: none
   bool ignore_eos = false;
-  int priority = 0;          // lower runs first under the priority policy
-  uint64_t cache_salt = 0;   // isolates prefix-cache entries
+  int priority = 0;         // lower runs first under the priority policy
+  uint64_t cache_salt = 0;  // isolates prefix-cache entries
   // Preemption restarts the request from its prompt (one sequence) instead of
   // recomputing every sequence; beam search, whose beams must advance
   // together, uses it.
@@ -51,16 +51,14 @@ struct Sequence {
   SeqId id;
   std::vector<int32_t> tokens;  // prompt followed by generated tokens
   int num_prompt_tokens;
-  int64_t num_computed = 0;     // tokens whose KV is (being) written
+  int64_t num_computed = 0;  // tokens whose KV is (being) written
   std::vector<BlockId> block_table;
   HashCursor hash_cursor;
   SeqStatus status = SeqStatus::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int32_t stop_token = -1;  // the stop id that finished it, if any
 
-  int num_output_tokens() const {
-    return static_cast<int>(tokens.size()) - num_prompt_tokens;
-  }
+  int num_output_tokens() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
 };
 
 struct Request {
@@ -89,7 +87,7 @@ struct SchedulerOutput {
   std::vector<int32_t> block_tables;     // [num_seqs, max_blocks] padded 0
   std::vector<int32_t> sample_rows;      // token rows whose logits sample
   int max_blocks = 0;
-  std::vector<BlockCopy> block_copies;   // perform before the forward
+  std::vector<BlockCopy> block_copies;  // perform before the forward
   std::vector<RequestId> preempted;
   std::vector<RequestId> aborted;  // could not fit in the cache even alone
 
@@ -125,8 +123,7 @@ class Scheduler {
 
   // Queues a request; throws std::invalid_argument when it can never run.
   // Returns the id of its first sequence.
-  SeqId add_request(RequestId id, std::vector<int32_t> prompt,
-                    const RequestParams& params);
+  SeqId add_request(RequestId id, std::vector<int32_t> prompt, const RequestParams& params);
   // Finishes every sequence of the request and frees its blocks. Unknown or
   // already finished ids are ignored.
   void abort_request(RequestId id);
@@ -140,8 +137,7 @@ class Scheduler {
   std::unique_ptr<SchedulerOutput> schedule();
   // Appends the sampled tokens, one per sample of `out` in order, and applies
   // the stop conditions.
-  UpdateResult update(const SchedulerOutput& out, const int32_t* sampled,
-                      int64_t num_sampled);
+  UpdateResult update(const SchedulerOutput& out, const int32_t* sampled, int64_t num_sampled);
 
   bool has_unfinished() const { return !requests_.empty(); }
   SchedulerStats stats() const;
@@ -156,24 +152,20 @@ class Scheduler {
     int priority;
     uint64_t arrival;
     bool operator<(const QueueKey& o) const {
-      return priority != o.priority ? priority < o.priority
-                                    : arrival < o.arrival;
+      return priority != o.priority ? priority < o.priority : arrival < o.arrival;
     }
   };
   QueueKey key(const Request& r) const;
 
   bool schedule_running(Request& req, int& budget, SchedulerOutput& out);
-  bool admit_waiting(Request& req, int& budget, int& seq_slots,
-                     SchedulerOutput& out);
+  bool admit_waiting(Request& req, int& budget, int& seq_slots, SchedulerOutput& out);
   bool try_allocate(Sequence& seq, int64_t num_new, SchedulerOutput& out);
-  void emit(const Request& req, Sequence& seq, int64_t num_new,
-            SchedulerOutput& out);
+  void emit(const Request& req, Sequence& seq, int64_t num_new, SchedulerOutput& out);
   void preempt(Request& req, SchedulerOutput& out);
-  void finish_seq(Request& req, Sequence& seq, FinishReason reason,
-                  int32_t stop_token, UpdateResult* result);
+  void finish_seq(Request& req, Sequence& seq, FinishReason reason, int32_t stop_token,
+                  UpdateResult* result);
   void release_if_done(RequestId id, UpdateResult* result);
-  bool check_stop(const Request& req, Sequence& seq, int32_t token,
-                  FinishReason& reason) const;
+  bool check_stop(const Request& req, Sequence& seq, int32_t token, FinishReason& reason) const;
 
   SchedulerConfig config_;
   BlockManager blocks_;
