@@ -26,6 +26,14 @@ def peak_blocks(engine, add):
     return peak
 
 
+def report(rows, args):
+    print(
+        f"Beam search, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, {args.dtype}"
+    )
+    header = ["beam width", "prompts", "tokenmill req/s", "transformers req/s", "speed-up"]
+    print(table(rows, header[: len(rows[0])]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-prompts", type=int, default=64)
@@ -36,6 +44,7 @@ def main():
     ap.add_argument(
         "--hf-prompts", type=int, default=16, help="prompts given to transformers (0 skips it)"
     )
+    ap.add_argument("--blocks-only", action="store_true", help="only the KV-blocks table")
     args = ap.parse_args()
 
     from tokenmill import LLM, BeamSearchParams, SamplingParams
@@ -51,7 +60,7 @@ def main():
     llm = LLM(path, dtype=args.dtype, max_model_len=1024, enable_prefix_caching=False)
     hf = (
         AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-        if args.hf_prompts
+        if args.hf_prompts and not args.blocks_only
         else None
     )
 
@@ -77,17 +86,8 @@ def main():
             theirs = len(sub) / th.seconds
             row += [theirs, ours / theirs]
         rows.append(row)
-    print(
-        f"Beam search, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, {args.dtype}"
-    )
-    print(
-        table(
-            rows,
-            ["beam width", "prompts", "tokenmill req/s", "transformers req/s", "speed-up"][
-                : len(rows[0])
-            ],
-        )
-    )
+    if rows:
+        report(rows, args)
 
     engine = llm.engine
     long_ids = [t for r in load_workload("workload_main.json") for t in r["prompt_token_ids"]][:512]
