@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tokenmill.config import EngineArgs
@@ -64,6 +65,7 @@ def cmd_generate(args) -> int:
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     for out in llm.generate(args.prompts, _sampling_params(args), use_tqdm=False):
         print(out.prompt + out.outputs[0].text)
+    llm.engine.shutdown()
     return 0
 
 
@@ -85,6 +87,7 @@ def cmd_chat(args) -> int:
         reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
         print(reply)
         messages.append({"role": "assistant", "content": reply})
+    llm.engine.shutdown()
     return 0
 
 
@@ -93,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun every rank runs this command; ranks above 0 hold model shards.
+        from tokenmill.distributed import worker_main
+
+        worker_main(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            "env://",
+            EngineArgs.from_cli_args(args),
+        )
+        return 0
     if args.command == "serve":
         from tokenmill.entrypoints.api_server import run_server
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
+import weakref
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from tokenmill import _core
+from tokenmill import _core, distributed
 from tokenmill.config import EngineArgs
 from tokenmill.devices import resolve_device
 from tokenmill.engine.beam_search import BeamSearchState
@@ -34,9 +36,10 @@ PromptType = str | list[int] | dict
 class LLMEngine:
     """Runs requests to completion on one device, batching them continuously."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, tp_rank: int = 0, tp_init_method: str | None = None):
         t0 = time.monotonic()
         self.args = args
+        self.workers = []
         path = resolve_model_path(args.model, args.revision)
         if path.endswith(".gguf"):
             path = gguf_to_hf(path)
@@ -49,6 +52,8 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
+        if args.tensor_parallel_size > 1:
+            self._start_tensor_parallel(tp_rank, tp_init_method)
         self.runner = ModelRunner(args, self.hf_config, path, self.device, self.max_model_len)
         self.scheduler = _core.Scheduler(self._scheduler_config())
         self.eos_token_id, self.extra_stop_ids = self._eos_ids()
@@ -66,6 +71,53 @@ class LLMEngine:
         )
 
     # ------------------------------------------------------------------ setup
+    def _start_tensor_parallel(self, rank: int, init_method: str | None) -> None:
+        world = self.args.tensor_parallel_size
+        cfg = self.hf_config
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        if heads % world or (kv % world and world % kv):
+            raise InvalidParameterError(
+                "tensor_parallel_size",
+                f"tensor_parallel_size {world} must divide num_attention_heads ({heads}) and divide or be a "
+                f"multiple of num_key_value_heads ({kv})",
+            )
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if init_method is None and launched_by_torchrun():
+            init_method, rank = "env://", int(os.environ["RANK"])
+            if int(os.environ["WORLD_SIZE"]) != world:
+                raise InvalidParameterError(
+                    "tensor_parallel_size",
+                    f"tensor_parallel_size {world} differs from WORLD_SIZE {os.environ['WORLD_SIZE']}",
+                )
+        if rank == 0 and init_method is None:
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+            self.workers = distributed.spawn_workers(world, init_method, self.args)
+            self._finalizer = weakref.finalize(self, _stop_workers, self.workers)
+        distributed.init(rank, world, init_method, self.device)
+
+    def check_workers(self) -> None:
+        """Raises WorkerDiedError when a tensor-parallel worker process is gone."""
+        for i, p in enumerate(self.workers, start=1):
+            if p.poll() is not None:
+                raise WorkerDiedError(f"tensor-parallel worker {i} exited with code {p.returncode}")
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (if any); the engine is unusable afterwards."""
+        group = distributed.tp()
+        if group.world > 1 and group.rank == 0:
+            try:
+                distributed.broadcast_step(None)
+            except Exception:  # noqa: BLE001  (workers may be gone already)
+                pass
+            _stop_workers(self.workers)
+            self.workers = []
+            distributed.shutdown()
+
     def _max_model_len(self) -> int:
         cfg = self.hf_config
         model_max = (
@@ -214,6 +266,8 @@ class LLMEngine:
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns the outputs of requests that made progress."""
+        if self.workers:
+            self.check_workers()
         out = self.scheduler.schedule()
         self.counters["preemptions"] += len(out.preempted)
         for internal in out.preempted:  # beam searches restart from their prompt
@@ -456,6 +510,26 @@ class LLMEngine:
                 self.internal_ids.pop(state.request_id, None)
             outputs.append(state.to_output())
         return outputs
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (or another launcher) started one process per rank and set RANK/WORLD_SIZE."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process died; the engine cannot continue."""
+
+
+def _stop_workers(workers) -> None:
+    import subprocess
+
+    for p in workers:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _read_template(value: str) -> str:

@@ -9,7 +9,9 @@ import os
 import numpy as np
 import torch
 
+from tokenmill import distributed
 from tokenmill.config import EngineArgs
+from tokenmill.distributed import StepInputs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.loader.hf import iterate_weights
@@ -156,15 +158,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out, logit_rows: np.ndarray) -> torch.Tensor:
         """Runs the forward for a scheduler output; returns float32 logits at `logit_rows`."""
-        self.copy_blocks(out.block_copies)
+        step = StepInputs.from_output(out, logit_rows)
+        if distributed.tp().world > 1:
+            distributed.broadcast_step(step)
+        return self.execute_step(step)
+
+    @torch.inference_mode()
+    def execute_step(self, step: StepInputs) -> torch.Tensor:
+        self.copy_blocks(step.block_copies)
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(out.slot_mapping),
-            block_tables=self._tensor(out.block_tables),
-            seq_lens=self._tensor(out.seq_lens),
-            query_start_loc=self._tensor(out.query_start_loc),
+            slot_mapping=self._tensor(step.slot_mapping),
+            block_tables=self._tensor(step.block_tables),
+            seq_lens=self._tensor(step.seq_lens),
+            query_start_loc=self._tensor(step.query_start_loc),
         )
-        input_ids = self._tensor(out.input_ids)
-        positions = self._tensor(out.positions)
-        hidden = self.model(input_ids, positions, meta)
-        rows = self._tensor(logit_rows).long()
+        hidden = self.model(self._tensor(step.input_ids), self._tensor(step.positions), meta)
+        rows = self._tensor(step.rows).long()
         return self.model.compute_logits(hidden[rows])

@@ -57,6 +57,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     @property
     def alive(self) -> bool:

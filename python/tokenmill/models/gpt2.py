@@ -51,6 +51,10 @@ class GPT2LMHeadModel(nn.Module):
 
     def __init__(self, config, max_positions: int):
         super().__init__()
+        from tokenmill import distributed
+
+        if distributed.tp().world > 1:
+            raise ValueError("GPT-2 does not support tensor parallelism yet")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)

@@ -9,11 +9,33 @@ import torch
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill import distributed
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
-from tokenmill.layers.linear import Linear, make_linear, make_merged_linear
+from tokenmill.layers.linear import make_linear, make_merged_linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.quantization import Int4Linear, QuantConfig
 from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.layers.vocab_parallel import VocabParallelEmbedding
+
+
+def tp_heads(heads: int, kv_heads: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, first KV head) of this rank. KV heads that the
+    world size does not divide are replicated when that keeps every query
+    head with its own KV head."""
+    group = distributed.tp()
+    if heads % group.world:
+        raise ValueError(
+            f"tensor_parallel_size {group.world} must divide num_attention_heads ({heads})"
+        )
+    local = heads // group.world
+    if kv_heads % group.world == 0:
+        kv_local = kv_heads // group.world
+        return local, kv_local, group.rank * kv_local
+    if group.world % kv_heads == 0:
+        return local, 1, group.rank * kv_heads // group.world
+    raise ValueError(
+        f"tensor_parallel_size {group.world} neither divides nor is a multiple of num_key_value_heads ({kv_heads})"
+    )
 
 
 def _sliding_window(config, layer_idx: int) -> int:
@@ -28,9 +50,10 @@ def _sliding_window(config, layer_idx: int) -> int:
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, max_positions: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads, self.num_kv_heads, self.kv_head_start = tp_heads(total_heads, total_kv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
@@ -62,13 +85,13 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return distributed.all_reduce(self.o_proj(self.attn(q, k, v, meta)))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        inter = config.intermediate_size
+        inter = distributed.split(config.intermediate_size, "intermediate_size")
         bias = getattr(config, "mlp_bias", False)
         quant = QuantConfig.from_hf(getattr(config, "quantization_config", None))
         self.gate_up_proj = make_merged_linear(
@@ -82,7 +105,7 @@ class LlamaMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         act = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=x.dtype, device=x.device)
         torch.ops.tokenmill.silu_and_mul(act, gate_up)
-        return self.down_proj(act)
+        return distributed.all_reduce(self.down_proj(act))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -107,7 +130,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, max_positions) for i in range(config.num_hidden_layers)
         )
@@ -136,9 +159,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_positions)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        if distributed.tp().world > 1 and getattr(config, "quantization_config", None):
+            raise ValueError("tensor parallelism does not support quantized checkpoints yet")
 
     @property
     def attention_layers(self) -> list[PagedAttention]:
@@ -148,7 +173,33 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head.logits(hidden)
+
+    def _shard(self, module_name: str, piece: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor."""
+        group = distributed.tp()
+        if group.world == 1:
+            return tensor
+        if module_name.endswith(("embed_tokens", "lm_head")):
+            return self.get_submodule(module_name).shard(tensor)
+        if module_name.endswith("qkv_proj"):
+            attn = self.get_submodule(module_name.rsplit(".", 1)[0])
+            d = attn.head_dim
+            if shard == "q":
+                return tensor[
+                    group.rank * attn.num_heads * d : (group.rank + 1) * attn.num_heads * d
+                ]
+            start = attn.kv_head_start * d
+            return tensor[start : start + attn.num_kv_heads * d]
+        if module_name.endswith("gate_up_proj"):
+            n = tensor.shape[0] // group.world
+            return tensor[group.rank * n : (group.rank + 1) * n]
+        if module_name.endswith(("o_proj", "down_proj")):
+            if piece == "bias":  # added once, by rank 0, before the sum
+                return tensor if group.rank == 0 else torch.zeros_like(tensor)
+            n = tensor.shape[1] // group.world
+            return tensor[:, group.rank * n : (group.rank + 1) * n]
+        return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors into parameters; returns the parameter names loaded."""
@@ -166,6 +217,7 @@ class LlamaForCausalLM(nn.Module):
                     module_name, shard = module_name[: -len(fragment)] + merged, shard_id
                     break
             module = self.get_submodule(module_name)
+            tensor = self._shard(module_name, piece, shard, tensor)
             if isinstance(module, Int4Linear):
                 module.load_piece(shard, piece, tensor)
                 if piece == "bias":

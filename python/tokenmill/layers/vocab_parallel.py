@@ -1,0 +1,45 @@
+"""Embedding and LM head split over the vocabulary across tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill import distributed
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds ceil(V / world) rows; lookups of other ranks' rows give
+    zeros here and are summed across ranks."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        group = distributed.tp()
+        self.num_embeddings = num_embeddings
+        self.per_rank = -(-num_embeddings // group.world)
+        self.start = group.rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full [V, dim] checkpoint tensor, zero-padded."""
+        rows = full[self.start : self.start + self.per_rank]
+        if rows.shape[0] < self.per_rank:
+            rows = torch.cat([rows, rows.new_zeros(self.per_rank - rows.shape[0], rows.shape[1])])
+        return rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if distributed.tp().world == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside[:, None], 0)
+        return distributed.all_reduce(x)
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden @ weight.T over the whole vocabulary (weight: this rank's rows)."""
+        from tokenmill.layers.linear import linear
+
+        local = linear(hidden, self.weight if weight is None else weight).float()
+        return distributed.gather_last_dim(local)[:, : self.num_embeddings]
