@@ -36,6 +36,16 @@ def synthetic_workload(
     ]
 
 
+def time_call(fn, min_time: float = 0.3) -> float:
+    """Mean seconds of fn() over at least min_time (and 3 calls), after one warm-up call."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_time or n < 3:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

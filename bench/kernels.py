@@ -10,26 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tokenmill.ops as ops  # noqa: E402
-from common import table  # noqa: E402
+from common import table, time_call  # noqa: E402
 from tokenmill import ops_composite  # noqa: E402
 
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 576, 1536), "Llama-3-8B": (32, 8, 128, 4096, 14336)}
 
 
-def bench(fn, min_time=0.3):
-    fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time or n < 3:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
+bench = time_call
 
 
 def copy_bandwidth() -> float:

@@ -17,20 +17,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import tokenmill.ops  # noqa: E402,F401
-from common import table  # noqa: E402
+from common import table, time_call  # noqa: E402
 from tokenmill.layers.linear import linear  # noqa: E402
 from tokenmill.layers.quantization import pack_tokenmill  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)]
 
 
-def bench(fn, min_time=0.3):
-    fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time or n < 3:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
+bench = time_call
 
 
 def kernels():
