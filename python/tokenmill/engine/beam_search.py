@@ -48,6 +48,13 @@ class BeamSearchState:
         self.finished: list[Hypothesis] = []
         self.done = False
         self.generated = 0
+        self._next: list = []  # (parent beam, token, score) chosen by the last step()
+        self._stop_heuristic = False
+        # Core bookkeeping of the step in flight: children forked before
+        # update(), keyed (parent seq id, nth use), and sequences the core
+        # forked at the first step beyond the continuations found.
+        self.forks: dict[tuple[int, int], int] = {}
+        self.unused = 0
 
     def _length_score(self, logprob: float, length: int) -> float:
         return logprob / (length**self.params.length_penalty)
@@ -108,7 +115,7 @@ class BeamSearchState:
         self.beams = beams
 
     def _heuristic_satisfied(self) -> bool:
-        return getattr(self, "_stop_heuristic", False)
+        return self._stop_heuristic
 
     def _heuristic_satisfied_after(self, running) -> bool:
         """transformers' early-stop heuristic: all slots finished and no running beam can still beat the worst."""

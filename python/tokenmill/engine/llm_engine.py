@@ -347,14 +347,14 @@ class LLMEngine:
             order = [rows_by_seq[b.seq_id] for b in beam.beams]
             logprobs = logits[torch.tensor(order, device=logits.device)].float().log_softmax(-1)
             selection = beam.step(logprobs.cpu())
-            state.beam_forks = {}
+            beam.forks = {}
             first_step = len(beam.beams) == 1 and not beam.beams[0].tokens
             for b in beam.beams:
                 conts = selection.continuations.get(b.seq_id, [])
                 if first_step:
                     width = beam.params.beam_width  # the core forks the prompt into this many
                     tokens[b.seq_id] = (conts + [conts[0] if conts else 0] * width)[:width]
-                    state.beam_unused = width - len(conts)
+                    beam.unused = width - len(conts)
                     continue
                 if not conts:
                     self.scheduler.finish_sequence(b.seq_id, "abort")
@@ -362,7 +362,7 @@ class LLMEngine:
                     continue
                 tokens[b.seq_id] = conts[:1]
                 for n, tok in enumerate(conts[1:], start=1):
-                    state.beam_forks[(b.seq_id, n)] = self.scheduler.fork_sequence(b.seq_id, tok)
+                    beam.forks[(b.seq_id, n)] = self.scheduler.fork_sequence(b.seq_id, tok)
         return tokens
 
     def _commit_beams(self, beam_rows: dict, result, touched) -> None:
@@ -372,17 +372,17 @@ class LLMEngine:
         for internal in beam_rows:
             state = self.requests[internal]
             beam = state.beam
-            ids = dict(state.beam_forks)
+            ids = dict(beam.forks)
             for b in beam.beams:
                 ids[(b.seq_id, 0)] = b.seq_id
                 for n, child in enumerate(forks.get(b.seq_id, []), start=1):
                     ids[(b.seq_id, n)] = child
-            unused = getattr(state, "beam_unused", 0)
+            unused = beam.unused
             if unused:  # the core forked more sequences than there were continuations
                 for b in beam.beams:
                     for child in forks.get(b.seq_id, [])[-unused:]:
                         self.scheduler.finish_sequence(child, "abort")
-                state.beam_unused = 0
+                beam.unused = 0
             if beam.done:
                 self._finish_beam_request(state)
             else:

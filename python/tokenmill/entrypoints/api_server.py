@@ -155,15 +155,7 @@ class Server:
                         "stop_reason": c.stop_reason,
                     }
                 )
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": usage,
-            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
-        }
+        return _response(rid, "text_completion", model, choices, usage)
 
     async def beam_completions(
         self, req: CompletionRequest, raw: Request, model: str, prompts: list
@@ -203,15 +195,7 @@ class Server:
                 for o in outs
             ]
         )
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": usage,
-            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
-        }
+        return _response(rid, "text_completion", model, choices, usage)
 
     def completion_logprobs(self, token_ids, logprobs, offset: int) -> dict:
         tokens, token_logprobs, tops, offsets = [], [], [], []
@@ -287,15 +271,7 @@ class Server:
             }
             for c in out.outputs
         ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": _usage([out]),
-            "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
-        }
+        return _response(rid, "chat.completion", model, choices, _usage([out]))
 
     # ------------------------------------------------------------- streaming
     async def _stream(self, raw: Request, rid: str, model: str, prompts, params, req, chat: bool):
@@ -464,6 +440,19 @@ class Server:
             "parent": None,
             "max_model_len": self.engine.max_model_len,
         }
+
+
+def _response(rid: str, obj: str, model: str, choices: list, usage: dict) -> dict:
+    """The body of a non-streamed completion or chat completion."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+        "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
+    }
 
 
 def _usage(outs: list[RequestOutput]) -> dict:
