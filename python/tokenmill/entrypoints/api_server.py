@@ -396,6 +396,11 @@ class Server:
         finally:
             for t in tasks:
                 t.cancel()
+            # However the stream ended (client gone, error), unfinished requests
+            # are aborted here rather than through the cancelled tasks alone.
+            for i in range(n_prompts):
+                if i not in last or not last[i].finished:
+                    self.engine.abort(f"{rid}-{i}")
 
     # ------------------------------------------------------------ tokenizer
     def tokenize(self, req: TokenizeRequest) -> dict:
