@@ -1,45 +1,16 @@
-// CPU kernels on raw pointers and strides, callable without torch. The KV
-// cache layout is [num_blocks, num_kv_heads, block_size, head_size] for keys
-// and values alike; the CUDA kernels share it.
+// CPU kernels on raw pointers and strides, callable without torch. The CUDA
+// launchers (cuda/kernels.h) take the same parameters plus a stream.
 #pragma once
 
 #include <cstdint>
 
+#include "tokenmill/kernel_params.h"
+
 namespace tokenmill::cpu {
-
-enum class DType { kFloat32, kBFloat16, kFloat16 };
-
-// A [rows, heads, dim] view whose last dimension is contiguous.
-struct View3 {
-  void* data;
-  int64_t row_stride;
-  int64_t head_stride;
-};
 
 void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache, void* value_cache,
                        const int32_t* slot_mapping, int64_t num_tokens, int num_kv_heads,
                        int head_size, int block_size);
-
-struct PagedAttentionParams {
-  DType dtype;
-  View3 out;    // [num_tokens, num_heads, head_size]
-  View3 query;  // [num_tokens, num_heads, head_size]
-  const void* key_cache;
-  const void* value_cache;
-  const int32_t* block_tables;  // [num_seqs, block_table_stride]
-  int64_t block_table_stride;
-  const int32_t* seq_lens;         // [num_seqs] context length incl. new
-  const int32_t* query_start_loc;  // [num_seqs + 1]
-  int num_seqs;
-  int num_heads;
-  int num_kv_heads;
-  int head_size;
-  int block_size;
-  float scale;
-  int sliding_window = 0;               // 0: attend to the whole context
-  float softcap = 0.f;                  // 0: none
-  const float* alibi_slopes = nullptr;  // [num_heads] or null
-};
 
 // Causal attention of each sequence's new query tokens (the last tokens of
 // its context) over its paged context. Prefill, chunked prefill and decode
@@ -58,7 +29,6 @@ void rotary_embedding(DType dtype, const int32_t* positions, int64_t num_tokens,
                       int num_heads, View3 key, int num_kv_heads, int head_size,
                       const float* cos_sin_cache, int rot_dim, bool is_neox);
 
-enum class Activation { kSilu, kGeluExact, kGeluTanh };
 // out[t, :d] = act(x[t, :d]) * x[t, d:2d]
 void act_and_mul(DType dtype, Activation act, void* out, const void* x, int64_t rows, int64_t d,
                  int64_t x_stride, int64_t out_stride);

@@ -1,0 +1,242 @@
+// The torch.ops.tokenmill.* entry points, shared by every backend: argument
+// checks and tensor-to-pointer plumbing live here once; a backend type B
+// supplies the kernels (B::rms_norm(device_tensor, ...) and so on) with the
+// signatures of tokenmill::cpu's, plus a leading tensor that tells it where
+// to run.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <optional>
+
+#include "tokenmill/kernel_params.h"
+
+namespace tokenmill::ops {
+
+using torch::stable::Tensor;
+
+inline DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::headeronly::ScalarType::Float:
+      return DType::kFloat32;
+    case torch::headeronly::ScalarType::BFloat16:
+      return DType::kBFloat16;
+    case torch::headeronly::ScalarType::Half:
+      return DType::kFloat16;
+    default:
+      STD_TORCH_CHECK(false, "tokenmill ops take float32, bfloat16 or float16 tensors");
+  }
+  return DType::kFloat32;
+}
+
+inline void check_same_dtype(const Tensor& a, const Tensor& b, const char* what) {
+  STD_TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, " must have the dtype of the input");
+}
+
+inline void check_int32(const Tensor& t, const char* what) {
+  STD_TORCH_CHECK(t.scalar_type() == torch::headeronly::ScalarType::Int && t.is_contiguous(), what,
+                  " must be a contiguous int32 tensor");
+}
+
+// [tokens, heads, dim] or [tokens, heads * dim] with a contiguous last dim.
+inline View3 view3(const Tensor& t, int64_t head_size) {
+  STD_TORCH_CHECK(t.stride(t.dim() - 1) == 1, "last dimension must be contiguous");
+  if (t.dim() == 3) return {t.data_ptr(), t.stride(0), t.stride(1)};
+  STD_TORCH_CHECK(t.dim() == 2, "expected a 2-D or 3-D tensor");
+  return {t.data_ptr(), t.stride(0), head_size};
+}
+
+inline int64_t heads_of(const Tensor& t, int64_t head_size) {
+  return t.dim() == 3 ? t.size(1) : t.size(1) / head_size;
+}
+
+inline void check_int4(const Tensor& qweight, const Tensor& scales, const Tensor& zeros) {
+  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
+                      qweight.dim() == 2 && qweight.is_contiguous(),
+                  "qweight must be a contiguous uint8 [N, K/2] tensor");
+  for (const Tensor* t : {&scales, &zeros})
+    STD_TORCH_CHECK(t->scalar_type() == torch::headeronly::ScalarType::Float &&
+                        t->is_contiguous() && t->dim() == 2 && t->size(0) == qweight.size(0),
+                    "scales and zeros must be contiguous float32 [N, groups]");
+}
+
+template <class B>
+void reshape_and_cache(Tensor key, Tensor value, Tensor key_cache, Tensor value_cache,
+                       Tensor slot_mapping) {
+  check_int32(slot_mapping, "slot_mapping");
+  check_same_dtype(key, key_cache, "key_cache");
+  check_same_dtype(value, value_cache, "value_cache");
+  STD_TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous(),
+                  "caches must be contiguous [num_blocks, num_kv_heads, block_size, head_size]");
+  const int64_t head_size = key_cache.size(3);
+  B::reshape_and_cache(key, dtype_of(key), view3(key, head_size), view3(value, head_size),
+                       key_cache.data_ptr(), value_cache.data_ptr(),
+                       static_cast<const int32_t*>(slot_mapping.data_ptr()), slot_mapping.numel(),
+                       key_cache.size(1), head_size, key_cache.size(2));
+}
+
+template <class B>
+void paged_attention(Tensor out, Tensor query, Tensor key_cache, Tensor value_cache,
+                     Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, double scale,
+                     int64_t sliding_window, double softcap, std::optional<Tensor> alibi_slopes) {
+  check_int32(block_tables, "block_tables");
+  check_int32(seq_lens, "seq_lens");
+  check_int32(query_start_loc, "query_start_loc");
+  check_same_dtype(query, key_cache, "key_cache");
+  check_same_dtype(query, out, "out");
+  STD_TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous(),
+                  "caches must be contiguous [num_blocks, num_kv_heads, block_size, head_size]");
+  const int64_t head_size = key_cache.size(3);
+  tokenmill::PagedAttentionParams p;
+  p.dtype = dtype_of(query);
+  p.out = view3(out, head_size);
+  p.query = view3(query, head_size);
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.block_tables = static_cast<const int32_t*>(block_tables.data_ptr());
+  p.block_table_stride = block_tables.dim() == 2 ? block_tables.size(1) : 0;
+  p.seq_lens = static_cast<const int32_t*>(seq_lens.data_ptr());
+  p.query_start_loc = static_cast<const int32_t*>(query_start_loc.data_ptr());
+  p.num_seqs = static_cast<int>(seq_lens.numel());
+  STD_TORCH_CHECK(query_start_loc.numel() == p.num_seqs + 1,
+                  "query_start_loc must have num_seqs + 1 entries");
+  p.num_heads = static_cast<int>(heads_of(query, head_size));
+  p.num_kv_heads = static_cast<int>(key_cache.size(1));
+  p.head_size = static_cast<int>(head_size);
+  p.block_size = static_cast<int>(key_cache.size(2));
+  p.scale = static_cast<float>(scale);
+  p.sliding_window = static_cast<int>(sliding_window);
+  p.softcap = static_cast<float>(softcap);
+  if (alibi_slopes.has_value()) {
+    STD_TORCH_CHECK(alibi_slopes->scalar_type() == torch::headeronly::ScalarType::Float &&
+                        alibi_slopes->numel() == p.num_heads,
+                    "alibi_slopes must be float32 [num_heads]");
+    p.alibi_slopes = static_cast<const float*>(alibi_slopes->data_ptr());
+  }
+  B::paged_attention(query, p);
+}
+
+template <class B>
+void rms_norm(Tensor out, Tensor x, Tensor weight, double eps) {
+  check_same_dtype(x, out, "out");
+  check_same_dtype(x, weight, "weight");
+  const int64_t dim = x.size(x.dim() - 1);
+  STD_TORCH_CHECK(
+      x.stride(x.dim() - 1) == 1 && out.stride(out.dim() - 1) == 1 && weight.numel() == dim,
+      "rms_norm expects rows with a contiguous last dimension");
+  const int64_t rows = x.numel() / dim;
+  B::rms_norm(x, dtype_of(x), out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, dim,
+              x.dim() > 1 ? x.stride(x.dim() - 2) : dim,
+              out.dim() > 1 ? out.stride(out.dim() - 2) : dim, static_cast<float>(eps));
+}
+
+template <class B>
+void fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, double eps) {
+  check_same_dtype(x, residual, "residual");
+  check_same_dtype(x, weight, "weight");
+  const int64_t dim = x.size(x.dim() - 1);
+  STD_TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.numel() == dim,
+                  "fused_add_rms_norm expects contiguous x and residual");
+  B::fused_add_rms_norm(x, dtype_of(x), x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                        x.numel() / dim, dim, dim, dim, static_cast<float>(eps));
+}
+
+template <class B>
+void rotary_embedding(Tensor positions, Tensor query, std::optional<Tensor> key, int64_t head_size,
+                      Tensor cos_sin_cache, bool is_neox) {
+  check_int32(positions, "positions");
+  STD_TORCH_CHECK(cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      cos_sin_cache.is_contiguous() && cos_sin_cache.dim() == 2,
+                  "cos_sin_cache must be a contiguous float32 [max_position, rot_dim] tensor");
+  View3 k{nullptr, 0, 0};
+  int nkv = 0;
+  if (key.has_value()) {
+    check_same_dtype(query, *key, "key");
+    k = view3(*key, head_size);
+    nkv = static_cast<int>(heads_of(*key, head_size));
+  }
+  B::rotary_embedding(
+      query, dtype_of(query), static_cast<const int32_t*>(positions.data_ptr()), positions.numel(),
+      view3(query, head_size), static_cast<int>(heads_of(query, head_size)), k, nkv,
+      static_cast<int>(head_size), static_cast<const float*>(cos_sin_cache.data_ptr()),
+      static_cast<int>(cos_sin_cache.size(1)), is_neox);
+}
+
+template <class B>
+void act_and_mul(Tensor out, Tensor x, tokenmill::Activation act) {
+  check_same_dtype(x, out, "out");
+  const int64_t d = out.size(out.dim() - 1);
+  STD_TORCH_CHECK(x.size(x.dim() - 1) == 2 * d, "x must have twice the last dimension of out");
+  STD_TORCH_CHECK(x.stride(x.dim() - 1) == 1 && out.is_contiguous(),
+                  "act_and_mul expects a contiguous last dimension");
+  const int64_t rows = out.numel() / d;
+  B::act_and_mul(x, dtype_of(x), act, out.data_ptr(), x.data_ptr(), rows, d,
+                 x.dim() > 1 ? x.stride(x.dim() - 2) : 2 * d, d);
+}
+
+template <class B>
+void silu_and_mul(Tensor out, Tensor x) {
+  act_and_mul<B>(out, x, tokenmill::Activation::kSilu);
+}
+
+template <class B>
+void gelu_and_mul(Tensor out, Tensor x, bool approximate_tanh) {
+  act_and_mul<B>(
+      out, x,
+      approximate_tanh ? tokenmill::Activation::kGeluTanh : tokenmill::Activation::kGeluExact);
+}
+
+template <class B>
+void linear(Tensor out, Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "linear takes 2-D tensors");
+  STD_TORCH_CHECK(weight.is_contiguous() && x.stride(1) == 1 && out.stride(1) == 1,
+                  "linear needs a contiguous weight and rows with a contiguous last dimension");
+  check_same_dtype(x, out, "out");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == k && out.size(0) == m && out.size(1) == n,
+                  "linear: shape mismatch");
+  const void* b = nullptr;
+  if (bias.has_value()) {
+    check_same_dtype(x, *bias, "bias");
+    STD_TORCH_CHECK(bias->numel() == n, "bias must have one value per output");
+    b = bias->data_ptr();
+  }
+  B::linear(x, dtype_of(x), dtype_of(weight), out.data_ptr(), x.data_ptr(), weight.data_ptr(), b, m,
+            k, n, x.stride(0), out.stride(0));
+}
+
+template <class B>
+void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
+                 int64_t group_size) {
+  check_int4(qweight, scales, zeros);
+  const int64_t kp = qweight.size(1) * 2, n = qweight.size(0);
+  STD_TORCH_CHECK(x.scalar_type() == torch::headeronly::ScalarType::Float && x.is_contiguous() &&
+                      x.dim() == 2 && x.size(1) == kp,
+                  "x must be contiguous float32 [M, K_padded]");
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == n,
+                  "out must be contiguous float32 [M, N]");
+  B::int4_linear(x, static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()),
+                 x.size(0), static_cast<const uint8_t*>(qweight.data_ptr()),
+                 static_cast<const float*>(scales.data_ptr()),
+                 static_cast<const float*>(zeros.data_ptr()), kp, n, group_size);
+}
+
+template <class B>
+void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size,
+                     int64_t row_start) {
+  check_int4(qweight, scales, zeros);
+  const int64_t kp = qweight.size(1) * 2;
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      out.is_contiguous() && out.dim() == 2 && out.size(1) == kp &&
+                      row_start >= 0 && row_start + out.size(0) <= qweight.size(0),
+                  "out must be contiguous float32 [rows, K_padded] within the weight");
+  B::int4_dequantize(
+      qweight, static_cast<float*>(out.data_ptr()), static_cast<const uint8_t*>(qweight.data_ptr()),
+      static_cast<const float*>(scales.data_ptr()), static_cast<const float*>(zeros.data_ptr()), kp,
+      group_size, row_start, row_start + out.size(0));
+}
+
+}  // namespace tokenmill::ops
