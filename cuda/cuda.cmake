@@ -1,4 +1,8 @@
-# CUDA kernels: TOKENMILL_CUDA=AUTO builds them whenever nvcc is found.
+# CUDA kernels: TOKENMILL_CUDA=AUTO builds them whenever nvcc is found. The
+# same sources build for ROCm (hip/hip.cmake).
+set(TOKENMILL_GPU_SOURCES cuda/cache_kernels.cu cuda/attention_kernels.cu cuda/norm_kernels.cu
+                          cuda/rotary_kernels.cu cuda/activation_kernels.cu cuda/int4_kernels.cu)
+
 set(_tm_cuda OFF)
 if(TOKENMILL_CUDA STREQUAL "AUTO")
   include(CheckLanguage)
@@ -11,25 +15,37 @@ elseif(TOKENMILL_CUDA)
 endif()
 
 if(_tm_cuda)
-  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-    set(CMAKE_CUDA_ARCHITECTURES 80 89 90a)
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
+    set(_tm_default_archs ON)
   endif()
   enable_language(CUDA)
+  if(_tm_default_archs)
+    # Ampere, Ada, Hopper; Blackwell when the toolkit knows it.
+    set(CMAKE_CUDA_ARCHITECTURES 80 89 90a)
+    if(CMAKE_CUDA_COMPILER_VERSION VERSION_GREATER_EQUAL 12.8)
+      list(APPEND CMAKE_CUDA_ARCHITECTURES 100a 120a)
+    endif()
+  endif()
   find_package(CUDAToolkit REQUIRED)
   message(STATUS "tokenmill: CUDA kernels for sm ${CMAKE_CUDA_ARCHITECTURES}")
-  add_library(tokenmill_cuda STATIC cuda/cache_kernels.cu)
+  add_library(tokenmill_cuda STATIC ${TOKENMILL_GPU_SOURCES})
+  set_target_properties(tokenmill_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON
+                                                  POSITION_INDEPENDENT_CODE ON)
   target_include_directories(tokenmill_cuda PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/cuda
                                                    ${CMAKE_CURRENT_SOURCE_DIR}/cpp/include)
   target_link_libraries(tokenmill_cuda PUBLIC CUDA::cudart)
   if(TOKENMILL_BUILD_PYTHON)
     add_library(_cuda_ops MODULE cuda/ops_cuda.cpp)
-    target_include_directories(_cuda_ops PRIVATE ${TORCH_INCLUDE_DIR})
-    string(JOIN "," _tm_archs ${CMAKE_CUDA_ARCHITECTURES})
-    target_compile_definitions(_cuda_ops PRIVATE TOKENMILL_CUDA_ARCHS="${_tm_archs}")
+    target_include_directories(_cuda_ops PRIVATE ${TORCH_INCLUDE_DIR}
+                                                 ${CMAKE_CURRENT_SOURCE_DIR}/cpp/bindings)
     target_link_libraries(_cuda_ops PRIVATE tokenmill_cuda)
     # Symbols resolve against the CUDA build of torch loaded in the process.
     target_link_options(_cuda_ops PRIVATE -Wl,--unresolved-symbols=ignore-all)
     set_target_properties(_cuda_ops PROPERTIES PREFIX "")
     install(TARGETS _cuda_ops LIBRARY DESTINATION tokenmill)
+    # The wheel records which GPUs its kernels serve (tokenmill.devices reads it).
+    string(JOIN "," _tm_archs ${CMAKE_CUDA_ARCHITECTURES})
+    file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/cuda_archs.txt "${_tm_archs}\n")
+    install(FILES ${CMAKE_CURRENT_BINARY_DIR}/cuda_archs.txt DESTINATION tokenmill)
   endif()
 endif()

@@ -7,8 +7,18 @@ import os
 
 import pytest
 import torch
+from tokenmill.devices import cuda_kernels_available
 
 VOCAB = 384
+
+# Marks a test parameter that runs on CUDA: skipped, with the reason, where
+# there is no GPU or the installed kernels were not built for it.
+CUDA_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not cuda_kernels_available(), reason="no CUDA device with tokenmill kernels"
+    ),
+]
 
 
 def build_tokenizer(path: str) -> None:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB, hf_model
+from conftest import CUDA_MARKS, VOCAB, hf_model
 from quant_utils import dequant_awq, dequant_gptq, pack_awq, pack_gptq, quantize_checkpoint
 from tokenmill import LLM, SamplingParams
 from tokenmill import ops_composite as composite
@@ -22,11 +22,12 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 100])
 @pytest.mark.parametrize(
     "k,n,group", [(64, 8, 32), (256, 100, 64), (512, 96, 128), (128, 24, 128), (576, 40, 128)]
 )
-def test_int4_kernels_against_float64(m, k, n, group):
+def test_int4_kernels_against_float64(device, m, k, n, group):
     g = torch.Generator().manual_seed(m * 7 + k)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     groups = -(-k // group)  # the last group may be partial
@@ -36,17 +37,17 @@ def test_int4_kernels_against_float64(m, k, n, group):
         q.double() * scales.double().repeat_interleave(group, 1)[:, :k]
         - zeros.double().repeat_interleave(group, 1)[:, :k]
     )
-    qw = pack_tokenmill(q)
     x = torch.randn(m, k, generator=g)
-    out = torch.full((m, n), float("nan"))
+    qw, scales, zeros, x = (t.to(device) for t in (pack_tokenmill(q), scales, zeros, x))
+    out = torch.full((m, n), float("nan"), device=device)
     torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, group)
-    assert rel(out, x.double() @ ref_w.t()) < 1e-5
-    w = torch.full((n - 3, k), float("nan"))
+    assert rel(out.cpu(), x.cpu().double() @ ref_w.t()) < 1e-5
+    w = torch.full((n - 3, k), float("nan"), device=device)
     torch.ops.tokenmill.int4_dequantize(w, qw, scales, zeros, group, 3)
-    assert rel(w, ref_w[3:]) < 1e-6
+    assert rel(w.cpu(), ref_w[3:]) < 1e-6
     wc = torch.empty_like(w)
     composite.int4_dequantize(wc, qw, scales, zeros, group, 3)
-    assert rel(wc, ref_w[3:]) < 1e-6
+    assert rel(wc.cpu(), ref_w[3:]) < 1e-6
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, -1])

@@ -227,8 +227,8 @@ class Int4Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
-        if x.device.type == "cpu" and x.shape[0] <= SMALL_M:
-            out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+        if x.shape[0] <= SMALL_M:
+            out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=torch.float32)
             torch.ops.tokenmill.int4_linear(out, x, q, s, z, self.group_size)
             return out
         # Prefill: dequantize tiles of rows into a reused buffer for the BLAS.

@@ -1,0 +1,72 @@
+// RMSNorm, plain and fused with the residual add: one thread block per row,
+// float32 accumulation.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace tokenmill::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ void normalize_row(T* out, const T* src, const T* __restrict__ w, int64_t dim,
+                              float eps) {
+  __shared__ float scratch[kThreads / 32];
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = to_float(src[i]);
+    ss += v * v;
+  }
+  const float inv = rsqrtf(block_sum(ss, scratch) / static_cast<float>(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+    out[i] = from_float<T>(to_float(src[i]) * inv * to_float(w[i]));
+}
+
+template <typename T>
+__global__ void rms_norm_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                const T* __restrict__ w, int64_t dim, int64_t x_stride,
+                                int64_t out_stride, float eps) {
+  normalize_row(out + blockIdx.x * out_stride, x + blockIdx.x * x_stride, w, dim, eps);
+}
+
+// residual += x, rounded to T as the unfused model does; x = norm(residual).
+template <typename T>
+__global__ void fused_add_rms_norm_kernel(T* __restrict__ x, T* __restrict__ residual,
+                                          const T* __restrict__ w, int64_t dim, int64_t x_stride,
+                                          int64_t res_stride, float eps) {
+  T* xr = x + blockIdx.x * x_stride;
+  T* rr = residual + blockIdx.x * res_stride;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+    rr[i] = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
+  __syncthreads();
+  normalize_row(xr, static_cast<const T*>(rr), w, dim, eps);
+}
+
+}  // namespace
+
+const char* rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows,
+                     int64_t dim, int64_t x_stride, int64_t out_stride, float eps, void* stream) {
+  if (rows == 0) return nullptr;
+  const char* err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_kernel<T><<<rows, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
+        static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), dim,
+        x_stride, out_stride, eps);
+  });
+  return err ? err : last_error();
+}
+
+const char* fused_add_rms_norm(DType dtype, void* x, void* residual, const void* weight,
+                               int64_t rows, int64_t dim, int64_t x_stride, int64_t residual_stride,
+                               float eps, void* stream) {
+  if (rows == 0) return nullptr;
+  const char* err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fused_add_rms_norm_kernel<T><<<rows, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
+        static_cast<T*>(x), static_cast<T*>(residual), static_cast<const T*>(weight), dim, x_stride,
+        residual_stride, eps);
+  });
+  return err ? err : last_error();
+}
+
+}  // namespace tokenmill::gpu
