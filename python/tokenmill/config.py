@@ -48,6 +48,8 @@ class EngineArgs:
         "KV-cache size in bytes (e.g. 4GiB) or a fraction of free memory", default=None
     )
     gpu_memory_utilization: float = _arg("fraction of GPU memory tokenmill may use", default=0.9)
+    enforce_eager: bool = _arg("never replay CUDA graphs for decode steps", default=False)
+    max_graph_batch: int = _arg("largest decode batch captured as a CUDA graph", default=256)
     enable_prefix_caching: bool = _arg("reuse KV blocks across requests by content", default=True)
     enable_chunked_prefill: bool = _arg("split long prompts across steps", default=True)
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
@@ -68,6 +70,10 @@ class EngineArgs:
             )
         if self.block_size not in (16, 32):
             raise InvalidParameterError("block_size", "block_size must be 16 or 32")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidParameterError(
+                "gpu_memory_utilization", "gpu_memory_utilization must be in (0, 1]"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, f"{name} must be at least 1")

@@ -8,11 +8,9 @@ import os
 
 import torch
 
-from tokenmill import _core
 from tokenmill import ops_composite as composite
+from tokenmill.devices import CUDA_LIBRARY, NATIVE_DIR, cuda_kernels_available
 
-# Native libraries are installed beside _core (which is not always this folder).
-NATIVE_DIR = os.path.dirname(_core.__file__)
 torch.ops.load_library(os.path.join(NATIVE_DIR, "_ops.so"))
 
 ops = torch.ops.tokenmill
@@ -30,8 +28,8 @@ OP_NAMES = (
     "int4_dequantize",
 )
 
-if os.path.exists(os.path.join(NATIVE_DIR, "_cuda_ops.so")) and torch.cuda.is_available():
-    torch.ops.load_library(os.path.join(NATIVE_DIR, "_cuda_ops.so"))
+if cuda_kernels_available():
+    torch.ops.load_library(CUDA_LIBRARY)
 
 for _name in OP_NAMES:
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)

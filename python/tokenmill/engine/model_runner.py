@@ -12,6 +12,7 @@ import torch
 from tokenmill import distributed
 from tokenmill.config import EngineArgs
 from tokenmill.distributed import StepInputs
+from tokenmill.engine.cuda_graphs import DecodeGraphs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.loader.hf import iterate_weights
@@ -65,8 +66,25 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.dtype, hf_config, device)
         self.max_model_len = max_model_len
         self.model = self._load_model(model_path)
+        self._pinned: dict[str, torch.Tensor] = {}
+        self.graphs = None
         self.num_blocks = self._num_kv_blocks()
-        self._allocate_kv_cache()
+        self._allocate_kv_cache(self.num_blocks)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+            self.num_blocks,
+            args.block_size,
+            self.num_blocks * args.block_size,
+            self.kv_cache.numel() * self.dtype.itemsize / 2**20,
+            self.dtype,
+        )
+        if device.type == "cuda" and not args.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model,
+                device,
+                min(args.max_graph_batch, args.max_num_seqs),
+                -(-max_model_len // args.block_size),
+            )
 
     def _load_model(self, path: str):
         cls = model_class(self.config)
@@ -103,12 +121,53 @@ class ModelRunner:
             * self.dtype.itemsize
         )
 
+    def _gpu_kv_budget(self) -> int:
+        """gpu_memory_utilization of the GPU, less what the weights, a full step's
+        activations (measured with a dummy forward) and other processes take."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_forward()
+        free, total = torch.cuda.mem_get_info()
+        others = total - free - torch.cuda.memory_reserved()
+        peak = torch.cuda.max_memory_allocated()
+        budget = int(total * self.args.gpu_memory_utilization) - others - peak
+        if budget <= 0:
+            raise KVCacheTooSmallError(
+                f"no GPU memory left for the KV cache: weights and activations take "
+                f"{peak / 2**30:.2f} GiB and other processes {others / 2**30:.2f} GiB of the "
+                f"{self.args.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB allowed; "
+                "raise gpu_memory_utilization, lower max_num_batched_tokens or use a smaller model"
+            )
+        return budget
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> None:
+        """One forward of a full token budget through a throwaway one-sequence cache."""
+        tokens = min(self.args.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.args.block_size)
+        self._allocate_kv_cache(blocks)
+        step = StepInputs(
+            input_ids=np.zeros(tokens, dtype=np.int32),
+            positions=np.arange(tokens, dtype=np.int32),
+            slot_mapping=np.arange(tokens, dtype=np.int32),
+            seq_lens=np.array([tokens], dtype=np.int32),
+            query_start_loc=np.array([0, tokens], dtype=np.int32),
+            block_tables=np.arange(blocks, dtype=np.int32)[None],
+            copies=np.zeros((0, 2), dtype=np.int32),
+            rows=np.arange(min(tokens, self.args.max_num_seqs), dtype=np.int32),
+        )
+        self.execute_step(step)
+        torch.cuda.synchronize()
+        del self.kv_cache
+        for layer in self.model.attention_layers:
+            layer.key_cache = layer.value_cache = None
+        torch.cuda.empty_cache()
+
     def _num_kv_blocks(self) -> int:
         budget = self.args.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                budget = int(free * self.args.gpu_memory_utilization)
+                budget = self._gpu_kv_budget()
             else:
                 budget = min(4 << 30, available_memory_bytes() // 2)
         elif budget < 1:
@@ -129,21 +188,13 @@ class ModelRunner:
             )
         return blocks
 
-    def _allocate_kv_cache(self) -> None:
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         layers = self.model.attention_layers
         a = layers[0]
-        shape = (len(layers), 2, self.num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
+        shape = (len(layers), 2, num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.key_cache, layer.value_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
-            self.num_blocks,
-            self.args.block_size,
-            self.num_blocks * self.args.block_size,
-            self.kv_cache.numel() * self.dtype.itemsize / 2**20,
-            self.dtype,
-        )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -151,9 +202,21 @@ class ModelRunner:
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _tensor(self, array: np.ndarray, name: str) -> torch.Tensor:
         t = torch.from_numpy(array)
-        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            return t
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        # Staged through page-locked memory so the copy runs asynchronously; a
+        # buffer is reused only after the previous step synchronised on its logits.
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
+            buf = torch.empty(max(t.numel(), 4096), dtype=t.dtype, pin_memory=True)
+            self._pinned[name] = buf
+        staged = buf[: t.numel()].view(t.shape)
+        staged.copy_(t)
+        return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, out, logit_rows: np.ndarray) -> torch.Tensor:
@@ -166,12 +229,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_step(self, step: StepInputs) -> torch.Tensor:
         self.copy_blocks(step.block_copies)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(step.slot_mapping),
-            block_tables=self._tensor(step.block_tables),
-            seq_lens=self._tensor(step.seq_lens),
-            query_start_loc=self._tensor(step.query_start_loc),
-        )
-        hidden = self.model(self._tensor(step.input_ids), self._tensor(step.positions), meta)
-        rows = self._tensor(step.rows).long()
+        if self.graphs is not None and self.graphs.can_run(step):
+            hidden = self.graphs.run(step)
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=self._tensor(step.slot_mapping, "slot_mapping"),
+                block_tables=self._tensor(step.block_tables, "block_tables"),
+                seq_lens=self._tensor(step.seq_lens, "seq_lens"),
+                query_start_loc=self._tensor(step.query_start_loc, "query_start_loc"),
+            )
+            hidden = self.model(
+                self._tensor(step.input_ids, "input_ids"),
+                self._tensor(step.positions, "positions"),
+                meta,
+            )
+        rows = self._tensor(step.rows, "rows").long()
         return self.model.compute_logits(hidden[rows])

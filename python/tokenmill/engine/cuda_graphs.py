@@ -1,0 +1,112 @@
+"""CUDA graphs for decode steps.
+
+A decode step launches a few hundred small kernels whose launch cost, not
+their work, bounds small batches. Each batch size in `sizes` is captured once
+into a graph that reads its inputs from static buffers; a step copies its
+inputs into those buffers, padded up to the next captured size (padding
+tokens write to no cache slot), and replays the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tokenmill.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += list(range(16, max_batch + 1, 16))
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    """Static input buffers plus one captured forward per batch size.
+
+    With capture=False (devices without graphs, and tests) `run` executes the
+    same padded forward eagerly, so the padding logic is exercised anywhere.
+    """
+
+    def __init__(self, model, device, max_batch: int, max_blocks: int, capture: bool = True):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_batch, **i32)
+        self.positions = torch.zeros(max_batch, **i32)
+        self.slot_mapping = torch.full((max_batch,), -1, **i32)
+        self.seq_lens = torch.ones(max_batch, **i32)
+        self.query_start_loc = torch.arange(max_batch + 1, **i32)
+        self.block_tables = torch.zeros(max_batch, max_blocks, **i32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture_all()
+
+    def _forward(self, n: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:n],
+            block_tables=self.block_tables[:n],
+            seq_lens=self.seq_lens[:n],
+            query_start_loc=self.query_start_loc[: n + 1],
+        )
+        return self.model(self.input_ids[:n], self.positions[:n], meta)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        t0 = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        for n in reversed(self.sizes):  # largest first, so smaller ones reuse its memory
+            self._forward(n)  # warm-up: lazy initialisation must not be captured
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.hidden[n] = self._forward(n)
+            self.graphs[n] = graph
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d CUDA graphs for decode batches up to %d in %.1f s",
+            len(self.graphs),
+            self.max_batch,
+            time.monotonic() - t0,
+        )
+
+    def can_run(self, step) -> bool:
+        n = len(step.seq_lens)
+        return (
+            0 < n <= self.max_batch
+            and len(step.input_ids) == n
+            and step.block_tables.shape[1] <= self.max_blocks
+        )
+
+    @torch.inference_mode()
+    def run(self, step) -> torch.Tensor:
+        """Hidden states of a decode-only step (one token per sequence)."""
+        n = len(step.seq_lens)
+        size = next(s for s in self.sizes if s >= n)
+        width = step.block_tables.shape[1]
+        self.input_ids[:n].copy_(_host(step.input_ids), non_blocking=True)
+        self.positions[:n].copy_(_host(step.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(_host(step.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(_host(step.seq_lens), non_blocking=True)
+        self.block_tables[:n, :width].copy_(_host(step.block_tables), non_blocking=True)
+        # Padding rows: no cache write, a one-token context in block 0.
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[n:size].fill_(1)
+        self.block_tables[n:size, 0].fill_(0)
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.hidden[size][:n]
+        return self._forward(size)[:n]
+
+
+def _host(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
