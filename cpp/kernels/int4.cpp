@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "int4_gemv.h"
 
 namespace tokenmill::cpu {
 namespace {
@@ -80,6 +81,16 @@ void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, 
   const int64_t groups = (k_padded + group_size - 1) / group_size;  // last may be partial
   const int64_t chunk = std::max<int64_t>(kRows, (n / 64 + kRows - 1) / kRows * kRows);
   const int64_t chunks = (n + chunk - 1) / chunk;
+  if (int4_gemv_supported(m)) {
+    std::vector<float> sums(static_cast<size_t>(m * groups), 0.f);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t k = 0; k < k_padded; ++k) sums[i * groups + k / group_size] += x[i * k_padded + k];
+    const Int4Gemv a{out,    x,        sums.data(), m, qweight, scales,
+                     zeros,  k_padded, n,           groups, group_size};
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) int4_gemv(a, c * chunk, std::min(n, (c + 1) * chunk));
+    return;
+  }
 #pragma omp parallel
   {
     std::vector<float> wbuf(static_cast<size_t>(kRows) * k_padded);

@@ -1,0 +1,103 @@
+// int4 GEMV for one or two activation rows with AVX2 + FMA intrinsics: the
+// decode case, where the weight is read once and the kernel must keep up
+// with memory. Each 16-byte run of 32 nibbles is widened to floats in
+// registers and multiplied with x straight away; scale and zero apply once
+// per group through  sum_k x_k (q_k s - z) = s sum_k x_k q_k - z sum_k x_k.
+#include "int4_gemv.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace tokenmill::cpu {
+namespace {
+
+#define TM_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+TM_AVX2 float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// The 32 weights of one run as four vectors of eight, in input order. Bytes
+// widen to 32-bit lanes straight from memory; the nibbles separate there.
+TM_AVX2 void unpack_run(const uint8_t* q, __m256 w[4]) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  const __m256i b =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+// R weight rows against M activation rows. With one activation row each
+// output keeps two accumulators, so the FMA chains stay short.
+template <int R, int M>
+__attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j) {
+  constexpr int A = M == 1 ? 2 : 1;
+  const int64_t runs = a.k_padded / 32, runs_per_group = a.group_size / 32;
+  float total[R][M] = {};
+  for (int64_t g = 0; g < a.groups; ++g) {
+    __m256 acc[R][M][A];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < M; ++i)
+        for (int c = 0; c < A; ++c) acc[r][i][c] = _mm256_setzero_ps();
+    const int64_t r_end = std::min(runs, (g + 1) * runs_per_group);
+    for (int64_t run = g * runs_per_group; run < r_end; ++run) {
+      for (int r = 0; r < R; ++r) {
+        __m256 w[4];
+        unpack_run(a.qweight + (j + r) * (a.k_padded / 2) + run * 16, w);
+        for (int i = 0; i < M; ++i) {
+          const float* xr = a.x + i * a.k_padded + run * 32;
+          for (int c = 0; c < 4; ++c)
+            acc[r][i][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xr + 8 * c), acc[r][i][c % A]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = a.scales[(j + r) * a.groups + g], z = a.zeros[(j + r) * a.groups + g];
+      for (int i = 0; i < M; ++i) {
+        __m256 sum = acc[r][i][0];
+        if (A == 2) sum = _mm256_add_ps(sum, acc[r][i][A - 1]);
+        total[r][i] += s * hsum(sum) - z * a.x_group_sums[i * a.groups + g];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) a.out[i * a.n + j + r] = total[r][i];
+}
+
+template <int M>
+void gemv_rows(const Int4Gemv& a, int64_t n0, int64_t n1) {
+  int64_t j = n0;
+  for (; j + 4 <= n1; j += 4) gemv_tile<4, M>(a, j);
+  for (; j < n1; ++j) gemv_tile<1, M>(a, j);
+}
+
+}  // namespace
+
+bool int4_gemv_supported(int64_t m) {
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu_ok && m >= 1 && m <= 2;
+}
+
+void int4_gemv(const Int4Gemv& a, int64_t n0, int64_t n1) {
+  if (a.m == 1)
+    gemv_rows<1>(a, n0, n1);
+  else
+    gemv_rows<2>(a, n0, n1);
+}
+
+}  // namespace tokenmill::cpu
+
+#else
+namespace tokenmill::cpu {
+bool int4_gemv_supported(int64_t) { return false; }
+void int4_gemv(const Int4Gemv&, int64_t, int64_t) {}
+}  // namespace tokenmill::cpu
+#endif
