@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the C++ unit tests (plain, then under ASan+UBSan), the
-# find_package example, and pytest.
+# find_package example, the ROCm compile check, the CPU wheel in a fresh
+# virtualenv, and pytest. (The CUDA kernels compile with the package itself
+# wherever nvcc is installed.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -24,6 +26,12 @@ cmake --install "$work/plain" --prefix "$work/prefix" >/dev/null
 cmake -S cpp/examples -B "$work/example" -G Ninja -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
 cmake --build "$work/example" >/dev/null
 "$work/example/schedule_demo" | tail -n 2
+
+echo "== HIP compile check"
+bash scripts/check_hip.sh "$work/hip"
+
+echo "== CPU wheel in a fresh virtualenv"
+bash scripts/wheel_smoke.sh "$work/wheel"
 
 echo "== pytest"
 python3 -m pytest -q "$@"
