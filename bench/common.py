@@ -36,13 +36,23 @@ def synthetic_workload(
     ]
 
 
-def time_call(fn, min_time: float = 0.3) -> float:
-    """Mean seconds of fn() over at least min_time (and 3 calls), after one warm-up call."""
+def time_call(fn, min_time: float = 0.3, device: str = "cpu") -> float:
+    """Mean seconds of fn() over at least min_time (and 3 calls), after one warm-up call.
+
+    On a GPU the clock stops only once the queued kernels have finished."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     fn()
+    sync()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_time or n < 3:
         fn()
         n += 1
+    sync()
     return (time.perf_counter() - start) / n
 
 

@@ -1,8 +1,8 @@
-"""Each CPU kernel beside a torch composite of the same op, on SmolLM2-135M
-and Llama-3-8B shapes, plus decode attention's achieved memory bandwidth
-against the bandwidth of a large copy measured in the same run.
+"""Each kernel beside a torch composite of the same op, on SmolLM2-135M and
+Llama-3-8B shapes, plus decode attention's achieved memory bandwidth against
+the bandwidth of a large copy measured in the same run.
 
-  python bench/kernels.py [--dtype bfloat16]
+  python bench/kernels.py [--dtype bfloat16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from tokenmill import ops_composite  # noqa: E402
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 576, 1536), "Llama-3-8B": (32, 8, 128, 4096, 14336)}
 
 
-bench = time_call
+def bench(fn):
+    return time_call(fn, device=torch.get_default_device().type)
 
 
 def copy_bandwidth() -> float:
@@ -33,6 +34,7 @@ def copy_bandwidth() -> float:
 
 
 def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, block=16):
+    """Every sequence decodes one token over ctx tokens of context in scattered blocks."""
     blocks_per_seq = ctx // block
     num_blocks = seqs * blocks_per_seq
     kc = torch.randn(num_blocks, kv_heads, block, head_size, dtype=dtype)
@@ -63,14 +65,19 @@ def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    torch.set_default_device(args.device)
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    print(
-        f"threads {torch.get_num_threads()}, dtype {args.dtype}, large-copy bandwidth {bw:.1f} GB/s\n"
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{torch.get_num_threads()} threads"
     )
+    print(f"{where}, dtype {args.dtype}, large-copy bandwidth {bw:.1f} GB/s\n")
 
     rows = []
     for name, (h, kvh, d, hidden, inter) in SHAPES.items():

@@ -24,7 +24,8 @@ from tokenmill.layers.quantization import pack_tokenmill  # noqa: E402
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)]
 
 
-bench = time_call
+def bench(fn):
+    return time_call(fn, device=torch.get_default_device().type)
 
 
 def kernels():
@@ -39,7 +40,7 @@ def kernels():
         for m in (1, 16, 256):
             x = torch.randn(m, k)
             out = torch.empty(m, n)
-            if m <= 32:
+            if m <= 32 or x.device.type == "cuda":
                 t4 = bench(lambda: torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, 128))
             else:
                 tile = torch.empty(n, k)
@@ -50,7 +51,8 @@ def kernels():
                     )
                 )
             xb = x.bfloat16()
-            t16 = bench(lambda: linear(xb, w16))
+            dense = linear if x.device.type == "cpu" else torch.nn.functional.linear
+            t16 = bench(lambda: dense(xb, w16))
             t32 = bench(lambda: torch.nn.functional.linear(x, w32))
             int4_bytes = qw.numel() + 2 * scales.numel() * 4
             rows.append(
@@ -110,6 +112,14 @@ def end_to_end():
 
 
 if __name__ == "__main__":
-    print(f"threads {torch.get_num_threads()}, group size 128")
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--kernels-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_default_device(args.device)
+    print(f"{args.device}, threads {torch.get_num_threads()}, group size 128")
     kernels()
-    end_to_end()
+    if not args.kernels_only:
+        end_to_end()

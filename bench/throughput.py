@@ -1,16 +1,22 @@
 """Offline throughput: all requests at once, greedy, EOS ignored.
 
 Prints output and total tokens/s of tokenmill beside transformers' batched
-generate (left-padded) on the same requests, from the same run.
+generate (left-padded) on the same requests, and beside vLLM when given the
+interpreter of a virtualenv holding it (its runner from ../shared/bench/peers
+runs after tokenmill, never at the same time).
 
   python bench/throughput.py --workload workload_main.json [--dtype bfloat16] [--hf-requests 32]
+      [--device cuda] [--vllm-python ../peers/vllm/bin/python --vllm-model HF_FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Timer, load_workload, synthetic_workload, table  # noqa: E402
@@ -25,6 +31,7 @@ def run_tokenmill(model, requests, dtype, args):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
+        device=args.device,
     )
     warm = [{"prompt_token_ids": [7] * 16}]
     llm.generate(warm, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
@@ -38,11 +45,30 @@ def run_tokenmill(model, requests, dtype, args):
     return t.seconds, out_tokens
 
 
-def run_hf(path, requests, dtype, batch_size):
+def run_vllm(python, model, workload, num_requests):
+    """vLLM's offline run of the same workload file, through its peer runner."""
+    runner = os.path.join(os.path.dirname(__file__), "../../shared/bench/peers/vllm_runner.py")
+    with tempfile.TemporaryDirectory() as d:
+        if num_requests:
+            with open(workload) as f:
+                w = json.load(f)
+            w["requests"] = w["requests"][:num_requests]
+            workload = os.path.join(d, "workload.json")
+            with open(workload, "w") as f:
+                json.dump(w, f)
+        out = os.path.join(d, "vllm.json")
+        cmd = [python, runner, "--workload", workload, "--out", out, "--mode", "offline"]
+        subprocess.run(cmd + ["--model", model, "--preload", "none"], check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def run_hf(path, requests, dtype, batch_size, device):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model.to(device)
     out_tokens = 0
     with Timer() as t, torch.inference_mode():
         for i in range(0, len(requests), batch_size):
@@ -57,8 +83,8 @@ def run_hf(path, requests, dtype, batch_size):
             ).long()
             new = max(r["max_tokens"] for r in chunk)
             out = model.generate(
-                ids,
-                attention_mask=mask,
+                ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=new,
                 min_new_tokens=new,
                 do_sample=False,
@@ -85,6 +111,9 @@ def main():
         "--hf-requests", type=int, default=32, help="requests given to transformers (0 skips it)"
     )
     ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for tokenmill and transformers")
+    ap.add_argument("--vllm-python", default=None, help="interpreter of a vllm virtualenv")
+    ap.add_argument("--vllm-model", default=None, help="HF folder for vLLM (default: --model)")
     args = ap.parse_args()
 
     if args.synthetic:
@@ -105,7 +134,7 @@ def main():
     rows.append(["tokenmill", len(requests), seconds, ours, total / seconds, 1.0])
     if args.hf_requests:
         sub = requests[: args.hf_requests]
-        hs, hout = run_hf(path, sub, args.dtype, args.hf_batch_size)
+        hs, hout = run_hf(path, sub, args.dtype, args.hf_batch_size, args.device)
         htotal = hout + sum(len(r["prompt_token_ids"]) for r in sub)
         rows.append(
             [
@@ -117,7 +146,20 @@ def main():
                 ours / (hout / hs),
             ]
         )
-    print(f"\nOffline throughput, {args.dtype}, model {os.path.basename(path)}")
+    if args.vllm_python and not args.synthetic:
+        r = run_vllm(args.vllm_python, args.vllm_model or path, args.workload, args.num_requests)
+        vout, vs = r["output_tokens"], r["elapsed_s"]
+        rows.append(
+            [
+                f"vLLM {r['config']['vllm']}",
+                len(requests),
+                vs,
+                vout / vs,
+                r["total_tok_per_s"],
+                ours / (vout / vs),
+            ]
+        )
+    print(f"\nOffline throughput, {args.dtype} on {args.device}, model {os.path.basename(path)}")
     print(
         table(
             rows,
