@@ -84,9 +84,10 @@ void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, 
   if (int4_gemv_supported(m)) {
     std::vector<float> sums(static_cast<size_t>(m * groups), 0.f);
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t k = 0; k < k_padded; ++k) sums[i * groups + k / group_size] += x[i * k_padded + k];
-    const Int4Gemv a{out,    x,        sums.data(), m, qweight, scales,
-                     zeros,  k_padded, n,           groups, group_size};
+      for (int64_t k = 0; k < k_padded; ++k)
+        sums[i * groups + k / group_size] += x[i * k_padded + k];
+    const Int4Gemv a{out,   x,        sums.data(), m,      qweight,   scales,
+                     zeros, k_padded, n,           groups, group_size};
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) int4_gemv(a, c * chunk, std::min(n, (c + 1) * chunk));
     return;

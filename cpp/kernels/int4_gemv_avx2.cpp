@@ -27,8 +27,7 @@ TM_AVX2 float hsum(__m256 v) {
 TM_AVX2 void unpack_run(const uint8_t* q, __m256 w[4]) {
   const __m256i mask = _mm256_set1_epi32(0x0F);
   const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  const __m256i b =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
   w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
   w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
   w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.h"
+#include "linear_gemv.h"
 
 namespace tokenmill::cpu {
 namespace {
@@ -108,6 +109,33 @@ void rows_to_float(float* dst, const void* x, int64_t m, int64_t k, int64_t stri
     for (int64_t i = 0; i < k; ++i) dst[r * k + i] = to_float(xp[r * stride + i]);
 }
 
+template <typename T>
+void store_rows(void* out, const float* acc, const void* bias, int64_t m, int64_t n,
+                int64_t stride) {
+  T* op = static_cast<T*>(out);
+  const T* bp = static_cast<const T*>(bias);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < n; ++j)
+      op[r * stride + j] = from_float<T>(acc[r * n + j] + (bp ? to_float(bp[j]) : 0.f));
+}
+
+void store_typed(DType dtype, void* out, const float* acc, const void* bias, int64_t m, int64_t n,
+                 int64_t stride) {
+  switch (dtype) {
+    case DType::kFloat32:
+      store_rows<float>(out, acc, bias, m, n, stride);
+      break;
+    case DType::kBFloat16:
+      store_rows<bf16>(out, acc, bias, m, n, stride);
+      break;
+#if defined(__FLT16_MAX__)
+    case DType::kFloat16:
+      store_rows<f16>(out, acc, bias, m, n, stride);
+      break;
+#endif
+  }
+}
+
 }  // namespace
 
 void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* weight,
@@ -130,6 +158,14 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
   // Column chunks: a multiple of the tile, small enough to balance threads.
   const int64_t chunk = std::max<int64_t>(kRows, (n / 64 + kRows - 1) / kRows * kRows);
   const int64_t chunks = (n + chunk - 1) / chunk;
+  if (dense_gemv_supported(m, k, w_dtype)) {
+    std::vector<float> acc(static_cast<size_t>(m) * n);
+    const DenseGemv a{acc.data(), xbuf.data(), weight, w_dtype, m, k, n};
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) dense_gemv(a, c * chunk, std::min(n, (c + 1) * chunk));
+    store_typed(x_dtype, out, acc.data(), bias, m, n, out_stride);
+    return;
+  }
 #pragma omp parallel
   {
     std::vector<float> wbuf(static_cast<size_t>(kRows) * k);
