@@ -202,11 +202,10 @@ const char* paged_attention(const PagedAttentionParams& p, int64_t num_tokens, i
   if (p.head_size > kMaxHead) return "head_size above 256 is not supported on the GPU";
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads)
     return "num_heads must be a multiple of num_kv_heads";
-  Split split{splits, 0, nullptr, nullptr, nullptr};
-  const int64_t max_keys = p.block_table_stride * p.block_size;
-  const int64_t per_split = (max_keys + splits - 1) / splits;
-  split.keys = static_cast<int>((per_split + p.block_size - 1) / p.block_size * p.block_size);
+  Split split{splits, 1 << 30, nullptr, nullptr, nullptr};  // one split: every key
   if (splits > 1) {
+    const int64_t per_split = (p.block_table_stride * p.block_size + splits - 1) / splits;
+    split.keys = static_cast<int>((per_split + p.block_size - 1) / p.block_size * p.block_size);
     const int64_t cells = num_tokens * p.num_heads * splits;
     split.max = workspace;
     split.sum = workspace + cells;

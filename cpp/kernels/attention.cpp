@@ -97,21 +97,23 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
     const int t0 = b * bs;
     const int n = std::min(bs, last_pos + 1 - t0);
     // Blocks sit anywhere in the cache, out of the hardware prefetcher's
-    // reach: fetch the next block while this one is being used.
-    if ((b + 1) * bs <= last_pos) {
-      const int64_t next = table[b + 1] * block_elems + static_cast<int64_t>(kvh) * bs * D;
-      const char* nk = reinterpret_cast<const char*>(kc + next);
-      const char* nv = reinterpret_cast<const char*>(vc + next);
-      for (int64_t off = 0; off < static_cast<int64_t>(bs) * D * static_cast<int64_t>(sizeof(T));
-           off += 64) {
-        __builtin_prefetch(nk + off);
-        __builtin_prefetch(nv + off);
-      }
-    }
+    // reach: while scoring row t of this block, fetch row t of the next one
+    // (all at once, the misses would flood the load queue).
+    const bool has_next = (b + 1) * bs <= last_pos;
+    const int64_t next =
+        (has_next ? table[b + 1] : table[b]) * block_elems + static_cast<int64_t>(kvh) * bs * D;
+    const char* nk = reinterpret_cast<const char*>(kc + next);
+    const char* nv = reinterpret_cast<const char*>(vc + next);
+    const int64_t row_bytes = static_cast<int64_t>(D) * static_cast<int64_t>(sizeof(T));
     const float* kb = as_float(kc + base, static_cast<int64_t>(n) * D, w.k);
     const float* vb = as_float(vc + base, static_cast<int64_t>(n) * D, w.v);
     // Scores of every row against the block's keys; each key is read once.
     for (int t = 0; t < n; ++t) {
+      if (has_next)
+        for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {
+          __builtin_prefetch(nk + off);
+          __builtin_prefetch(nv + off);
+        }
       const float* kt = kb + static_cast<size_t>(t) * D;
       for (int r = 0; r < rows; ++r)
         w.s[static_cast<size_t>(r) * bs + t] = dot(&w.q[static_cast<size_t>(r) * D], kt, D);

@@ -63,16 +63,22 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
     const int n = std::min(bs, pos + 1 - t0);
     const T* kb = kc + table[b] * block_elems + head_off;
     const T* vb = vc + table[b] * block_elems + head_off;
-    if ((b + 1) * bs <= pos) {
-      const char* nk = reinterpret_cast<const char*>(kc + table[b + 1] * block_elems + head_off);
-      const char* nv = reinterpret_cast<const char*>(vc + table[b + 1] * block_elems + head_off);
-      for (int off = 0; off < bs * D * static_cast<int>(sizeof(T)); off += 64) {
-        _mm_prefetch(nk + off, _MM_HINT_T0);
-        _mm_prefetch(nv + off, _MM_HINT_T0);
-      }
-    }
+    // Blocks sit anywhere in the cache, out of the hardware prefetcher's reach:
+    // while scoring row t of this block, fetch row t of the next one, so the
+    // misses stay spread out instead of flooding the load queue at once.
+    const bool has_next = (b + 1) * bs <= pos;
+    const char* nk = reinterpret_cast<const char*>(
+        kc + (has_next ? table[b + 1] : table[b]) * block_elems + head_off);
+    const char* nv = reinterpret_cast<const char*>(
+        vc + (has_next ? table[b + 1] : table[b]) * block_elems + head_off);
+    constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
     // Scores: each key chunk is widened once and used by every head.
     for (int t = 0; t < n; ++t) {
+      if (has_next)
+        for (int off = t * kRowBytes; off < (t + 1) * kRowBytes; off += 64) {
+          _mm_prefetch(nk + off, _MM_HINT_T0);
+          _mm_prefetch(nv + off, _MM_HINT_T0);
+        }
       __m256 a0[G], a1[G];
       for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
       const T* kt = kb + t * D;
