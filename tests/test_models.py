@@ -43,6 +43,28 @@ def test_logits_match_transformers(tiny_model, arch):
         assert err < 1e-4, f"{arch}: relative logit error {err:.2e}"
 
 
+@pytest.mark.parametrize("budget", [2048, 8])  # one step, and chunked prefill
+def test_prompt_logprobs_match_transformers(tiny_model, budget):
+    path = tiny_model("llama")
+    llm = LLM(path, dtype="float32", kv_cache_memory="64MiB", max_num_batched_tokens=budget)
+    prompts = prompts_of([2, 19, 30], seed=3)
+    llm.generate([{"prompt_token_ids": prompts[2]}], SamplingParams(max_tokens=1))  # cache it
+    params = SamplingParams(max_tokens=2, n=2, temperature=1.0, prompt_logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ref_model = hf_model(path)
+    for p, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([p])).logits[0].log_softmax(-1)
+        got = out.prompt_logprobs
+        assert got is not None and len(got) == len(p) and got[0] is None
+        for pos in range(1, len(p)):
+            entry, want = got[pos], ref[pos - 1]
+            assert entry[p[pos]].logprob == pytest.approx(want[p[pos]].item(), abs=1e-4)
+            assert entry[p[pos]].rank == int((want > want[p[pos]]).sum()) + 1
+            top = want.topk(3).indices.tolist()
+            assert set(top) <= set(entry), "the top-3 tokens are missing"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_transformers_generate(tiny_model, arch):
     path = tiny_model(arch)

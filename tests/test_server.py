@@ -62,6 +62,20 @@ def test_greedy_completions_match_llm_generate(tiny_server, client):
         model=path, prompt=expected[0].prompt_token_ids, max_tokens=12, temperature=0, echo=True
     )
     assert ids.choices[0].text.endswith(expected[0].outputs[0].text)
+    # echo with logprobs scores the prompt too: its first token has no logprob
+    scored = client.completions.create(
+        model=path, prompt=PROMPTS[0], max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    n_prompt = len(expected[0].prompt_token_ids)
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    ref = llm.generate(
+        PROMPTS[:1], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False
+    )[0].prompt_logprobs
+    ids0 = expected[0].prompt_token_ids
+    for pos in range(1, n_prompt):
+        assert lp.token_logprobs[pos] == pytest.approx(ref[pos][ids0[pos]].logprob, abs=1e-4)
 
 
 def test_stream_reassembles_to_the_same_text(tiny_server, client):

@@ -25,7 +25,7 @@ from tokenmill.loader.config import load_config
 from tokenmill.loader.gguf import gguf_to_hf
 from tokenmill.loader.hf import load_generation_config, resolve_model_path
 from tokenmill.loader.tokenizer import load_tokenizer
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,9 @@ class LLMEngine:
         core.eos_token_id = -1 if self.eos_token_id is None else self.eos_token_id
         core.ignore_eos = params.ignore_eos
         core.priority = priority
+        if params.prompt_logprobs is not None:
+            # Cached prompt blocks would skip the forward that yields their logprobs.
+            core.cache_salt = (1 << 63) | internal
         try:
             seq_id = self.scheduler.add_request(internal, ids, core)
         except ValueError as e:
@@ -310,7 +313,14 @@ class LLMEngine:
                     )
                 )
                 slot_rows.append(row)
-        logits = self.runner.execute(out, out.sample_rows)
+        prompt_rows = self._prompt_logprob_rows(out)
+        rows = out.sample_rows
+        if prompt_rows:
+            rows = np.concatenate([rows, np.concatenate([r for _, r, _ in prompt_rows])])
+        logits = self.runner.execute(out, rows)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits[len(out.sample_rows) :], prompt_rows)
+            logits = logits[: len(out.sample_rows)]
         sampled = None
         if slots:
             rows = slot_rows if len(slot_rows) != len(logits) else None
@@ -333,6 +343,51 @@ class LLMEngine:
         self._apply(out, sampling, tokens, sampled, result, touched)
         self._commit_beams(beam_rows, result, touched)
         return self._finish_step(touched)
+
+    # -------------------------------------------------------- prompt logprobs
+    def _prompt_logprob_rows(self, out) -> list:
+        """(state, token rows, positions) of the prompt tokens this step computes
+        for requests that asked for prompt_logprobs, in positions not yet recorded."""
+        found = []
+        qsl, positions = out.query_start_loc, out.positions
+        for i in range(out.num_seqs):
+            state = self.requests.get(int(out.request_ids[i]))
+            if state is None or state.beam is not None or state.params.prompt_logprobs is None:
+                continue
+            if int(out.seq_ids[i]) != state.seqs[0].seq_id:
+                continue  # parallel samples share the prompt
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            pos = positions[start:end]
+            recorded = len(state.prompt_logprobs or [None]) - 1
+            keep = (pos < len(state.prompt_ids) - 1) & (pos >= recorded)
+            if keep.any():
+                found.append((state, np.arange(start, end, dtype=np.int32)[keep], pos[keep]))
+        return found
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, found: list) -> None:
+        """Appends, per prompt position, the logprob of the next prompt token and the top-k."""
+        logprobs = logits.float().log_softmax(-1)
+        row = 0
+        for state, rows, pos in found:
+            lp = logprobs[row : row + len(rows)]
+            row += len(rows)
+            targets = torch.tensor(
+                [state.prompt_ids[p + 1] for p in pos.tolist()], device=lp.device
+            )
+            chosen = lp.gather(1, targets[:, None]).squeeze(1)
+            ranks = (lp > chosen[:, None]).sum(-1) + 1
+            k = state.params.prompt_logprobs
+            top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+            if state.prompt_logprobs is None:
+                state.prompt_logprobs = [None]  # the first token has no context
+            for j, (t, c, r) in enumerate(
+                zip(targets.tolist(), chosen.tolist(), ranks.tolist(), strict=True)
+            ):
+                entry = {t: Logprob(c, r)}
+                for n in range(k):
+                    tid = int(top_ids[j, n])
+                    entry.setdefault(tid, Logprob(float(top_vals[j, n]), n + 1))
+                state.prompt_logprobs.append(entry)
 
     # ------------------------------------------------------------ beam search
     def _beam_steps(self, logits: torch.Tensor, beam_rows: dict) -> dict[int, list[int]]:

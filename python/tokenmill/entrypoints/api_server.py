@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -127,6 +128,8 @@ class Server:
         if req.use_beam_search:
             return await self.beam_completions(req, raw, model, prompts)
         params = req.sampling_params(req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None and not req.stream:
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         self.check_n(params)
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
@@ -148,7 +151,13 @@ class Server:
                     {
                         "index": i * params.n + c.index,
                         "text": text,
-                        "logprobs": self.completion_logprobs(c.token_ids, c.logprobs, 0)
+                        "logprobs": self.completion_logprobs(
+                            out.prompt_token_ids + c.token_ids,
+                            (out.prompt_logprobs or []) + (c.logprobs or []),
+                            0,
+                        )
+                        if req.echo and params.logprobs is not None
+                        else self.completion_logprobs(c.token_ids, c.logprobs, 0)
                         if params.logprobs is not None
                         else None,
                         "finish_reason": c.finish_reason,
