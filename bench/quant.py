@@ -7,6 +7,7 @@ shapes (time and GB/s of weights read), and end-to-end decode tokens/s of a
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
@@ -29,31 +30,41 @@ def bench(fn):
 
 
 def kernels():
+    """Decode (M=1) rotates through enough weight copies to miss the caches, as a
+    model's layers do; larger M are compute-bound and reuse one copy."""
     rows = []
     for k, n in SHAPES:
-        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        qw = pack_tokenmill(q)
+        copies = max(1, (256 << 20) // (n * k * 2))
         groups = k // 128
-        scales, zeros = torch.rand(n, groups), torch.rand(n, groups)
-        w16 = torch.randn(n, k, dtype=torch.bfloat16)
-        w32 = w16.float()
+        int4 = [
+            (
+                pack_tokenmill(torch.randint(0, 16, (n, k), dtype=torch.uint8)),
+                torch.rand(n, groups),
+                torch.rand(n, groups),
+            )
+            for _ in range(copies)
+        ]
+        bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(copies)]
+        w32 = bf16[0].float()
+        dense = linear if w32.device.type == "cpu" else torch.nn.functional.linear
         for m in (1, 16, 256):
             x = torch.randn(m, k)
+            xb = x.bfloat16()
             out = torch.empty(m, n)
+            pick = itertools.cycle(range(copies if m == 1 else 1))
             if m <= 32 or x.device.type == "cuda":
-                t4 = bench(lambda: torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, 128))
+                t4 = bench(lambda: torch.ops.tokenmill.int4_linear(out, x, *int4[next(pick)], 128))
             else:
                 tile = torch.empty(n, k)
                 t4 = bench(
                     lambda: (
-                        torch.ops.tokenmill.int4_dequantize(tile, qw, scales, zeros, 128, 0),
+                        torch.ops.tokenmill.int4_dequantize(tile, *int4[0], 128, 0),
                         x @ tile.t(),
                     )
                 )
-            xb = x.bfloat16()
-            dense = linear if x.device.type == "cpu" else torch.nn.functional.linear
-            t16 = bench(lambda: dense(xb, w16))
+            t16 = bench(lambda: dense(xb, bf16[next(pick)]))
             t32 = bench(lambda: torch.nn.functional.linear(x, w32))
+            qw, scales, _ = int4[0]
             int4_bytes = qw.numel() + 2 * scales.numel() * 4
             rows.append(
                 [
@@ -62,7 +73,7 @@ def kernels():
                     t4 * 1e3,
                     int4_bytes / t4 / 1e9,
                     t16 * 1e3,
-                    w16.numel() * 2 / t16 / 1e9,
+                    bf16[0].numel() * 2 / t16 / 1e9,
                     t32 * 1e3,
                     t16 / t4,
                 ]
@@ -102,12 +113,15 @@ def end_to_end():
             llm = LLM(model, dtype=dtype, max_model_len=1024)
             params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
             llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
-            t = time.perf_counter()
-            llm.generate(["The capital of France is"], params, use_tqdm=False)
-            rows.append([name, 64 / (time.perf_counter() - t)])
+            best = float("inf")
+            for _ in range(3):  # best of three: this machine's timings are noisy
+                t = time.perf_counter()
+                llm.generate(["The capital of France is"], params, use_tqdm=False)
+                best = min(best, time.perf_counter() - t)
+            rows.append([name, 64 / best])
     rows[1].append(rows[1][1] / rows[0][1])
     rows[0].append(1.0)
-    print("\nSingle-stream decode, SmolLM2-135M (64 tokens, prompt of 5)")
+    print("\nSingle-stream decode, SmolLM2-135M (64 tokens, prompt of 5, best of 3)")
     print(table(rows, ["weights", "tokens/s", "vs bf16"]))
 
 

@@ -34,47 +34,56 @@ TM_AVX2 void unpack_run(const uint8_t* q, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-// R weight rows against M activation rows. With one activation row each
-// output keeps two accumulators, so the FMA chains stay short.
+// R weight rows against M activation rows. Each run's activations are loaded
+// once for all R rows; per group the scale folds in with one vector FMA and
+// the zero as a scalar, so the horizontal sum happens once per output.
 template <int R, int M>
 __attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j) {
-  constexpr int A = M == 1 ? 2 : 1;
   const int64_t runs = a.k_padded / 32, runs_per_group = a.group_size / 32;
-  float total[R][M] = {};
+  const int64_t row_bytes = a.k_padded / 2;
+  const uint8_t* q = a.qweight + j * row_bytes;
+  __m256 total[R][M];
+  float zero_terms[R][M] = {};
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) total[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
-    __m256 acc[R][M][A];
+    __m256 acc[R][M];
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < M; ++i)
-        for (int c = 0; c < A; ++c) acc[r][i][c] = _mm256_setzero_ps();
+      for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
     const int64_t r_end = std::min(runs, (g + 1) * runs_per_group);
     for (int64_t run = g * runs_per_group; run < r_end; ++run) {
+      __m256 x[M][4];
+      for (int i = 0; i < M; ++i)
+        for (int c = 0; c < 4; ++c)
+          x[i][c] = _mm256_loadu_ps(a.x + i * a.k_padded + run * 32 + 8 * c);
       for (int r = 0; r < R; ++r) {
+        // The next tile's rows follow these in memory: fetch them early.
+        _mm_prefetch(reinterpret_cast<const char*>(q + (r + R) * row_bytes + run * 16),
+                     _MM_HINT_T0);
         __m256 w[4];
-        unpack_run(a.qweight + (j + r) * (a.k_padded / 2) + run * 16, w);
-        for (int i = 0; i < M; ++i) {
-          const float* xr = a.x + i * a.k_padded + run * 32;
-          for (int c = 0; c < 4; ++c)
-            acc[r][i][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xr + 8 * c), acc[r][i][c % A]);
-        }
+        unpack_run(q + r * row_bytes + run * 16, w);
+        for (int i = 0; i < M; ++i)
+          for (int c = 0; c < 4; ++c) acc[r][i] = _mm256_fmadd_ps(w[c], x[i][c], acc[r][i]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = a.scales[(j + r) * a.groups + g], z = a.zeros[(j + r) * a.groups + g];
+      const __m256 s = _mm256_broadcast_ss(a.scales + (j + r) * a.groups + g);
+      const float z = a.zeros[(j + r) * a.groups + g];
       for (int i = 0; i < M; ++i) {
-        __m256 sum = acc[r][i][0];
-        if (A == 2) sum = _mm256_add_ps(sum, acc[r][i][A - 1]);
-        total[r][i] += s * hsum(sum) - z * a.x_group_sums[i * a.groups + g];
+        total[r][i] = _mm256_fmadd_ps(s, acc[r][i], total[r][i]);
+        zero_terms[r][i] += z * a.x_group_sums[i * a.groups + g];
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) a.out[i * a.n + j + r] = total[r][i];
+    for (int i = 0; i < M; ++i) a.out[i * a.n + j + r] = hsum(total[r][i]) - zero_terms[r][i];
 }
 
 template <int M>
 void gemv_rows(const Int4Gemv& a, int64_t n0, int64_t n1) {
+  constexpr int R = M == 1 ? 4 : 2;
   int64_t j = n0;
-  for (; j + 4 <= n1; j += 4) gemv_tile<4, M>(a, j);
+  for (; j + R <= n1; j += R) gemv_tile<R, M>(a, j);
   for (; j < n1; ++j) gemv_tile<1, M>(a, j);
 }
 

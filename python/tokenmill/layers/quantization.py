@@ -226,7 +226,10 @@ class Int4Linear(nn.Module):
         return x.contiguous()
 
     def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
+        if rows == slice(None):  # no views to build on the decode path
+            q, s, z = self.qweight, self.scales, self.zeros
+        else:
+            q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
         if x.shape[0] <= SMALL_M:
             out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=torch.float32)
             torch.ops.tokenmill.int4_linear(out, x, q, s, z, self.group_size)
