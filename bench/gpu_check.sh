@@ -25,7 +25,7 @@ step "device"
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}a' if m >= 9 else f'{m}{n}')")
 step "build for sm_$arch"
 python3 -m pip install --no-build-isolation --no-deps -q -e . -C build-dir=build/gpu \
-  -C cmake.define.TOKENMILL_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" \
+  -C cmake.define.TOKENMILL_CUDA=ON -C cmake.define.TOKENMILL_CUDA_ARCHS="$arch" \
   > "$out/build.txt" 2>&1 || { echo "build failed"; tail -50 "$out/build.txt"; exit 1; }
 python3 -c "from tokenmill.devices import cuda_archs, cuda_kernels_available as ok; print('archs', cuda_archs(), 'usable', ok())" \
   2>&1 | tee -a "$out/build.txt" | tee -a "$out/summary.txt"

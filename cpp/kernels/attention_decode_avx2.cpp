@@ -24,11 +24,49 @@ TM_AVX2 __m256 load8(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// exp of eight lanes: the arithmetic of fast_exp (common.h), vectorised.
+TM_AVX2 __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 n =
+      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
+}
+
+TM_AVX2 float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 TM_AVX2 float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
+}
+
+// Chunks of eight head dims whose accumulators, for all G heads, fit in
+// twelve registers: the largest divisor of C with C_group * G <= 12.
+constexpr int chunk_group(int C, int G) {
+  int best = 1;
+  for (int d = 1; d <= C; ++d)
+    if (C % d == 0 && d * G <= 12) best = d;
+  return best;
 }
 
 template <typename T, int D, int G>
@@ -97,8 +135,11 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
     // Online softmax per head.
     for (int g = 0; g < G; ++g) {
       float* sg = s + g * bs;
-      float block_max = kNegInf;
-      for (int t = 0; t < n; ++t) block_max = std::max(block_max, sg[t]);
+      const int n8 = n / 8 * 8;
+      __m256 vmax = _mm256_set1_ps(kNegInf);
+      for (int t = 0; t < n8; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sg + t));
+      float block_max = hmax(vmax);
+      for (int t = n8; t < n; ++t) block_max = std::max(block_max, sg[t]);
       if (block_max > m[g]) {
         const float corr = fast_exp(m[g] - block_max);
         const __m256 cv = _mm256_set1_ps(corr);
@@ -108,22 +149,37 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
         l[g] *= corr;
         m[g] = block_max;
       }
-      float sum = 0.f;
-      for (int t = 0; t < n; ++t) {
+      const __m256 mv = _mm256_set1_ps(m[g]);
+      __m256 vsum = _mm256_setzero_ps();
+      for (int t = 0; t < n8; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mv));
+        _mm256_storeu_ps(sg + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+      }
+      float sum = hsum(vsum);
+      for (int t = n8; t < n; ++t) {
         sg[t] = fast_exp(sg[t] - m[g]);
         sum += sg[t];
       }
       l[g] += sum;
     }
-    // Values: each value chunk is widened once and used by every head.
-    for (int c = 0; c < C; ++c) {
-      __m256 a[G];
-      for (int g = 0; g < G; ++g) a[g] = _mm256_loadu_ps(acc + g * D + c * 8);
+    // Values: each value chunk is widened once and used by every head; the
+    // accumulators of a group of chunks stay in registers across the tokens.
+    constexpr int CG = chunk_group(C, G);
+    for (int c0 = 0; c0 < C; c0 += CG) {
+      __m256 a[G][CG];
+      for (int g = 0; g < G; ++g)
+        for (int cc = 0; cc < CG; ++cc) a[g][cc] = _mm256_loadu_ps(acc + g * D + (c0 + cc) * 8);
       for (int t = 0; t < n; ++t) {
-        const __m256 v = load8(vb + t * D + c * 8);
-        for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(s[g * bs + t]), v, a[g]);
+        __m256 pg[G];
+        for (int g = 0; g < G; ++g) pg[g] = _mm256_broadcast_ss(s + g * bs + t);
+        for (int cc = 0; cc < CG; ++cc) {
+          const __m256 v = load8(vb + t * D + (c0 + cc) * 8);
+          for (int g = 0; g < G; ++g) a[g][cc] = _mm256_fmadd_ps(pg[g], v, a[g][cc]);
+        }
       }
-      for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + c * 8, a[g]);
+      for (int g = 0; g < G; ++g)
+        for (int cc = 0; cc < CG; ++cc) _mm256_storeu_ps(acc + g * D + (c0 + cc) * 8, a[g][cc]);
     }
   }
   T* out = static_cast<T*>(p.out.data);
