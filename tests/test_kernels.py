@@ -309,7 +309,9 @@ def test_ops_trace_under_torch_compile():
         (torch.float16, torch.float16),
     ],
 )
-@pytest.mark.parametrize("m,k,n", [(1, 64, 7), (5, 576, 960), (16, 100, 33), (32, 1536, 576)])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 64, 7), (1, 100, 9), (2, 100, 37), (5, 576, 960), (16, 100, 33), (32, 1536, 576)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(dtype, wdtype, m, k, n, bias):
     x = torch.randn(m, k, dtype=dtype)
