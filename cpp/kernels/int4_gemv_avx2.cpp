@@ -6,21 +6,12 @@
 #include "int4_gemv.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
 #include <algorithm>
+
+#include "avx2.h"
 
 namespace tokenmill::cpu {
 namespace {
-
-#define TM_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
-
-TM_AVX2 float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 
 // The 32 weights of one run as four vectors of eight, in input order. Bytes
 // widen to 32-bit lanes straight from memory; the nibbles separate there.
@@ -89,10 +80,7 @@ void gemv_rows(const Int4Gemv& a, int64_t n0, int64_t n1) {
 
 }  // namespace
 
-bool int4_gemv_supported(int64_t m) {
-  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return cpu_ok && m >= 1 && m <= 2;
-}
+bool int4_gemv_supported(int64_t m) { return cpu_has_avx2_fma() && m >= 1 && m <= 2; }
 
 void int4_gemv(const Int4Gemv& a, int64_t n0, int64_t n1) {
   if (a.m == 1)

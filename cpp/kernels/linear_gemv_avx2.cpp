@@ -4,28 +4,10 @@
 #include "linear_gemv.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
-#include "common.h"
+#include "avx2.h"
 
 namespace tokenmill::cpu {
 namespace {
-
-#define TM_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
-
-TM_AVX2 __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-TM_AVX2 __m256 load8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-TM_AVX2 float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 
 // R weight rows against two input rows: each weight load serves both rows.
 template <typename TW, int R>
@@ -89,8 +71,7 @@ void gemv_typed(const DenseGemv& a, int64_t n0, int64_t n1) {
 }  // namespace
 
 bool dense_gemv_supported(int64_t m, int64_t k, DType w_dtype) {
-  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return cpu_ok && m >= 1 && m <= 2 && k >= 16 &&
+  return cpu_has_avx2_fma() && m >= 1 && m <= 2 && k >= 16 &&
          (w_dtype == DType::kFloat32 || w_dtype == DType::kBFloat16);
 }
 
