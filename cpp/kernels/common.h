@@ -85,6 +85,25 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   return p * scale * keep;
 }
 
+// acc[r] = x . w_r for four contiguous float rows w_0..w_3 of length k: the
+// inner loop of the portable tile kernels (linear.cpp, int4.cpp).
+__attribute__((always_inline)) inline void dot4(const float* x, const float* w, int64_t k,
+                                                float acc[4]) {
+  const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < k; ++i) {
+    a0 += x[i] * w0[i];
+    a1 += x[i] * w1[i];
+    a2 += x[i] * w2[i];
+    a3 += x[i] * w3[i];
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+  acc[2] = a2;
+  acc[3] = a3;
+}
+
 template <typename T>
 inline void load_float(float* dst, const T* src, int n) {
   for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]);

@@ -46,19 +46,9 @@ TM_MULTIVERSION void int4_rows(float* out, const float* x, int64_t m, const uint
       else
         std::fill(wbuf + r * k_padded, wbuf + (r + 1) * k_padded, 0.f);
     }
-    const float *w0 = wbuf, *w1 = wbuf + k_padded, *w2 = wbuf + 2 * k_padded,
-                *w3 = wbuf + 3 * k_padded;
     for (int64_t mi = 0; mi < m; ++mi) {
-      const float* xr = x + mi * k_padded;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = 0; i < k_padded; ++i) {
-        a0 += xr[i] * w0[i];
-        a1 += xr[i] * w1[i];
-        a2 += xr[i] * w2[i];
-        a3 += xr[i] * w3[i];
-      }
-      const float acc[kRows] = {a0, a1, a2, a3};
+      float acc[kRows];
+      dot4(x + mi * k_padded, wbuf, k_padded, acc);
       for (int r = 0; r < rows; ++r) out[mi * n + j + r] = acc[r];
     }
   }

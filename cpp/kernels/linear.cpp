@@ -60,16 +60,8 @@ __attribute__((always_inline)) inline void linear_tile(void* out, const void* x,
       store(m + 1, acc_b);
     }
     for (; m < m_rows; ++m) {
-      const float* xr = xbuf + m * k;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = 0; i < k; ++i) {
-        a0 += xr[i] * w0[i];
-        a1 += xr[i] * w1[i];
-        a2 += xr[i] * w2[i];
-        a3 += xr[i] * w3[i];
-      }
-      const float acc[kRows] = {a0, a1, a2, a3};
+      float acc[kRows];
+      dot4(xbuf + m * k, wbuf, k, acc);
       store(m, acc);
     }
   }
