@@ -213,6 +213,10 @@ def test_tokenize_detokenize(tiny_server):
 
 def test_concurrent_streams_with_disconnects_free_every_block(tiny_server):
     server, path = tiny_server
+    ended_before = {
+        name: metric(server.url, f"tokenmill:{name}_total")
+        for name in ("request_success", "request_aborted")
+    }
 
     async def one(i: int, client: httpx.AsyncClient) -> str | None:
         # Clients that leave ask for more tokens than they could get before leaving.
@@ -257,7 +261,13 @@ def test_concurrent_streams_with_disconnects_free_every_block(tiny_server):
         server.url, "tokenmill:kv_cache_total_blocks"
     )
     assert metric(server.url, "tokenmill:num_requests_running") == 0
-    assert metric(server.url, "tokenmill:request_aborted_total") >= 16
+    # A client that leaves may do so after its last token was generated but before it was read:
+    # that request ended normally. Every request ends exactly one way, and most leavers abort.
+    ended = {
+        name: metric(server.url, f"tokenmill:{name}_total") - n for name, n in ended_before.items()
+    }
+    assert ended["request_success"] + ended["request_aborted"] == 64
+    assert 8 <= ended["request_aborted"] <= 16
 
 
 def test_api_key(tiny_model):
