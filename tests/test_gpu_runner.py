@@ -6,7 +6,7 @@ import torch
 from conftest import CUDA_MARKS
 from tokenmill import LLM, SamplingParams
 from tokenmill.devices import arch_runs_on, resolve_device
-from tokenmill.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from tokenmill.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
 
 PROMPTS = [[5, 9, 2, 7], [3] * 11, [8, 1, 4], list(range(2, 40)), [6, 6]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -26,7 +26,7 @@ def test_graph_batch_sizes_cover_every_batch():
 def test_padded_decode_batches_give_the_same_tokens(tiny_model):
     """The graph path's padding, replayed eagerly: 5 sequences run as a batch of 8."""
     path = tiny_model("llama")
-    plain = LLM(path, dtype="float32", kv_cache_memory="64MiB")
+    plain = LLM(path, dtype="float32", kv_cache_memory="64MiB", enforce_eager=True)
     expected = token_ids(plain.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY))
     padded = LLM(path, dtype="float32", kv_cache_memory="64MiB")
     runner = padded.engine.runner

@@ -48,8 +48,13 @@ class EngineArgs:
         "KV-cache size in bytes (e.g. 4GiB) or a fraction of free memory", default=None
     )
     gpu_memory_utilization: float = _arg("fraction of GPU memory tokenmill may use", default=0.9)
-    enforce_eager: bool = _arg("never replay CUDA graphs for decode steps", default=False)
-    max_graph_batch: int = _arg("largest decode batch captured as a CUDA graph", default=256)
+    enforce_eager: bool = _arg(
+        "never replay captured graphs (CUDA graphs, or recorded operator calls on CPUs) for decode steps",
+        default=False,
+    )
+    max_graph_batch: int = _arg(
+        "largest decode batch captured as a graph (at most 8 on CPUs)", default=256
+    )
     enable_prefix_caching: bool = _arg("reuse KV blocks across requests by content", default=True)
     enable_chunked_prefill: bool = _arg("split long prompts across steps", default=True)
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")

@@ -12,7 +12,7 @@ import torch
 from tokenmill import distributed
 from tokenmill.config import EngineArgs
 from tokenmill.distributed import StepInputs
-from tokenmill.engine.cuda_graphs import DecodeGraphs
+from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.loader.hf import iterate_weights
@@ -78,13 +78,25 @@ class ModelRunner:
             self.kv_cache.numel() * self.dtype.itemsize / 2**20,
             self.dtype,
         )
-        if device.type == "cuda" and not args.enforce_eager:
-            self.graphs = DecodeGraphs(
+        if self._use_graphs():
+            # On CPUs the Python a graph saves is a fixed cost per step, which
+            # matters most for small batches; larger ones would only hold more buffers.
+            top = args.max_graph_batch if device.type == "cuda" else min(args.max_graph_batch, 8)
+            graphs = DecodeGraphs(
                 self.model,
                 device,
-                min(args.max_graph_batch, args.max_num_seqs),
+                min(top, args.max_num_seqs),
                 -(-max_model_len // args.block_size),
             )
+            self.graphs = graphs if graphs.graphs else None
+
+    def _use_graphs(self) -> bool:
+        if self.args.enforce_eager:
+            return False
+        # Collectives are not recorded operator calls.
+        return self.device.type == "cuda" or (
+            self.device.type == "cpu" and distributed.tp().world == 1
+        )
 
     def _load_model(self, path: str):
         cls = model_class(self.config)

@@ -1,23 +1,44 @@
-"""CUDA graphs for decode steps.
+"""Graphs for decode steps: CUDA graphs on GPUs, recorded operator calls on CPUs.
 
-A decode step launches a few hundred small kernels whose launch cost, not
-their work, bounds small batches. Each batch size in `sizes` is captured once
-into a graph that reads its inputs from static buffers; a step copies its
-inputs into those buffers, padded up to the next captured size (padding
-tokens write to no cache slot), and replays the graph.
+A decode step runs a few hundred small kernels whose launch cost (on a GPU)
+or surrounding Python (on a CPU), not their work, bounds small batches. Each
+batch size in `sizes` is captured once into a graph that reads its inputs
+from static buffers; a step copies its inputs into those buffers, padded up
+to the next captured size (padding tokens write to no cache slot), and
+replays the graph.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import numpy as np
 import torch
 
+from tokenmill.engine.op_graph import GraphCaptureError, OpGraph
 from tokenmill.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+
+class _CudaGraph:
+    """A CUDA graph with OpGraph's interface: replay() returns the output."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self, fn) -> torch.Tensor:
+        fn()  # warm-up: lazy initialisation must not be captured
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.out = fn()
+        return self.out
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -46,8 +67,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, **i32)
         self.query_start_loc = torch.arange(max_batch + 1, **i32)
         self.block_tables = torch.zeros(max_batch, max_blocks, **i32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, _CudaGraph | OpGraph] = {}
         if capture:
             self._capture_all()
 
@@ -63,18 +83,23 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         t0 = time.monotonic()
-        pool = torch.cuda.graph_pool_handle()
+        cuda = self.input_ids.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if cuda else None
         for n in reversed(self.sizes):  # largest first, so smaller ones reuse its memory
-            self._forward(n)  # warm-up: lazy initialisation must not be captured
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[n] = self._forward(n)
+            graph = _CudaGraph(pool) if cuda else OpGraph()
+            try:
+                graph.capture(functools.partial(self._forward, n))
+            except GraphCaptureError as e:
+                logger.info("decode steps run without graphs: %s", e)
+                self.graphs.clear()
+                return
             self.graphs[n] = graph
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         logger.info(
-            "captured %d CUDA graphs for decode batches up to %d in %.1f s",
+            "captured %d %s graphs for decode batches up to %d in %.2f s",
             len(self.graphs),
+            "CUDA" if cuda else "operator",
             self.max_batch,
             time.monotonic() - t0,
         )
@@ -103,8 +128,7 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(1)
         self.block_tables[n:size, 0].fill_(0)
         if size in self.graphs:
-            self.graphs[size].replay()
-            return self.hidden[size][:n]
+            return self.graphs[size].replay()[:n]
         return self._forward(size)[:n]
 
 

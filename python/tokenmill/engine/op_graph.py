@@ -1,0 +1,129 @@
+"""Forwards recorded as operator calls and replayed: the CPU's CUDA graphs.
+
+A decode step of a small batch spends much of its time in Python around a
+few hundred small kernels: module calls, argument handling, allocations. A
+capture runs the forward once and records every operator call with its
+arguments; a replay calls the same operators on the same buffers and skips
+the rest. Buffers allocated during the capture are kept and reused, and
+views of fixed buffers are taken once, so a replay allocates only what the
+functional operators return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+_ALLOCATORS = {
+    aten.empty.memory_format,
+    aten.empty_like.default,
+    aten.empty_strided.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+}
+
+
+class GraphCaptureError(RuntimeError):
+    """The forward does something that a replay could not repeat."""
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        # (op, args, kwargs, [(where in args or kwargs, slot)], [(output index, slot)])
+        self.calls = []
+        self.values: list[torch.Tensor] = []  # by slot, kept alive so that ids stay unique
+        self.fixed: list[bool] = []  # by slot: the same tensor on every replay
+        self.slot_of: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})  # a replay rebinds its values
+        if func is aten._local_scalar_dense.default:
+            raise GraphCaptureError("the forward reads a tensor's value in Python")
+        out = func(*args, **kwargs)
+        args = [list(a) if isinstance(a, (list, tuple)) else a for a in args]
+        refs = [(i, self.slot_of[id(a)]) for i, a in enumerate(args) if self._recorded(a)]
+        refs += [(k, self.slot_of[id(v)]) for k, v in kwargs.items() if self._recorded(v)]
+        refs += [
+            ((i, j), self.slot_of[id(x)])
+            for i, a in enumerate(args)
+            if isinstance(a, list)
+            for j, x in enumerate(a)
+            if self._recorded(x)
+        ]
+        single = not isinstance(out, (list, tuple))
+        fixed = func in _ALLOCATORS or (
+            all(self.fixed[s] for _, s in refs) and _is_view_of(func, args, out, single)
+        )
+        outs = [
+            (None if single else i, self._add(t, fixed))
+            for i, t in enumerate([out] if single else out)
+            if isinstance(t, torch.Tensor)
+        ]
+        if not fixed:  # arguments that are fixed buffers stay in args as they are
+            refs = [(where, s) for where, s in refs if not self.fixed[s]]
+            self.calls.append((func, args, kwargs, refs, outs))
+        return out
+
+    def _recorded(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and id(x) in self.slot_of
+
+    def _add(self, t: torch.Tensor, fixed: bool) -> int:
+        self.slot_of[id(t)] = len(self.values)
+        self.values.append(t)
+        self.fixed.append(fixed)
+        return len(self.values) - 1
+
+
+def _is_view_of(func, args, out, single: bool) -> bool:
+    """Whether the call returned views of its first argument. Some operators
+    that may alias (reshape) copy when they cannot."""
+    if not func.is_view or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    base = args[0].untyped_storage().data_ptr()
+    outs = [out] if single else out
+    return all(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == base for t in outs)
+
+
+class OpGraph:
+    """One forward, captured by `capture(fn)` and repeated by `replay()`.
+
+    Inputs are whatever tensors fn reads from outside (static buffers the
+    caller refills in place, weights, the KV cache); the output is fn's
+    return value, which a replay overwrites or returns anew.
+    """
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        recorder = _Recorder()
+        # Under inference mode some reads of a value (.item()) bypass the
+        # dispatcher, and the recorder could not see them.
+        with torch.inference_mode(False), torch.no_grad(), recorder:
+            out = fn()
+        if not recorder._recorded(out):
+            raise GraphCaptureError("the forward's output is not made by a recorded operator")
+        self.calls = recorder.calls
+        self.out_slot = recorder.slot_of[id(out)]
+        # Results of recorded calls are made afresh by each replay; only the
+        # fixed buffers and views stay.
+        self.values = [
+            v if f else None for v, f in zip(recorder.values, recorder.fixed, strict=True)
+        ]
+        return out
+
+    def replay(self) -> torch.Tensor:
+        values = self.values
+        for func, args, kwargs, refs, outs in self.calls:
+            for where, slot in refs:
+                if type(where) is int:
+                    args[where] = values[slot]
+                elif type(where) is str:
+                    kwargs[where] = values[slot]
+                else:  # (argument, element) of a list argument
+                    args[where[0]][where[1]] = values[slot]
+            result = func(*args, **kwargs)
+            for i, slot in outs:
+                values[slot] = result if i is None else result[i]
+        return values[self.out_slot]
