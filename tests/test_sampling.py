@@ -224,3 +224,13 @@ def test_n_and_best_of(tiny_model):
     )[0]
     assert len(best.outputs) == 2
     assert best.outputs[0].cumulative_logprob >= best.outputs[1].cumulative_logprob
+
+
+def test_fast_argmax_is_torch_argmax_with_first_index_on_ties():
+    from tokenmill.engine.sampler import _argmax
+
+    x = torch.randn(7, 1000)
+    x[2, [10, 400]] = 50.0  # a tie: the first index wins
+    x[5, :] = 1.0
+    assert _argmax(x).tolist() == x.argmax(-1).tolist()
+    assert _argmax(x)[2] == 10 and _argmax(x)[5] == 0

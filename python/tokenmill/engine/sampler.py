@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmill.outputs import Logprob
@@ -95,6 +96,14 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return logits
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first index of the maximum). On CPUs numpy's is about
+    ten times faster than torch's over a vocabulary-sized row."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
+        return torch.from_numpy(np.argmax(x.contiguous().numpy(), axis=-1))
+    return x.argmax(-1)
+
+
 def _draw(
     logits: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator
 ) -> torch.Tensor:
@@ -103,7 +112,7 @@ def _draw(
     noise = torch.empty_like(probs)
     for i, g in enumerate(generators):
         noise[i].exponential_(generator=g or default)
-    return (probs / noise).argmax(-1)
+    return _argmax(probs / noise)
 
 
 class Sampler:
@@ -118,7 +127,7 @@ class Sampler:
             logits = logits.clone()
             _process(logits, slots)
         greedy = [s.params.greedy for s in slots]
-        tokens = logits.argmax(-1)
+        tokens = _argmax(logits)
         random_rows = [i for i, g in enumerate(greedy) if not g]
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
