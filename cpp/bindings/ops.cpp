@@ -1,5 +1,7 @@
 // torch.ops.tokenmill.* on the CPU, through PyTorch's stable ABI. Schemas
 // and fake implementations live in python/tokenmill/ops.py.
+#include <vector>
+
 #include "op_impls.h"
 #include "tokenmill/kernels.h"
 
@@ -47,6 +49,97 @@ struct Cpu {
   }
 };
 
+// Ops that run_program runs, numbered as in PROGRAM_OPS (engine/op_graph.py).
+enum class ProgramOp : int64_t {
+  kReshapeAndCache,
+  kPagedAttention,
+  kRmsNorm,
+  kFusedAddRmsNorm,
+  kRotaryEmbedding,
+  kSiluAndMul,
+  kGeluAndMul,
+  kLinear,
+  kInt4Linear,
+};
+
+// A recorded sequence of the ops above in one call, so that a replayed decode
+// step pays Python and the dispatcher once rather than once per op. `code`
+// holds, per op, its number and then its arguments in schema order: tensors
+// as indices into `tensors` (-1: None), ints and bools as themselves, floats
+// as the next entry of `floats`.
+void run_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
+                 std::vector<double> floats) {
+  namespace ops = tokenmill::ops;
+  size_t pc = 0, fc = 0;
+  auto tensor = [&]() -> Tensor { return tensors.at(code.at(pc++)); };
+  auto maybe = [&]() -> std::optional<Tensor> {
+    const int64_t i = code.at(pc++);
+    return i < 0 ? std::nullopt : std::optional<Tensor>(tensors.at(i));
+  };
+  auto integer = [&]() { return code.at(pc++); };
+  auto real = [&]() { return floats.at(fc++); };
+  while (pc < code.size()) {
+    switch (static_cast<ProgramOp>(code[pc++])) {
+      case ProgramOp::kReshapeAndCache: {
+        Tensor k = tensor(), v = tensor(), kc = tensor(), vc = tensor(), slots = tensor();
+        ops::reshape_and_cache<Cpu>(k, v, kc, vc, slots);
+        break;
+      }
+      case ProgramOp::kPagedAttention: {
+        Tensor out = tensor(), q = tensor(), kc = tensor(), vc = tensor(), tables = tensor(),
+               lens = tensor(), starts = tensor();
+        const double scale = real();
+        const int64_t window = integer();
+        const double softcap = real();
+        ops::paged_attention<Cpu>(out, q, kc, vc, tables, lens, starts, scale, window, softcap,
+                                  maybe());
+        break;
+      }
+      case ProgramOp::kRmsNorm: {
+        Tensor out = tensor(), x = tensor(), w = tensor();
+        ops::rms_norm<Cpu>(out, x, w, real());
+        break;
+      }
+      case ProgramOp::kFusedAddRmsNorm: {
+        Tensor x = tensor(), residual = tensor(), w = tensor();
+        ops::fused_add_rms_norm<Cpu>(x, residual, w, real());
+        break;
+      }
+      case ProgramOp::kRotaryEmbedding: {
+        Tensor positions = tensor(), q = tensor();
+        std::optional<Tensor> k = maybe();
+        const int64_t head_size = integer();
+        Tensor cache = tensor();
+        ops::rotary_embedding<Cpu>(positions, q, k, head_size, cache, integer() != 0);
+        break;
+      }
+      case ProgramOp::kSiluAndMul: {
+        Tensor out = tensor(), x = tensor();
+        ops::silu_and_mul<Cpu>(out, x);
+        break;
+      }
+      case ProgramOp::kGeluAndMul: {
+        Tensor out = tensor(), x = tensor();
+        ops::gelu_and_mul<Cpu>(out, x, integer() != 0);
+        break;
+      }
+      case ProgramOp::kLinear: {
+        Tensor out = tensor(), x = tensor(), w = tensor();
+        ops::linear<Cpu>(out, x, w, maybe());
+        break;
+      }
+      case ProgramOp::kInt4Linear: {
+        Tensor out = tensor(), x = tensor(), qw = tensor(), scales = tensor(), zeros = tensor();
+        ops::int4_linear<Cpu>(out, x, qw, scales, zeros, integer());
+        break;
+      }
+      default:
+        STD_TORCH_CHECK(false, "run_program: unknown op number");
+    }
+  }
+  STD_TORCH_CHECK(fc == floats.size(), "run_program: unused float arguments");
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) {
@@ -72,6 +165,7 @@ STABLE_TORCH_LIBRARY(tokenmill, m) {
       "int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int "
       "group_size, "
       "int row_start) -> ()");
+  m.def("run_program(Tensor(a!)[] tensors, int[] code, float[] floats) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
@@ -85,4 +179,5 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("linear", TORCH_BOX(&tokenmill::ops::linear<Cpu>));
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
+  m.impl("run_program", TORCH_BOX(&run_program));
 }

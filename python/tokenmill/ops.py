@@ -31,7 +31,7 @@ OP_NAMES = (
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)
 
-for _name in OP_NAMES:
+for _name in (*OP_NAMES, "run_program"):
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)
     # Devices without a native kernel for an op run its torch composite.
     for _key in ("CUDA", "XPU"):

@@ -6,7 +6,8 @@ capture runs the forward once and records every operator call with its
 arguments; a replay calls the same operators on the same buffers and skips
 the rest. Buffers allocated during the capture are kept and reused, and
 views of fixed buffers are taken once, so a replay allocates only what the
-functional operators return.
+functional operators return. Runs of consecutive tokenmill CPU ops become one
+`run_program` call, which loops over them in C++.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
+# The ops that tokenmill::run_program runs, in its numbering (cpp/bindings/ops.cpp).
+PROGRAM_OPS = (
+    "reshape_and_cache",
+    "paged_attention",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "linear",
+    "int4_linear",
+)
 _ALLOCATORS = {
     aten.empty.memory_format,
     aten.empty_like.default,
@@ -104,7 +117,7 @@ class OpGraph:
             out = fn()
         if not recorder._recorded(out):
             raise GraphCaptureError("the forward's output is not made by a recorded operator")
-        self.calls = recorder.calls
+        self.calls = _programs(recorder.calls, recorder.values)
         self.out_slot = recorder.slot_of[id(out)]
         # Results of recorded calls are made afresh by each replay; only the
         # fixed buffers and views stay.
@@ -127,3 +140,65 @@ class OpGraph:
             for i, slot in outs:
                 values[slot] = result if i is None else result[i]
         return values[self.out_slot]
+
+
+def _program_op(func) -> int | None:
+    """run_program's number for a tokenmill CPU op, else None."""
+    name = func.name()
+    if not name.startswith("tokenmill::") or func._overloadname != "default":
+        return None
+    name = name.split("::", 1)[1]
+    return PROGRAM_OPS.index(name) if name in PROGRAM_OPS else None
+
+
+def _on_cpu(args) -> bool:
+    return all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+
+
+def _programs(calls: list, values: list) -> list:
+    """The calls with each run of two or more consecutive tokenmill CPU ops
+    merged into one run_program call."""
+    merged, run = [], []
+    for call in calls:
+        func, args = call[0], call[1]
+        if _program_op(func) is not None and not call[4] and _on_cpu(args):
+            run.append(call)
+            continue
+        merged += _program(run, values) if len(run) > 1 else run
+        merged.append(call)
+        run = []
+    return merged + (_program(run, values) if len(run) > 1 else run)
+
+
+def _program(run: list, values: list) -> list:
+    tensors, index, code, floats, refs = [], {}, [], [], []
+
+    def tensor(t, slot) -> int:
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+            if slot is not None:  # made by each replay: bound then
+                refs.append(((0, index[id(t)]), slot))
+        return index[id(t)]
+
+    for func, args, kwargs, call_refs, _ in run:
+        slot_at = dict(call_refs)
+        code.append(_program_op(func))
+        for i, arg in enumerate(func._schema.arguments):
+            if i < len(args):
+                value, slot = args[i], slot_at.get(i)
+            else:
+                value = kwargs.get(arg.name, arg.default_value)
+                slot = slot_at.get(arg.name)
+            kind = str(arg.type)
+            if value is None:
+                code.append(-1)
+            elif isinstance(value, torch.Tensor):
+                code.append(tensor(value, slot))
+            elif kind == "float":
+                floats.append(float(value))
+            elif kind in ("int", "bool"):
+                code.append(int(value))
+            else:
+                raise GraphCaptureError(f"{func}: argument {arg.name} of type {kind}")
+    return [(torch.ops.tokenmill.run_program.default, [tensors, code, floats], {}, refs, [])]
