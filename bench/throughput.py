@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Timer, load_workload, synthetic_workload, table  # noqa: E402
+from common import Timer, load_workload, synthetic_workload, table, workload_path  # noqa: E402
 
 
 def run_tokenmill(model, requests, dtype, args):
@@ -147,7 +147,8 @@ def main():
             ]
         )
     if args.vllm_python and not args.synthetic:
-        r = run_vllm(args.vllm_python, args.vllm_model or path, args.workload, args.num_requests)
+        workload = workload_path(args.workload)
+        r = run_vllm(args.vllm_python, args.vllm_model or path, workload, args.num_requests)
         vout, vs = r["output_tokens"], r["elapsed_s"]
         rows.append(
             [
