@@ -6,6 +6,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.engine.op_graph import GraphCaptureError, OpGraph
+from tokenmill.layers.quantization import pack_tokenmill
 
 
 def test_replay_follows_new_inputs_through_views_copies_and_in_place_ops():
@@ -66,3 +67,64 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     got = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert replays and set(replays) == {8}, "decode steps did not replay the graph of their size"
+
+
+def test_a_program_runs_every_native_op_as_the_op_itself():
+    """One recorded run of every op that run_program knows, replayed on new inputs: each
+    must decode its arguments as its own schema has them."""
+    tm = torch.ops.tokenmill
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, generator=g)
+    gate_up = torch.randn(2, 128, generator=g)
+    w = torch.randn(64, generator=g)
+    dense = torch.randn(48, 64, generator=g)
+    bias = torch.randn(48, generator=g)
+    dense_q = torch.randn(128, 64, generator=g)
+    qw = pack_tokenmill(torch.randint(0, 16, (40, 64), generator=g, dtype=torch.uint8))
+    scales, zeros = torch.rand(40, 1, generator=g) + 0.1, torch.randn(40, 1, generator=g)
+    key_cache = torch.randn(4, 2, 16, 32, generator=g)
+    value_cache = torch.randn_like(key_cache)
+    cos_sin = torch.randn(64, 32, generator=g)
+    positions = torch.tensor([3, 9], dtype=torch.int32)
+    slots = torch.tensor([5, 40], dtype=torch.int32)
+    tables = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
+    lens = torch.tensor([6, 30], dtype=torch.int32)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+
+    def forward():
+        h = torch.empty(2, 64)
+        tm.rms_norm(h, x, w, 1e-5)
+        res = torch.empty(2, 64)
+        res.copy_(x)
+        h2 = torch.empty(2, 64)
+        h2.copy_(h)
+        tm.fused_add_rms_norm(h2, res, w, 1e-6)
+        gelu, silu = torch.empty(2, 64), torch.empty(2, 64)
+        tm.gelu_and_mul(gelu, gate_up, True)
+        tm.silu_and_mul(silu, gate_up)
+        q = torch.empty(2, 128)
+        tm.linear(q, gelu, dense_q, None)
+        lin = torch.empty(2, 48)
+        tm.linear(lin, h2, dense, bias)
+        i4 = torch.empty(2, 40)
+        tm.int4_linear(i4, h2, qw, scales, zeros, 64)
+        deq = torch.empty(37, 64)
+        tm.int4_dequantize(deq, qw, scales, zeros, 64, 3)
+        tm.rotary_embedding(positions, q, h2, 32, cos_sin, False)
+        tm.reshape_and_cache(h2, h, key_cache, value_cache, slots)
+        out = torch.empty(2, 128)
+        tm.paged_attention(out, q, key_cache, value_cache, tables, lens, starts, 0.2, 0, 0.0, None)
+        return torch.cat([out, lin, i4, deq[:2], res, silu], dim=1)
+
+    graph = OpGraph()
+    caches = key_cache.clone(), value_cache.clone()
+    graph.capture(forward)
+    ops = [call[0] for call in graph.calls]
+    assert tm.run_program.default in ops
+    for _ in range(2):
+        for t in (x, gate_up, w):
+            t.copy_(torch.randn(t.shape, generator=g))
+        key_cache.copy_(caches[0]), value_cache.copy_(caches[1])
+        got = graph.replay().clone()
+        key_cache.copy_(caches[0]), value_cache.copy_(caches[1])
+        torch.testing.assert_close(got, forward(), rtol=0, atol=0)

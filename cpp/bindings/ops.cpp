@@ -49,7 +49,7 @@ struct Cpu {
   }
 };
 
-// Ops that run_program runs, numbered as in PROGRAM_OPS (engine/op_graph.py).
+// The ops that run_program runs, numbered as OP_NAMES in python/tokenmill/ops.py.
 enum class ProgramOp : int64_t {
   kReshapeAndCache,
   kPagedAttention,
@@ -60,6 +60,7 @@ enum class ProgramOp : int64_t {
   kGeluAndMul,
   kLinear,
   kInt4Linear,
+  kInt4Dequantize,
 };
 
 // A recorded sequence of the ops above in one call, so that a replayed decode
@@ -131,6 +132,12 @@ void run_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
       case ProgramOp::kInt4Linear: {
         Tensor out = tensor(), x = tensor(), qw = tensor(), scales = tensor(), zeros = tensor();
         ops::int4_linear<Cpu>(out, x, qw, scales, zeros, integer());
+        break;
+      }
+      case ProgramOp::kInt4Dequantize: {
+        Tensor out = tensor(), qw = tensor(), scales = tensor(), zeros = tensor();
+        const int64_t group_size = integer();
+        ops::int4_dequantize<Cpu>(out, qw, scales, zeros, group_size, integer());
         break;
       }
       default:

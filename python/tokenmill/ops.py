@@ -15,6 +15,7 @@ torch.ops.load_library(os.path.join(NATIVE_DIR, "_ops.so"))
 
 ops = torch.ops.tokenmill
 
+# In this order they are also run_program's op numbers (cpp/bindings/ops.cpp).
 OP_NAMES = (
     "reshape_and_cache",
     "paged_attention",

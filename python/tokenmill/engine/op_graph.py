@@ -17,19 +17,9 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tokenmill.ops import OP_NAMES  # run_program's numbering of the ops
+
 aten = torch.ops.aten
-# The ops that tokenmill::run_program runs, in its numbering (cpp/bindings/ops.cpp).
-PROGRAM_OPS = (
-    "reshape_and_cache",
-    "paged_attention",
-    "rms_norm",
-    "fused_add_rms_norm",
-    "rotary_embedding",
-    "silu_and_mul",
-    "gelu_and_mul",
-    "linear",
-    "int4_linear",
-)
 _ALLOCATORS = {
     aten.empty.memory_format,
     aten.empty_like.default,
@@ -148,7 +138,7 @@ def _program_op(func) -> int | None:
     if not name.startswith("tokenmill::") or func._overloadname != "default":
         return None
     name = name.split("::", 1)[1]
-    return PROGRAM_OPS.index(name) if name in PROGRAM_OPS else None
+    return OP_NAMES.index(name) if name in OP_NAMES else None
 
 
 def _on_cpu(args) -> bool:
