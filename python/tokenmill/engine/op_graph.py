@@ -107,7 +107,7 @@ class OpGraph:
             out = fn()
         if not recorder._recorded(out):
             raise GraphCaptureError("the forward's output is not made by a recorded operator")
-        self.calls = _programs(recorder.calls, recorder.values)
+        self.calls = _programs(recorder.calls)
         self.out_slot = recorder.slot_of[id(out)]
         # Results of recorded calls are made afresh by each replay; only the
         # fixed buffers and views stay.
@@ -145,7 +145,7 @@ def _on_cpu(args) -> bool:
     return all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
 
 
-def _programs(calls: list, values: list) -> list:
+def _programs(calls: list) -> list:
     """The calls with each run of two or more consecutive tokenmill CPU ops
     merged into one run_program call."""
     merged, run = [], []
@@ -154,13 +154,13 @@ def _programs(calls: list, values: list) -> list:
         if _program_op(func) is not None and not call[4] and _on_cpu(args):
             run.append(call)
             continue
-        merged += _program(run, values) if len(run) > 1 else run
+        merged += _program(run) if len(run) > 1 else run
         merged.append(call)
         run = []
-    return merged + (_program(run, values) if len(run) > 1 else run)
+    return merged + (_program(run) if len(run) > 1 else run)
 
 
-def _program(run: list, values: list) -> list:
+def _program(run: list) -> list:
     tensors, index, code, floats, refs = [], {}, [], [], []
 
     def tensor(t, slot) -> int:
