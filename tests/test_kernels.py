@@ -310,7 +310,18 @@ def test_ops_trace_under_torch_compile():
     ],
 )
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 64, 7), (1, 100, 9), (2, 100, 37), (5, 576, 960), (16, 100, 33), (32, 1536, 576)]
+    "m,k,n",
+    [
+        (1, 64, 7),
+        (1, 100, 9),
+        (1, 16, 5),
+        (1, 576, 3072),
+        (2, 100, 37),
+        (2, 70, 13),
+        (5, 576, 960),
+        (16, 100, 33),
+        (32, 1536, 576),
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(dtype, wdtype, m, k, n, bias):
