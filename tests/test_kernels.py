@@ -216,6 +216,27 @@ def test_paged_attention_variants(backend, variant):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128)])
+@pytest.mark.parametrize("window", [0, 300])
+def test_paged_attention_one_long_decode(backend, dtype, heads, window):
+    """A lone decode sequence over a long context: threads split its context (parts wholly
+    outside the sliding window included) and merge the parts."""
+    impl, device = needs(backend, "paged_attention")
+    num_heads, num_kv, head_size = heads
+    block_size, context = 16, 1000
+    num_blocks = context // block_size + 8
+    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
+    tables = random_tables([context], block_size, num_blocks, torch.Generator().manual_seed(2))
+    query = torch.randn(1, num_heads, head_size, dtype=dtype, device=device)
+    out = poisoned(query.shape, dtype, device)
+    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in ([context], [0, 1])]
+    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.1, sliding_window=window)
+    ref = ref_attention(query, kc, vc, tables, [context], [0, 1], 0.1, window=window)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 576), (33, 4096)])
 def test_rms_norm(backend, dtype, shape):
     impl, device = needs(backend, "rms_norm")

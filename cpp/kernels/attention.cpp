@@ -2,6 +2,8 @@
 // query tokens); it handles every query head of the GQA group at once so each
 // cached K/V block is read once per item. Online softmax over KV blocks keeps
 // float32 running max, sum and accumulator per query row.
+#include <omp.h>
+
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -218,9 +220,30 @@ TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq, int kvh
   }
 }
 
+// A unit of work: query rows [q_begin, q_end) of one (sequence, kv head),
+// or for a decode item split over its context, the KV blocks
+// [block_begin, block_end) into partials[partial].
 struct Item {
   int seq, kvh, q_begin, q_end;
+  int block_begin = 0, block_end = std::numeric_limits<int>::max(), partial = -1;
 };
+
+// Decode items whose context was split, and where their partials start.
+struct Split {
+  int seq, kvh, first, count;
+};
+
+// Few decode items leave threads idle on long contexts: split each into
+// parts of at least kMinSplitTokens so that there are about four items per
+// thread.
+constexpr int kMinSplitTokens = 128;
+
+int context_parts(const PagedAttentionParams& p, int seq, int64_t num_items, int threads) {
+  const int blocks = (p.seq_lens[seq] + p.block_size - 1) / p.block_size;
+  const int by_length = blocks * p.block_size / kMinSplitTokens;
+  const int64_t wanted = (4 * threads + num_items - 1) / num_items;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_length, wanted)));
+}
 
 }  // namespace
 
@@ -228,16 +251,32 @@ void paged_attention(const PagedAttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0)
     throw std::invalid_argument("num_heads must be a multiple of num_kv_heads");
   dispatch_dtype(p.dtype, [](auto) {});  // rejects unsupported dtypes
-  // Longest tiles first so the dynamic schedule ends balanced.
-  std::vector<Item> items;
-  for (int s = 0; s < p.num_seqs; ++s) {
-    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
-    for (int q0 = 0; q0 < q_len; q0 += kQueryTile)
-      for (int h = 0; h < p.num_kv_heads; ++h)
-        items.push_back({s, h, q0, std::min(q_len, q0 + kQueryTile)});
-  }
-  const int64_t num_items = static_cast<int64_t>(items.size());
   const bool fast = decode_fast_path_supported(p);
+  auto q_len = [&](int s) { return p.query_start_loc[s + 1] - p.query_start_loc[s]; };
+  int64_t num_tiles = 0;
+  for (int s = 0; s < p.num_seqs; ++s)
+    num_tiles += (q_len(s) + kQueryTile - 1) / kQueryTile * p.num_kv_heads;
+  const int threads = omp_get_max_threads();
+  std::vector<Item> items;
+  std::vector<Split> splits;
+  int num_partials = 0;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int parts = fast && q_len(s) == 1 ? context_parts(p, s, num_tiles, threads) : 1;
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      if (parts == 1) {
+        for (int q0 = 0; q0 < q_len(s); q0 += kQueryTile)
+          items.push_back({s, h, q0, std::min(q_len(s), q0 + kQueryTile)});
+        continue;
+      }
+      const int blocks = (p.seq_lens[s] + p.block_size - 1) / p.block_size;
+      splits.push_back({s, h, num_partials, parts});
+      for (int i = 0; i < parts; ++i)
+        items.push_back({s, h, 0, 1, blocks * i / parts, blocks * (i + 1) / parts, num_partials++});
+    }
+  }
+  std::vector<DecodePartial> partials(num_partials);
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t num_splits = static_cast<int64_t>(splits.size());
 #pragma omp parallel
   {
     Scratch w;
@@ -245,10 +284,14 @@ void paged_attention(const PagedAttentionParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item& it = items[i];
-      const bool single = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq] == 1;
-      if (!(fast && single && decode_fast_path(p, it.seq, it.kvh, dw)))
+      DecodePartial* partial = it.partial < 0 ? nullptr : &partials[it.partial];
+      if (!(fast && q_len(it.seq) == 1 &&
+            decode_fast_path(p, it.seq, it.kvh, it.block_begin, it.block_end, dw, partial)))
         attend_item(p, it.seq, it.kvh, it.q_begin, it.q_end, w);
     }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_splits; ++i)
+      decode_merge(p, splits[i].seq, splits[i].kvh, &partials[splits[i].first], splits[i].count);
   }
 }
 

@@ -7,16 +7,30 @@ namespace tokenmill::cpu {
 
 constexpr int kMaxDecodeBlock = 32;
 
-// Per-thread buffers: query rows, scores and accumulators of one item.
+// The unnormalised softmax state of one decode item over (part of) its
+// context: running max and sum per head and the weighted sum of values.
+struct DecodePartial {
+  float m[8], l[8];
+  alignas(32) float acc[8 * 128];
+};
+
+// Per-thread buffers: query rows, scores and the state of one item.
 struct DecodeScratch {
   alignas(32) float q[8 * 128];
   alignas(32) float s[8 * kMaxDecodeBlock];
-  alignas(32) float acc[8 * 128];
+  DecodePartial state;
 };
 
 // Whether this CPU and these parameters can take the fast path.
 bool decode_fast_path_supported(const PagedAttentionParams& p);
-// Attends sequence `seq`'s single query token for KV head `kvh`.
-bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w);
+// Attends sequence `seq`'s single query token for KV head `kvh` over the KV
+// blocks [block_begin, block_end): into the output when `partial` is null,
+// else into `partial` for decode_merge.
+bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, int block_begin,
+                      int block_end, DecodeScratch& w, DecodePartial* partial);
+// Combines the partial states of one item over consecutive context parts and
+// writes its output.
+void decode_merge(const PagedAttentionParams& p, int seq, int kvh, const DecodePartial* parts,
+                  int count);
 
 }  // namespace tokenmill::cpu

@@ -1,7 +1,8 @@
 // Decode attention (one query token per sequence) with AVX2 + FMA intrinsics,
 // for head sizes 64 and 128 and up to 8 query heads per KV head. Each key and
 // value row is loaded and widened once and used by every head of the group;
-// per-head accumulators live in registers.
+// per-head accumulators live in registers. A long context may be split into
+// parts that threads attend separately and decode_merge then combines.
 #include "attention_decode.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -22,9 +23,23 @@ constexpr int chunk_group(int C, int G) {
   return best;
 }
 
+// Normalises G heads' accumulators and stores them as the item's output.
+template <typename T>
+void store_heads(const PagedAttentionParams& p, int seq, int kvh, int G, int D, const float* l,
+                 const float* acc) {
+  T* out = static_cast<T*>(p.out.data);
+  const int64_t tok = p.query_start_loc[seq];
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    T* dst = out + tok * p.out.row_stride + (kvh * G + g) * p.out.head_stride;
+    for (int d = 0; d < D; ++d) dst[d] = from_float<T>(acc[g * D + d] * inv);
+  }
+}
+
 template <typename T, int D, int G>
 __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams& p, int seq,
-                                                     int kvh, DecodeScratch& w) {
+                                                     int kvh, int block_begin, int block_end,
+                                                     DecodeScratch& w, DecodePartial* partial) {
   constexpr int C = D / 8;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int bs = p.block_size;
@@ -32,8 +47,8 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
   const int64_t tok = p.query_start_loc[seq];
   float* q = w.q;
   float* s = w.s;
-  float* acc = w.acc;
-  float m[G], l[G];
+  DecodePartial& state = partial ? *partial : w.state;
+  float *acc = state.acc, *m = state.m, *l = state.l;
   const T* query = static_cast<const T*>(p.query.data);
   for (int g = 0; g < G; ++g) {
     const T* src = query + tok * p.query.row_stride + (kvh * G + g) * p.query.head_stride;
@@ -49,7 +64,8 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
   const int64_t block_elems = static_cast<int64_t>(p.num_kv_heads) * bs * D;
   const int64_t head_off = static_cast<int64_t>(kvh) * bs * D;
 
-  for (int b = lo / bs; b * bs <= pos; ++b) {
+  const int b_end = std::min(block_end, pos / bs + 1);
+  for (int b = std::max(block_begin, lo / bs); b < b_end; ++b) {
     const int t0 = b * bs;
     const int n = std::min(bs, pos + 1 - t0);
     const T* kb = kc + table[b] * block_elems + head_off;
@@ -59,7 +75,7 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
     // misses stay spread out instead of flooding the load queue at once. The
     // rows are read once per step: a non-temporal fetch keeps them from
     // evicting the outer levels (measured 15-20% faster than into every level).
-    const bool has_next = (b + 1) * bs <= pos;
+    const bool has_next = b + 1 < b_end;
     const char* nk = reinterpret_cast<const char*>(
         kc + (has_next ? table[b + 1] : table[b]) * block_elems + head_off);
     const char* nv = reinterpret_cast<const char*>(
@@ -137,40 +153,36 @@ __attribute__((target("avx2,fma"))) void decode_item(const PagedAttentionParams&
         for (int cc = 0; cc < CG; ++cc) _mm256_storeu_ps(acc + g * D + (c0 + cc) * 8, a[g][cc]);
     }
   }
-  T* out = static_cast<T*>(p.out.data);
-  for (int g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-    T* dst = out + tok * p.out.row_stride + (kvh * G + g) * p.out.head_stride;
-    for (int d = 0; d < D; ++d) dst[d] = from_float<T>(acc[g * D + d] * inv);
-  }
+  if (!partial) store_heads<T>(p, seq, kvh, G, D, l, acc);
 }
 
 template <typename T, int D>
-bool dispatch_group(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
+bool dispatch_group(const PagedAttentionParams& p, int seq, int kvh, int b0, int b1,
+                    DecodeScratch& w, DecodePartial* partial) {
   switch (p.num_heads / p.num_kv_heads) {
     case 1:
-      decode_item<T, D, 1>(p, seq, kvh, w);
+      decode_item<T, D, 1>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 2:
-      decode_item<T, D, 2>(p, seq, kvh, w);
+      decode_item<T, D, 2>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 3:
-      decode_item<T, D, 3>(p, seq, kvh, w);
+      decode_item<T, D, 3>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 4:
-      decode_item<T, D, 4>(p, seq, kvh, w);
+      decode_item<T, D, 4>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 5:
-      decode_item<T, D, 5>(p, seq, kvh, w);
+      decode_item<T, D, 5>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 6:
-      decode_item<T, D, 6>(p, seq, kvh, w);
+      decode_item<T, D, 6>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 7:
-      decode_item<T, D, 7>(p, seq, kvh, w);
+      decode_item<T, D, 7>(p, seq, kvh, b0, b1, w, partial);
       return true;
     case 8:
-      decode_item<T, D, 8>(p, seq, kvh, w);
+      decode_item<T, D, 8>(p, seq, kvh, b0, b1, w, partial);
       return true;
     default:
       return false;
@@ -178,12 +190,13 @@ bool dispatch_group(const PagedAttentionParams& p, int seq, int kvh, DecodeScrat
 }
 
 template <typename T>
-bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
+bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh, int b0, int b1,
+                   DecodeScratch& w, DecodePartial* partial) {
   switch (p.head_size) {
     case 64:
-      return dispatch_group<T, 64>(p, seq, kvh, w);
+      return dispatch_group<T, 64>(p, seq, kvh, b0, b1, w, partial);
     case 128:
-      return dispatch_group<T, 128>(p, seq, kvh, w);
+      return dispatch_group<T, 128>(p, seq, kvh, b0, b1, w, partial);
     default:
       return false;
   }
@@ -199,9 +212,33 @@ bool decode_fast_path_supported(const PagedAttentionParams& p) {
          (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16);
 }
 
-bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, DecodeScratch& w) {
-  if (p.dtype == DType::kFloat32) return dispatch_head<float>(p, seq, kvh, w);
-  return dispatch_head<bf16>(p, seq, kvh, w);
+bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, int block_begin,
+                      int block_end, DecodeScratch& w, DecodePartial* partial) {
+  if (p.dtype == DType::kFloat32)
+    return dispatch_head<float>(p, seq, kvh, block_begin, block_end, w, partial);
+  return dispatch_head<bf16>(p, seq, kvh, block_begin, block_end, w, partial);
+}
+
+void decode_merge(const PagedAttentionParams& p, int seq, int kvh, const DecodePartial* parts,
+                  int count) {
+  const int G = p.num_heads / p.num_kv_heads, D = p.head_size;
+  DecodePartial total;
+  for (int g = 0; g < G; ++g) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int i = 0; i < count; ++i) m = std::max(m, parts[i].m[g]);
+    total.l[g] = 0.f;
+    std::fill(total.acc + g * D, total.acc + (g + 1) * D, 0.f);
+    for (int i = 0; i < count; ++i) {
+      if (parts[i].l[g] == 0.f) continue;  // a part wholly outside the sliding window
+      const float c = fast_exp(parts[i].m[g] - m);
+      total.l[g] += parts[i].l[g] * c;
+      for (int d = 0; d < D; ++d) total.acc[g * D + d] += parts[i].acc[g * D + d] * c;
+    }
+  }
+  if (p.dtype == DType::kFloat32)
+    store_heads<float>(p, seq, kvh, G, D, total.l, total.acc);
+  else
+    store_heads<bf16>(p, seq, kvh, G, D, total.l, total.acc);
 }
 
 }  // namespace tokenmill::cpu
@@ -210,7 +247,11 @@ bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, DecodeScr
 
 namespace tokenmill::cpu {
 bool decode_fast_path_supported(const PagedAttentionParams&) { return false; }
-bool decode_fast_path(const PagedAttentionParams&, int, int, DecodeScratch&) { return false; }
+bool decode_fast_path(const PagedAttentionParams&, int, int, int, int, DecodeScratch&,
+                      DecodePartial*) {
+  return false;
+}
+void decode_merge(const PagedAttentionParams&, int, int, const DecodePartial*, int) {}
 }  // namespace tokenmill::cpu
 
 #endif
