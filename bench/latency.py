@@ -1,14 +1,19 @@
 """Single-stream latency: one request alone, time to first token and decode
-tokens/s, beside transformers generating the same request in the same run.
+tokens/s, beside transformers generating the same request in the same run,
+and llama.cpp on the same weights when a llama-cpp-python interpreter is given.
 
   python bench/latency.py [--dtype bfloat16] [--prompt-len 128] [--max-tokens 128]
+      [--llama-cpp-python ../peers/llamacpp/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -66,6 +71,21 @@ def hf_latency(path, prompt, max_tokens, dtype):
     return ttft, (max_tokens - 1) / (total - ttft)
 
 
+def llama_cpp_latency(python, gguf_path, prompt, max_tokens, dtype):
+    """llama.cpp on `gguf_path` dequantized to `dtype`, through bench/llama_cpp_runner.py."""
+    from llama_cpp_runner import dequantized_gguf
+
+    runner = os.path.join(os.path.dirname(__file__), "llama_cpp_runner.py")
+    with tempfile.TemporaryDirectory() as d:
+        model, out = os.path.join(d, "model.gguf"), os.path.join(d, "result.json")
+        dequantized_gguf(gguf_path, model, dtype)
+        cmd = [python, runner, "--gguf", model, "--out", out, "--max-tokens", str(max_tokens)]
+        subprocess.run(cmd + ["--prompt", ",".join(map(str, prompt))], check=True)
+        with open(out) as f:
+            r = json.load(f)
+    return r["ttft_s"], r["decode_tok_s"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -73,18 +93,26 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--llama-cpp-python", default=None, help="interpreter with llama-cpp-python")
     args = ap.parse_args()
     from tokenmill.loader.gguf import gguf_to_hf
     from tokenmill.loader.hf import resolve_model_path
 
-    path = resolve_model_path(args.model)
-    path = gguf_to_hf(path) if path.endswith(".gguf") else path
+    gguf_path = resolve_model_path(args.model)
+    if args.llama_cpp_python and not gguf_path.endswith(".gguf"):
+        ap.error("llama.cpp needs a GGUF model (the default model is one)")
+    path = gguf_to_hf(gguf_path) if gguf_path.endswith(".gguf") else gguf_path
     prompt = load_workload("workload_main.json", 1)[0]["prompt_token_ids"][: args.prompt_len]
     ttft, tps, step = tokenmill_latency(path, prompt, args.max_tokens, args.dtype)
     rows = [["tokenmill", ttft * 1e3, tps, step * 1e3, 1.0]]
     if not args.no_hf:
         hf_ttft, hf_tps = hf_latency(path, prompt, args.max_tokens, args.dtype)
         rows.append(["transformers", hf_ttft * 1e3, hf_tps, 1e3 / hf_tps, tps / hf_tps])
+    if args.llama_cpp_python:
+        lc_ttft, lc_tps = llama_cpp_latency(
+            args.llama_cpp_python, gguf_path, prompt, args.max_tokens, args.dtype
+        )
+        rows.append(["llama.cpp", lc_ttft * 1e3, lc_tps, 1e3 / lc_tps, tps / lc_tps])
     print(f"Single stream, {len(prompt)}-token prompt, {args.max_tokens} new tokens, {args.dtype}")
     print(
         table(
