@@ -21,8 +21,8 @@ int64_t paged_attention_workspace_floats(const PagedAttentionParams& p, int64_t 
 const char* paged_attention(const PagedAttentionParams& p, int64_t num_tokens, int splits,
                             float* workspace, void* stream);
 
-const char* rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows,
-                     int64_t dim, int64_t x_stride, int64_t out_stride, float eps, void* stream);
+const char* rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows,
+                     int64_t heads, int64_t dim, float eps, void* stream);
 const char* fused_add_rms_norm(DType dtype, void* x, void* residual, const void* weight,
                                int64_t rows, int64_t dim, int64_t x_stride, int64_t residual_stride,
                                float eps, void* stream);

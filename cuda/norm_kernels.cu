@@ -22,11 +22,13 @@ __device__ void normalize_row(T* out, const T* src, const T* __restrict__ w, int
     out[i] = from_float<T>(to_float(src[i]) * inv * to_float(w[i]));
 }
 
+// One block per (row, head) vector.
 template <typename T>
-__global__ void rms_norm_kernel(T* __restrict__ out, const T* __restrict__ x,
-                                const T* __restrict__ w, int64_t dim, int64_t x_stride,
-                                int64_t out_stride, float eps) {
-  normalize_row(out + blockIdx.x * out_stride, x + blockIdx.x * x_stride, w, dim, eps);
+__global__ void rms_norm_kernel(View3 out, View3 x, const T* __restrict__ w, int64_t heads,
+                                int64_t dim, float eps) {
+  const int64_t r = blockIdx.x / heads, h = blockIdx.x % heads;
+  normalize_row(static_cast<T*>(out.data) + r * out.row_stride + h * out.head_stride,
+                static_cast<const T*>(x.data) + r * x.row_stride + h * x.head_stride, w, dim, eps);
 }
 
 // residual += x, rounded to T as the unfused model does; x = norm(residual).
@@ -44,14 +46,13 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x, T* __restrict__ res
 
 }  // namespace
 
-const char* rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows,
-                     int64_t dim, int64_t x_stride, int64_t out_stride, float eps, void* stream) {
-  if (rows == 0) return nullptr;
+const char* rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows,
+                     int64_t heads, int64_t dim, float eps, void* stream) {
+  if (rows * heads == 0) return nullptr;
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_kernel<T><<<rows, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
-        static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), dim,
-        x_stride, out_stride, eps);
+    rms_norm_kernel<T><<<rows * heads, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
+        out, x, static_cast<const T*>(weight), heads, dim, eps);
   });
   return err ? err : last_error();
 }

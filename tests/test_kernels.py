@@ -249,6 +249,21 @@ def test_rms_norm(backend, dtype, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rms_norm_per_head_of_fused_rows(backend, dtype, tokens):
+    # q/k norms: the heads of q inside a fused QKV output, whose rows are wider than q
+    impl, device = needs(backend, "rms_norm")
+    heads, head_size = 6, 64
+    qkv = torch.randn(tokens, (heads + 4) * head_size, dtype=dtype, device=device)
+    q = qkv[:, : heads * head_size].view(tokens, heads, head_size)
+    w = torch.randn(head_size, dtype=dtype, device=device)
+    out = poisoned(q.shape, dtype, device)
+    impl.rms_norm(out, q, w, 1e-6)
+    assert rel_err(out, ref_rms(q, w, 1e-6)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rms_norm(backend, dtype):
     impl, device = needs(backend, "fused_add_rms_norm")
     x = torch.randn(13, 576, dtype=dtype, device=device)

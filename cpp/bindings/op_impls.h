@@ -123,13 +123,21 @@ void rms_norm(Tensor out, Tensor x, Tensor weight, double eps) {
   check_same_dtype(x, out, "out");
   check_same_dtype(x, weight, "weight");
   const int64_t dim = x.size(x.dim() - 1);
-  STD_TORCH_CHECK(
-      x.stride(x.dim() - 1) == 1 && out.stride(out.dim() - 1) == 1 && weight.numel() == dim,
-      "rms_norm expects rows with a contiguous last dimension");
-  const int64_t rows = x.numel() / dim;
-  B::rms_norm(x, dtype_of(x), out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, dim,
-              x.dim() > 1 ? x.stride(x.dim() - 2) : dim,
-              out.dim() > 1 ? out.stride(out.dim() - 2) : dim, static_cast<float>(eps));
+  STD_TORCH_CHECK(out.dim() == x.dim() && weight.numel() == dim && x.dim() <= 3 &&
+                      x.stride(x.dim() - 1) == 1 && out.stride(out.dim() - 1) == 1,
+                  "rms_norm expects x and out of one shape, [dim], [rows, dim] or "
+                  "[rows, heads, dim], with a contiguous last dimension");
+  for (int64_t d = 0; d < x.dim(); ++d)
+    STD_TORCH_CHECK(out.size(d) == x.size(d), "rms_norm: out and x differ in shape");
+  // [rows, heads, dim] as a view with its strides; fewer dims are one head per row.
+  auto view = [&](const Tensor& t) -> View3 {
+    if (t.dim() == 3) return {t.data_ptr(), t.stride(0), t.stride(1)};
+    return {t.data_ptr(), t.dim() == 2 ? t.stride(0) : dim, dim};
+  };
+  const int64_t heads = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
+  B::rms_norm(x, dtype_of(x), view(out), view(x), weight.data_ptr(), rows, heads, dim,
+              static_cast<float>(eps));
 }
 
 template <class B>

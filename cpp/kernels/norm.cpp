@@ -37,28 +37,22 @@ __attribute__((always_inline)) inline void add_rms_row(void* x, void* residual, 
   norm_row(xr, buf, static_cast<const T*>(w), dim, eps);
 }
 
-TM_MULTIVERSION void rms_rows(DType dtype, void* out, const void* x, const void* w, int64_t r0,
-                              int64_t r1, int64_t dim, int64_t x_stride, int64_t out_stride,
-                              float eps, float* buf) {
-  for (int64_t r = r0; r < r1; ++r) {
-    switch (dtype) {
-      case DType::kFloat32:
-        rms_row<float>(static_cast<float*>(out) + r * out_stride,
-                       static_cast<const float*>(x) + r * x_stride, w, dim, eps, buf);
-        break;
-      case DType::kBFloat16:
-        rms_row<bf16>(static_cast<bf16*>(out) + r * out_stride,
-                      static_cast<const bf16*>(x) + r * x_stride, w, dim, eps, buf);
-        break;
+TM_MULTIVERSION void rms_vector(DType dtype, void* out, const void* x, const void* w, int64_t dim,
+                                float eps, float* buf) {
+  switch (dtype) {
+    case DType::kFloat32:
+      rms_row<float>(out, x, w, dim, eps, buf);
+      break;
+    case DType::kBFloat16:
+      rms_row<bf16>(out, x, w, dim, eps, buf);
+      break;
 #if defined(__FLT16_MAX__)
-      case DType::kFloat16:
-        rms_row<f16>(static_cast<f16*>(out) + r * out_stride,
-                     static_cast<const f16*>(x) + r * x_stride, w, dim, eps, buf);
-        break;
+    case DType::kFloat16:
+      rms_row<f16>(out, x, w, dim, eps, buf);
+      break;
 #endif
-      default:
-        break;
-    }
+    default:
+      break;
   }
 }
 
@@ -89,15 +83,21 @@ TM_MULTIVERSION void add_rms_rows(DType dtype, void* x, void* residual, const vo
 
 }  // namespace
 
-void rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows, int64_t dim,
-              int64_t x_stride, int64_t out_stride, float eps) {
-  dispatch_dtype(dtype, [](auto) {});
-#pragma omp parallel if (rows * dim > 32768)
+void rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows, int64_t heads,
+              int64_t dim, float eps) {
+  int64_t elem = 4;
+  dispatch_dtype(dtype, [&](auto t) { elem = sizeof(t); });
+  auto* op = static_cast<char*>(out.data);
+  const auto* xp = static_cast<const char*>(x.data);
+#pragma omp parallel if (rows * heads * dim > 32768)
   {
     std::vector<float> buf(dim);
 #pragma omp for
-    for (int64_t r = 0; r < rows; ++r)
-      rms_rows(dtype, out, x, weight, r, r + 1, dim, x_stride, out_stride, eps, buf.data());
+    for (int64_t i = 0; i < rows * heads; ++i) {
+      const int64_t r = i / heads, h = i % heads;
+      rms_vector(dtype, op + (r * out.row_stride + h * out.head_stride) * elem,
+                 xp + (r * x.row_stride + h * x.head_stride) * elem, weight, dim, eps, buf.data());
+    }
   }
 }
 

@@ -17,8 +17,10 @@ void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache, voi
 // mix freely in one call.
 void paged_attention(const PagedAttentionParams& p);
 
-void rms_norm(DType dtype, void* out, const void* x, const void* weight, int64_t rows, int64_t dim,
-              int64_t x_stride, int64_t out_stride, float eps);
+// Each of the rows x heads vectors of x [rows, heads, dim] normalised over dim
+// (heads = 1 for plain rows; q/k norms take the heads of a fused QKV output).
+void rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows, int64_t heads,
+              int64_t dim, float eps);
 // residual += x; x = rms_norm(residual)
 void fused_add_rms_norm(DType dtype, void* x, void* residual, const void* weight, int64_t rows,
                         int64_t dim, int64_t x_stride, int64_t residual_stride, float eps);
