@@ -158,6 +158,8 @@ ATTN_CASES = [
     (4, 2, 128, [(3, 50), (1, 129)]),
     (2, 1, 256, [(9, 9), (1, 31)]),
     (8, 2, 128, [(1, 1500), (1, 700), (3, 900)]),  # long contexts: split on the GPU
+    # many decode sequences beside a prefill: CPU items take all heads of a sequence
+    (12, 3, 64, [(1, n) for n in (1, 15, 16, 17, 31, 64, 65, 200, 90)] + [(5, 20)]),
 ]
 
 

@@ -220,11 +220,11 @@ TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq, int kvh
   }
 }
 
-// A unit of work: query rows [q_begin, q_end) of one (sequence, kv head),
-// or for a decode item split over its context, the KV blocks
-// [block_begin, block_end) into partials[partial].
+// A unit of work: query rows [q_begin, q_end) of one sequence for KV heads
+// [kvh0, kvh1) (several only for decode), or for a decode item split over its
+// context, the KV blocks [block_begin, block_end) into partials[partial].
 struct Item {
-  int seq, kvh, q_begin, q_end;
+  int seq, kvh0, kvh1, q_begin, q_end;
   int block_begin = 0, block_end = std::numeric_limits<int>::max(), partial = -1;
 };
 
@@ -233,15 +233,18 @@ struct Split {
   int seq, kvh, first, count;
 };
 
-// Few decode items leave threads idle on long contexts: split each into
-// parts of at least kMinSplitTokens so that there are about four items per
-// thread.
+// Many decode sequences: one item per sequence, all its KV heads, so that an
+// item streams whole cache blocks (measured here: 25% faster reads than
+// per-head slices of them). Few: one item per KV head, and long contexts split
+// into parts of at least kMinSplitTokens, so that there are about four items
+// per thread.
+constexpr int kItemsPerThread = 4;
 constexpr int kMinSplitTokens = 128;
 
 int context_parts(const PagedAttentionParams& p, int seq, int64_t num_items, int threads) {
   const int blocks = (p.seq_lens[seq] + p.block_size - 1) / p.block_size;
   const int by_length = blocks * p.block_size / kMinSplitTokens;
-  const int64_t wanted = (4 * threads + num_items - 1) / num_items;
+  const int64_t wanted = (kItemsPerThread * threads + num_items - 1) / num_items;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_length, wanted)));
 }
 
@@ -257,21 +260,28 @@ void paged_attention(const PagedAttentionParams& p) {
   for (int s = 0; s < p.num_seqs; ++s)
     num_tiles += (q_len(s) + kQueryTile - 1) / kQueryTile * p.num_kv_heads;
   const int threads = omp_get_max_threads();
+  const bool whole_seqs = fast && p.num_seqs >= kItemsPerThread * threads;
   std::vector<Item> items;
   std::vector<Split> splits;
   int num_partials = 0;
   for (int s = 0; s < p.num_seqs; ++s) {
-    const int parts = fast && q_len(s) == 1 ? context_parts(p, s, num_tiles, threads) : 1;
+    const bool decode = fast && q_len(s) == 1;
+    if (decode && whole_seqs) {
+      items.push_back({s, 0, p.num_kv_heads, 0, 1});
+      continue;
+    }
+    const int parts = decode ? context_parts(p, s, num_tiles, threads) : 1;
     for (int h = 0; h < p.num_kv_heads; ++h) {
       if (parts == 1) {
         for (int q0 = 0; q0 < q_len(s); q0 += kQueryTile)
-          items.push_back({s, h, q0, std::min(q_len(s), q0 + kQueryTile)});
+          items.push_back({s, h, h + 1, q0, std::min(q_len(s), q0 + kQueryTile)});
         continue;
       }
       const int blocks = (p.seq_lens[s] + p.block_size - 1) / p.block_size;
       splits.push_back({s, h, num_partials, parts});
       for (int i = 0; i < parts; ++i)
-        items.push_back({s, h, 0, 1, blocks * i / parts, blocks * (i + 1) / parts, num_partials++});
+        items.push_back(
+            {s, h, h + 1, 0, 1, blocks * i / parts, blocks * (i + 1) / parts, num_partials++});
     }
   }
   std::vector<DecodePartial> partials(num_partials);
@@ -286,8 +296,9 @@ void paged_attention(const PagedAttentionParams& p) {
       const Item& it = items[i];
       DecodePartial* partial = it.partial < 0 ? nullptr : &partials[it.partial];
       if (!(fast && q_len(it.seq) == 1 &&
-            decode_fast_path(p, it.seq, it.kvh, it.block_begin, it.block_end, dw, partial)))
-        attend_item(p, it.seq, it.kvh, it.q_begin, it.q_end, w);
+            decode_fast_path(p, it.seq, it.kvh0, it.kvh1, it.block_begin, it.block_end, dw,
+                             partial)))
+        for (int h = it.kvh0; h < it.kvh1; ++h) attend_item(p, it.seq, h, it.q_begin, it.q_end, w);
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < num_splits; ++i)

@@ -1,6 +1,8 @@
 // The decode fast path of paged attention (see attention_decode_avx2.cpp).
 #pragma once
 
+#include <vector>
+
 #include "tokenmill/kernels.h"
 
 namespace tokenmill::cpu {
@@ -14,19 +16,20 @@ struct DecodePartial {
   alignas(32) float acc[8 * 128];
 };
 
-// Per-thread buffers: query rows, scores and the state of one item.
+// Per-thread buffers: an item's query rows and head states, and the scores
+// of one block.
 struct DecodeScratch {
-  alignas(32) float q[8 * 128];
+  std::vector<float> q;
+  std::vector<DecodePartial> states;
   alignas(32) float s[8 * kMaxDecodeBlock];
-  DecodePartial state;
 };
 
 // Whether this CPU and these parameters can take the fast path.
 bool decode_fast_path_supported(const PagedAttentionParams& p);
-// Attends sequence `seq`'s single query token for KV head `kvh` over the KV
-// blocks [block_begin, block_end): into the output when `partial` is null,
-// else into `partial` for decode_merge.
-bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh, int block_begin,
+// Attends sequence `seq`'s single query token for KV heads [kvh0, kvh1) over
+// the KV blocks [block_begin, block_end): into the output when `partial` is
+// null, else (one head) into `partial` for decode_merge.
+bool decode_fast_path(const PagedAttentionParams& p, int seq, int kvh0, int kvh1, int block_begin,
                       int block_end, DecodeScratch& w, DecodePartial* partial);
 // Combines the partial states of one item over consecutive context parts and
 // writes its output.
