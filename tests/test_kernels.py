@@ -375,9 +375,11 @@ def test_linear(dtype, wdtype, m, k, n, bias):
 def test_linear_layer_paths_agree():
     from tokenmill.layers.linear import SMALL_M, linear
 
-    w = torch.randn(300, 64, dtype=torch.bfloat16)
+    w = torch.randn(1100, 64, dtype=torch.bfloat16)  # more rows than one float32 tile
+    b = torch.randn(1100, dtype=torch.bfloat16)
     for m in (1, SMALL_M, SMALL_M + 1, 700):
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         ref = x.double() @ w.double().T
         got = linear(x, w)
         assert got.is_contiguous() and rel_err(got, ref) < 1e-2
+        assert rel_err(linear(x, w, b), ref + b.double()) < 1e-2

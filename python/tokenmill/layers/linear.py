@@ -51,16 +51,17 @@ def _linear_via_float32(x, weight, bias):
     buf = _tile_buffer.get(k)
     if buf is None:
         buf = _tile_buffer[k] = torch.empty(_TILE_ROWS, k)
-    xt = x.float().t()
-    out_t = torch.empty(n, m)
+    xf = x.float()
+    # Column blocks of a row-major result: no transposed copy at the end.
+    out = torch.empty(m, n)
     for n0 in range(0, n, _TILE_ROWS):
         n1 = min(n, n0 + _TILE_ROWS)
         tile = buf[: n1 - n0]
         tile.copy_(weight[n0:n1])
-        torch.mm(tile, xt, out=out_t[n0:n1])
+        torch.mm(xf, tile.t(), out=out[:, n0:n1])
     if bias is not None:
-        out_t += bias.float()[:, None]
-    return torch.empty(m, n, dtype=x.dtype).copy_(out_t.t())
+        out += bias.float()
+    return out.to(x.dtype)
 
 
 class Linear(nn.Linear):
