@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention_decode.h"
+#include "attention_tile.h"
 #include "common.h"
 
 namespace tokenmill::cpu {
@@ -19,25 +20,13 @@ constexpr int kQueryTile = 16;
 
 #define TM_INLINE __attribute__((always_inline)) inline
 
-TM_INLINE float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-TM_INLINE void axpy(float* y, float a, const float* x, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 TM_INLINE void scale_vec(float* y, float a, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] *= a;
 }
 
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v, s;
+  std::vector<float> q, acc, m, l, k, v, s, kt;
 };
 
 // Points `dst` at a float32 view of n*D cache elements: the cache itself for
@@ -74,6 +63,7 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
   w.k.resize(static_cast<size_t>(bs) * D);
   w.v.resize(static_cast<size_t>(bs) * D);
   w.s.resize(static_cast<size_t>(rows) * bs);
+  w.kt.resize(static_cast<size_t>(bs) * D);
 
   const T* query = static_cast<const T*>(p.query.data);
   for (int qi = q_begin; qi < q_end; ++qi) {
@@ -98,28 +88,9 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
     const int64_t base = table[b] * block_elems + static_cast<int64_t>(kvh) * bs * D;
     const int t0 = b * bs;
     const int n = std::min(bs, last_pos + 1 - t0);
-    // Blocks sit anywhere in the cache, out of the hardware prefetcher's
-    // reach: while scoring row t of this block, fetch row t of the next one
-    // (all at once, the misses would flood the load queue).
-    const bool has_next = (b + 1) * bs <= last_pos;
-    const int64_t next =
-        (has_next ? table[b + 1] : table[b]) * block_elems + static_cast<int64_t>(kvh) * bs * D;
-    const char* nk = reinterpret_cast<const char*>(kc + next);
-    const char* nv = reinterpret_cast<const char*>(vc + next);
-    const int64_t row_bytes = static_cast<int64_t>(D) * static_cast<int64_t>(sizeof(T));
     const float* kb = as_float(kc + base, static_cast<int64_t>(n) * D, w.k);
     const float* vb = as_float(vc + base, static_cast<int64_t>(n) * D, w.v);
-    // Scores of every row against the block's keys; each key is read once.
-    for (int t = 0; t < n; ++t) {
-      if (has_next)
-        for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {
-          __builtin_prefetch(nk + off);
-          __builtin_prefetch(nv + off);
-        }
-      const float* kt = kb + static_cast<size_t>(t) * D;
-      for (int r = 0; r < rows; ++r)
-        w.s[static_cast<size_t>(r) * bs + t] = dot(&w.q[static_cast<size_t>(r) * D], kt, D);
-    }
+    tile_scores(w.q.data(), rows, D, kb, n, w.s.data(), bs, w.kt.data());
     for (int r = 0; r < rows; ++r) {
       const int pos = first_pos + q_begin + r / group;
       const int h = kvh * group + r % group;
@@ -158,12 +129,7 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
       }
       w.l[r] += sum;
     }
-    // Weighted values; each value row is read once for all rows.
-    for (int t = 0; t < n; ++t) {
-      const float* vt = vb + static_cast<size_t>(t) * D;
-      for (int r = 0; r < rows; ++r)
-        axpy(&w.acc[static_cast<size_t>(r) * D], w.s[static_cast<size_t>(r) * bs + t], vt, D);
-    }
+    tile_values(w.s.data(), bs, rows, vb, n, D, w.acc.data());
   }
 
   T* out = static_cast<T*>(p.out.data);
