@@ -5,6 +5,9 @@ composite (the path for devices without native kernels).
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import tokenmill.ops as native
@@ -383,3 +386,16 @@ def test_linear_layer_paths_agree():
         got = linear(x, w)
         assert got.is_contiguous() and rel_err(got, ref) < 1e-2
         assert rel_err(linear(x, w, b), ref + b.double()) < 1e-2
+
+
+def test_portable_paths_give_the_same_results():
+    """The kernels' portable paths, which CPUs without AVX2 run, pass the same tests."""
+    if os.environ.get("TOKENMILL_DISABLE_AVX2"):
+        pytest.skip("already running without the AVX2 paths")
+    quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
+    tests = "paged_attention or linear or int4_kernels or rms_norm"
+    env = dict(os.environ, TOKENMILL_DISABLE_AVX2="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    cmd += [__file__, quantization, "-k", tests]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]

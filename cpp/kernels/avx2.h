@@ -6,6 +6,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
+#include <cstdlib>
+
 #include "common.h"
 
 namespace tokenmill::cpu {
@@ -56,8 +58,11 @@ TM_AVX2 __m256 exp8(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
 }
 
+// Whether to take the hand-vectorised paths. TOKENMILL_DISABLE_AVX2=1 turns
+// them off, so the portable paths that other CPUs run can be tested here.
 inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("TOKENMILL_DISABLE_AVX2") == nullptr;
   return ok;
 }
 
