@@ -67,9 +67,17 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, **i32)
         self.query_start_loc = torch.arange(max_batch + 1, **i32)
         self.block_tables = torch.zeros(max_batch, max_blocks, **i32)
+        # On CPUs the inputs are written through numpy views of the buffers: a
+        # slice assignment costs far less than a tensor copy from Python.
+        self._host = None
+        if self.input_ids.device.type == "cpu":
+            self._host = [t.numpy() for t in self._inputs()]
         self.graphs: dict[int, _CudaGraph | OpGraph] = {}
         if capture:
             self._capture_all()
+
+    def _inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables
 
     def _forward(self, n: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -118,19 +126,23 @@ class DecodeGraphs:
         n = len(step.seq_lens)
         size = next(s for s in self.sizes if s >= n)
         width = step.block_tables.shape[1]
-        self.input_ids[:n].copy_(_host(step.input_ids), non_blocking=True)
-        self.positions[:n].copy_(_host(step.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(_host(step.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(_host(step.seq_lens), non_blocking=True)
-        self.block_tables[:n, :width].copy_(_host(step.block_tables), non_blocking=True)
+        ids, positions, slots, lens, tables = self._host or self._inputs()
+        values = (step.input_ids, step.positions, step.slot_mapping, step.seq_lens)
+        for buf, value in zip((ids, positions, slots, lens), values, strict=True):
+            _write(buf[:n], value)
+        _write(tables[:n, :width], step.block_tables)
         # Padding rows: no cache write, a one-token context in block 0.
-        self.slot_mapping[n:size].fill_(-1)
-        self.seq_lens[n:size].fill_(1)
-        self.block_tables[n:size, 0].fill_(0)
+        slots[n:size] = -1
+        lens[n:size] = 1
+        tables[n:size, 0] = 0
         if size in self.graphs:
             return self.graphs[size].replay()[:n]
         return self._forward(size)[:n]
 
 
-def _host(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
+def _write(dst: np.ndarray | torch.Tensor, array: np.ndarray) -> None:
+    if isinstance(dst, np.ndarray):
+        dst[...] = array
+    else:
+        src = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
+        dst.copy_(src, non_blocking=True)
