@@ -23,9 +23,10 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
-@pytest.mark.parametrize("m", [1, 3, 16, 33, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 33, 100])
 @pytest.mark.parametrize(
-    "k,n,group", [(64, 8, 32), (256, 100, 64), (512, 96, 128), (128, 24, 128), (576, 40, 128)]
+    "k,n,group",
+    [(64, 8, 32), (256, 100, 64), (512, 96, 128), (128, 24, 128), (576, 40, 128), (96, 37, 32)],
 )
 def test_int4_kernels_against_float64(device, m, k, n, group):
     g = torch.Generator().manual_seed(m * 7 + k)

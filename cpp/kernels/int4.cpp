@@ -7,6 +7,8 @@
 //     zero = zero_point * scale folded in at load.
 // Dequantization happens in registers, a tile of rows at a time, so a decode
 // step reads about a quarter of the bytes of bf16 weights.
+#include <omp.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -78,8 +80,11 @@ void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, 
         sums[i * groups + k / group_size] += x[i * k_padded + k];
     const Int4Gemv a{out,   x,        sums.data(), m,      qweight,   scales,
                      zeros, k_padded, n,           groups, group_size};
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) int4_gemv(a, c * chunk, std::min(n, (c + 1) * chunk));
+#pragma omp parallel
+    {
+      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      int4_gemv(a, n * t / threads, n * (t + 1) / threads);
+    }
     return;
   }
 #pragma omp parallel

@@ -18,7 +18,7 @@ struct Int4Gemv {
 
 // Whether this CPU has the fast path for m activation rows.
 bool int4_gemv_supported(int64_t m);
-// Output columns n0..n1.
+// Output columns n0..n1: one call per thread, on a contiguous range.
 void int4_gemv(const Int4Gemv& a, int64_t n0, int64_t n1);
 
 }  // namespace tokenmill::cpu

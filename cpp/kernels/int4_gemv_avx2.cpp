@@ -25,13 +25,16 @@ TM_AVX2 void unpack_run(const uint8_t* q, __m256 w[4]) {
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-// R weight rows against M activation rows. Each run's activations are loaded
-// once for all R rows; per group the scale folds in with one vector FMA and
-// the zero as a scalar, so the horizontal sum happens once per output.
+// R weight rows (j, j + stride, ...) against M activation rows. Each run's
+// activations are loaded once for all R rows; per group the scale folds in
+// with one vector FMA and the zero as a scalar, so the horizontal sum happens
+// once per output. A thread's rows are split into R long runs read side by
+// side (as in the dense GEMV): each is a sequential stream the hardware
+// prefetcher follows, where R adjacent short rows were not.
 template <int R, int M>
-__attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j) {
+__attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j, int64_t stride) {
   const int64_t runs = a.k_padded / 32, runs_per_group = a.group_size / 32;
-  const int64_t row_bytes = a.k_padded / 2;
+  const int64_t row_bytes = a.k_padded / 2, rs = stride * row_bytes;
   const uint8_t* q = a.qweight + j * row_bytes;
   __m256 total[R][M];
   float zero_terms[R][M] = {};
@@ -48,18 +51,15 @@ __attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j)
         for (int c = 0; c < 4; ++c)
           x[i][c] = _mm256_loadu_ps(a.x + i * a.k_padded + run * 32 + 8 * c);
       for (int r = 0; r < R; ++r) {
-        // The next tile's rows follow these in memory: fetch them early.
-        _mm_prefetch(reinterpret_cast<const char*>(q + (r + R) * row_bytes + run * 16),
-                     _MM_HINT_T0);
         __m256 w[4];
-        unpack_run(q + r * row_bytes + run * 16, w);
+        unpack_run(q + r * rs + run * 16, w);
         for (int i = 0; i < M; ++i)
           for (int c = 0; c < 4; ++c) acc[r][i] = _mm256_fmadd_ps(w[c], x[i][c], acc[r][i]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 s = _mm256_broadcast_ss(a.scales + (j + r) * a.groups + g);
-      const float z = a.zeros[(j + r) * a.groups + g];
+      const __m256 s = _mm256_broadcast_ss(a.scales + (j + r * stride) * a.groups + g);
+      const float z = a.zeros[(j + r * stride) * a.groups + g];
       for (int i = 0; i < M; ++i) {
         total[r][i] = _mm256_fmadd_ps(s, acc[r][i], total[r][i]);
         zero_terms[r][i] += z * a.x_group_sums[i * a.groups + g];
@@ -67,15 +67,16 @@ __attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j)
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) a.out[i * a.n + j + r] = hsum(total[r][i]) - zero_terms[r][i];
+    for (int i = 0; i < M; ++i)
+      a.out[i * a.n + j + r * stride] = hsum(total[r][i]) - zero_terms[r][i];
 }
 
 template <int M>
 void gemv_rows(const Int4Gemv& a, int64_t n0, int64_t n1) {
   constexpr int R = M == 1 ? 4 : 2;
-  int64_t j = n0;
-  for (; j + R <= n1; j += R) gemv_tile<R, M>(a, j);
-  for (; j < n1; ++j) gemv_tile<1, M>(a, j);
+  const int64_t run = (n1 - n0) / R;
+  for (int64_t j = n0; j < n0 + run; ++j) gemv_tile<R, M>(a, j, run);
+  for (int64_t j = n0 + R * run; j < n1; ++j) gemv_tile<1, M>(a, j, 1);
 }
 
 }  // namespace
