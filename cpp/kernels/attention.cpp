@@ -108,7 +108,8 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
             s[t] = kNegInf;
         }
       float block_max = kNegInf;
-      for (int t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+#pragma omp simd reduction(max : block_max)
+      for (int t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
       if (block_max == kNegInf) {
         for (int t = 0; t < n; ++t) s[t] = 0.f;
         continue;
