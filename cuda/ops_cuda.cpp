@@ -26,6 +26,7 @@ void check(const char* err, const char* op) { STD_TORCH_CHECK(err == nullptr, op
 
 // The GPU launchers on the device and current stream of the given tensor.
 struct Gpu {
+  static constexpr bool kHost = false;
   template <class... A>
   static void reshape_and_cache(const Tensor& t, A... a) {
     check(gpu::reshape_and_cache(a..., stream_of(t)), "reshape_and_cache");

@@ -51,6 +51,30 @@ def test_int4_kernels_against_float64(device, m, k, n, group):
     assert rel(wc.cpu(), ref_w[3:]) < 1e-6
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("k,n,group", [(576, 40, 128), (100, 24, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_linear_reads_and_writes_half_precision_unpadded(m, k, n, group, dtype):
+    """On CPUs int4_linear takes x of the model's dtype, K unpadded, and writes out in it."""
+    g = torch.Generator().manual_seed(k + m)
+    k_padded = -(-k // 32) * 32
+    q = torch.randint(0, 16, (n, k_padded), generator=g, dtype=torch.uint8)
+    groups = -(-k_padded // group)
+    scales = torch.rand(n, groups, generator=g) + 0.1
+    zeros = torch.randn(n, groups, generator=g)
+    ref_w = (
+        q.double() * scales.double().repeat_interleave(group, 1)[:, :k_padded]
+        - zeros.double().repeat_interleave(group, 1)[:, :k_padded]
+    )[:, :k]
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    torch.ops.tokenmill.int4_linear(out, x, pack_tokenmill(q), scales, zeros, group)
+    assert rel(out, x.double() @ ref_w.t()) < 1e-2
+    expected = torch.empty(m, n, dtype=dtype)
+    composite.int4_linear(expected, x, pack_tokenmill(q), scales, zeros, group)
+    assert rel(out, expected.double()) < 1e-2
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("desc_act", [False, True])

@@ -12,6 +12,15 @@ namespace cpu = tokenmill::cpu;
 
 // The CPU kernels, ignoring the tensor that names the device.
 struct Cpu {
+  static constexpr bool kHost = true;
+  template <class... A>
+  static void rows_to_float(const Tensor&, A... a) {
+    cpu::rows_to_float(a...);
+  }
+  template <class... A>
+  static void rows_from_float(const Tensor&, A... a) {
+    cpu::rows_from_float(a...);
+  }
   template <class... A>
   static void reshape_and_cache(const Tensor&, A... a) {
     cpu::reshape_and_cache(a...);

@@ -124,4 +124,4 @@ def int4_dequantize(out, qweight, scales, zeros, group_size, row_start):
 def int4_linear(out, x, qweight, scales, zeros, group_size):
     w = torch.empty(qweight.shape[0], qweight.shape[1] * 2, device=x.device)
     int4_dequantize(w, qweight, scales, zeros, group_size, 0)
-    out.copy_(x @ w.t())
+    out.copy_(x.float() @ w[:, : x.shape[1]].t())

@@ -42,6 +42,12 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
             int64_t out_stride);
 
+// Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
+void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
+                   int64_t src_stride, int64_t dst_stride);
+void rows_from_float(DType dtype, void* dst, const float* src, int64_t m, int64_t k,
+                     int64_t dst_stride, int64_t src_stride);
+
 // Weight-only int4 (layout in cpp/kernels/int4.cpp). out[m, n] = x[m, :] .
 // dequant(w[n, :]) with x float32 [m, k_padded].
 void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, const float* scales,

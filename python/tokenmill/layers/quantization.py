@@ -247,6 +247,13 @@ class Int4Linear(nn.Module):
         return out_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[0] <= SMALL_M and not self.perms:
+            # Decode: the kernel reads x and writes out in their own dtype, so the
+            # step is one native op (one program with its neighbours in a graph).
+            y = torch.empty(x.shape[0], self.qweight.shape[0], dtype=x.dtype)
+            q, s, z = self.qweight, self.scales, self.zeros
+            torch.ops.tokenmill.int4_linear(y, x.contiguous(), q, s, z, self.group_size)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if not self.perms:
             y = self._matmul(self._padded(x, None), slice(None))
         else:
