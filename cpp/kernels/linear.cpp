@@ -97,13 +97,6 @@ TM_MULTIVERSION void linear_range(DType xt, DType wt, void* out, const void* x, 
 }
 
 template <typename T>
-void rows_to_float(float* dst, const void* x, int64_t m, int64_t k, int64_t stride) {
-  const T* xp = static_cast<const T*>(x);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < k; ++i) dst[r * k + i] = to_float(xp[r * stride + i]);
-}
-
-template <typename T>
 void store_rows(void* out, const float* acc, const void* bias, int64_t m, int64_t n,
                 int64_t stride) {
   T* op = static_cast<T*>(out);
@@ -136,19 +129,7 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
             int64_t out_stride) {
   std::vector<float> xbuf(static_cast<size_t>(m) * k);
-  switch (x_dtype) {
-    case DType::kFloat32:
-      rows_to_float<float>(xbuf.data(), x, m, k, x_stride);
-      break;
-    case DType::kBFloat16:
-      rows_to_float<bf16>(xbuf.data(), x, m, k, x_stride);
-      break;
-#if defined(__FLT16_MAX__)
-    case DType::kFloat16:
-      rows_to_float<f16>(xbuf.data(), x, m, k, x_stride);
-      break;
-#endif
-  }
+  rows_to_float(x_dtype, xbuf.data(), x, m, k, x_stride, k);
   // Column chunks: a multiple of the tile, small enough to balance threads.
   const int64_t chunk = std::max<int64_t>(kRows, (n / 64 + kRows - 1) / kRows * kRows);
   const int64_t chunks = (n + chunk - 1) / chunk;
