@@ -8,8 +8,7 @@ namespace tokenmill::cpu {
 void reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cache, void* value_cache,
                        const int32_t* slot_mapping, int64_t num_tokens, int num_kv_heads,
                        int head_size, int block_size) {
-  int64_t elem = 4;
-  dispatch_dtype(dtype, [&](auto t) { elem = sizeof(t); });
+  const int64_t elem = dtype_size(dtype);
   const int64_t row_bytes = head_size * elem;
   const int64_t block_elems = static_cast<int64_t>(num_kv_heads) * block_size * head_size;
   auto* kc = static_cast<char*>(key_cache);

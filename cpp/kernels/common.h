@@ -1,6 +1,8 @@
 // Element conversions and instruction-set dispatch shared by the CPU kernels.
 #pragma once
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -131,6 +133,25 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
 #endif
     default:
       throw std::invalid_argument("unsupported dtype on this CPU");
+  }
+}
+
+// Bytes per element of dtype (rejecting dtypes this CPU lacks).
+inline int64_t dtype_size(DType dtype) {
+  int64_t size = 0;
+  dispatch_dtype(dtype, [&](auto t) { size = sizeof(t); });
+  return size;
+}
+
+// Calls fn(n0, n1) once on each thread with its share of [0, n) as one
+// contiguous range: a thread then streams one long run of memory, which the
+// hardware prefetcher follows, rather than chunks scattered over the whole.
+template <typename Fn>
+void for_thread_ranges(int64_t n, Fn&& fn) {
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    fn(n * t / threads, n * (t + 1) / threads);
   }
 }
 

@@ -7,8 +7,6 @@
 //     zero = zero_point * scale folded in at load.
 // Dequantization happens in registers, a tile of rows at a time, so a decode
 // step reads about a quarter of the bytes of bf16 weights.
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -80,11 +78,7 @@ void int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight, 
         sums[i * groups + k / group_size] += x[i * k_padded + k];
     const Int4Gemv a{out,   x,        sums.data(), m,      qweight,   scales,
                      zeros, k_padded, n,           groups, group_size};
-#pragma omp parallel
-    {
-      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      int4_gemv(a, n * t / threads, n * (t + 1) / threads);
-    }
+    for_thread_ranges(n, [&](int64_t n0, int64_t n1) { int4_gemv(a, n0, n1); });
     return;
   }
 #pragma omp parallel

@@ -2,8 +2,6 @@
 // Memory-bound, so each weight row is read once for all M input rows: a
 // thread converts a tile of weight rows to float32 in L1 and takes the dot
 // products of every input row with it. Parallel over output columns.
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -137,11 +135,7 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
     std::vector<float> acc(static_cast<size_t>(m) * n);
     dense_gemv_order_x(xbuf.data(), m, k, w_dtype);
     const DenseGemv a{acc.data(), xbuf.data(), weight, w_dtype, m, k, n};
-#pragma omp parallel
-    {
-      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      dense_gemv(a, n * t / threads, n * (t + 1) / threads);
-    }
+    for_thread_ranges(n, [&](int64_t n0, int64_t n1) { dense_gemv(a, n0, n1); });
     store_typed(x_dtype, out, acc.data(), bias, m, n, out_stride);
     return;
   }

@@ -85,8 +85,7 @@ TM_MULTIVERSION void add_rms_rows(DType dtype, void* x, void* residual, const vo
 
 void rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows, int64_t heads,
               int64_t dim, float eps) {
-  int64_t elem = 4;
-  dispatch_dtype(dtype, [&](auto t) { elem = sizeof(t); });
+  const int64_t elem = dtype_size(dtype);
   auto* op = static_cast<char*>(out.data);
   const auto* xp = static_cast<const char*>(x.data);
 #pragma omp parallel if (rows * heads * dim > 32768)
