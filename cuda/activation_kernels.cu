@@ -40,8 +40,8 @@ const char* act_and_mul(DType dtype, Activation act, void* out, const void* x, i
                   static_cast<unsigned>((d + kThreads - 1) / kThreads));
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    act_and_mul_kernel<T><<<grid, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
-        act, static_cast<T*>(out), static_cast<const T*>(x), d, x_stride, out_stride);
+    TM_LAUNCH(grid, kThreads, stream, act_and_mul_kernel<T>)
+    (act, static_cast<T*>(out), static_cast<const T*>(x), d, x_stride, out_stride);
   });
   return err ? err : last_error();
 }

@@ -174,9 +174,9 @@ void launch(const PagedAttentionParams& p, int tokens, Split split, tmStream_t s
   const int group = p.num_heads / p.num_kv_heads;
   const int chunks = (group + kMaxGroup - 1) / kMaxGroup;
   const dim3 grid(tokens, p.num_kv_heads, chunks * split.count);
-  attention_kernel<T, E><<<grid, kThreads, 0, stream>>>(p, chunks, split);
+  TM_LAUNCH(grid, kThreads, stream, attention_kernel<T, E>)(p, chunks, split);
   if (split.count > 1)
-    merge_splits_kernel<T><<<dim3(tokens, p.num_heads), 128, 0, stream>>>(p, split);
+    TM_LAUNCH(dim3(tokens, p.num_heads), 128, stream, merge_splits_kernel<T>)(p, split);
 }
 
 }  // namespace

@@ -35,9 +35,9 @@ const char* reshape_and_cache(DType dtype, View3 key, View3 value, void* key_cac
   const int threads = num_kv_heads * head_size < 512 ? num_kv_heads * head_size : 512;
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    reshape_and_cache_kernel<T><<<num_tokens, threads, 0, static_cast<tmStream_t>(stream)>>>(
-        key, value, static_cast<T*>(key_cache), static_cast<T*>(value_cache), slot_mapping,
-        num_kv_heads, head_size, block_size);
+    TM_LAUNCH(num_tokens, threads, stream, reshape_and_cache_kernel<T>)
+    (key, value, static_cast<T*>(key_cache), static_cast<T*>(value_cache), slot_mapping,
+     num_kv_heads, head_size, block_size);
   });
   return err ? err : last_error();
 }

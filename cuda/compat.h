@@ -1,8 +1,23 @@
-// One spelling of the runtime API and the 16-bit float types for the CUDA
-// and HIP builds of the same kernel sources.
+// One spelling of the runtime API, the kernel launch and the 16-bit float
+// types for the CUDA and HIP builds of the same kernel sources, and for their
+// emulation on the host (emulation/runtime.h) that tests run without a GPU.
 #pragma once
 
-#if defined(__HIP__) || defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM)
+#if defined(TOKENMILL_GPU_EMULATION)
+#include "emulation/runtime.h"
+using tmStream_t = void*;
+using tmError_t = int;
+constexpr tmError_t tmSuccess = 0;
+inline tmError_t tmGetLastError() { return tmSuccess; }
+inline const char* tmGetErrorString(tmError_t) { return "no error"; }
+using tm_bfloat16 = __nv_bfloat16;
+inline float tm_bf16_to_float(tm_bfloat16 x) { return __bfloat162float(x); }
+inline tm_bfloat16 tm_float_to_bf16(float x) { return __float2bfloat16_rn(x); }
+constexpr int kWarpSize = 32;
+#define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
+#define TM_LAUNCH(grid, block, stream, ...) \
+  ::tokenmill::gpu::emulation::launch(grid, block, &__VA_ARGS__)
+#elif defined(__HIP__) || defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM)
 #include <hip/hip_fp16.h>
 #include <hip/hip_runtime.h>
 #define tmStream_t hipStream_t
@@ -10,8 +25,6 @@
 #define tmSuccess hipSuccess
 #define tmGetLastError hipGetLastError
 #define tmGetErrorString hipGetErrorString
-#define tmFuncSetAttribute hipFuncSetAttribute
-#define tmFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
 #if __has_include(<hip/hip_bf16.h>)  // ROCm 6
 #include <hip/hip_bf16.h>
 using tm_bfloat16 = __hip_bfloat16;
@@ -25,6 +38,8 @@ __device__ __forceinline__ tm_bfloat16 tm_float_to_bf16(float x) { return tm_bfl
 #endif
 constexpr int kWarpSize = 64;
 #define TM_SHFL_XOR(v, m) __shfl_xor(v, m)
+#define TM_LAUNCH(grid, block, stream, ...) \
+  __VA_ARGS__<<<grid, block, 0, static_cast<tmStream_t>(stream)>>>
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,11 +49,11 @@ constexpr int kWarpSize = 64;
 #define tmSuccess cudaSuccess
 #define tmGetLastError cudaGetLastError
 #define tmGetErrorString cudaGetErrorString
-#define tmFuncSetAttribute cudaFuncSetAttribute
-#define tmFuncAttributeMaxDynamicSharedMemorySize cudaFuncAttributeMaxDynamicSharedMemorySize
 using tm_bfloat16 = __nv_bfloat16;
 __device__ __forceinline__ float tm_bf16_to_float(tm_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ tm_bfloat16 tm_float_to_bf16(float x) { return __float2bfloat16_rn(x); }
 constexpr int kWarpSize = 32;
 #define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
+#define TM_LAUNCH(grid, block, stream, ...) \
+  __VA_ARGS__<<<grid, block, 0, static_cast<tmStream_t>(stream)>>>
 #endif

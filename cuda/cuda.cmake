@@ -51,3 +51,27 @@ if(_tm_cuda)
     install(FILES ${CMAKE_CURRENT_BINARY_DIR}/cuda_archs.txt DESTINATION tokenmill)
   endif()
 endif()
+
+# The same kernel sources compiled for the host emulation of the CUDA
+# execution model (cuda/emulation/), as torch.ops.tokenmill_emulated_gpu.*:
+# the kernel tests run them where there is no GPU. A test build option.
+option(TOKENMILL_GPU_EMULATION "Build the GPU kernels for the host emulation (tests)" OFF)
+if(TOKENMILL_GPU_EMULATION AND TOKENMILL_BUILD_PYTHON)
+  set(_tm_emulated_sources cuda/emulation/runtime.cpp cuda/emulation/ops.cpp)
+  foreach(_src ${TOKENMILL_GPU_SOURCES})
+    get_filename_component(_name ${_src} NAME_WE)
+    set(_wrapper ${CMAKE_CURRENT_BINARY_DIR}/emulated/${_name}.cpp)
+    file(CONFIGURE OUTPUT ${_wrapper} CONTENT "#include \"${CMAKE_CURRENT_SOURCE_DIR}/${_src}\"\n")
+    list(APPEND _tm_emulated_sources ${_wrapper})
+  endforeach()
+  add_library(_emulated_gpu_ops MODULE ${_tm_emulated_sources})
+  target_compile_definitions(_emulated_gpu_ops PRIVATE TOKENMILL_GPU_EMULATION)
+  target_compile_options(_emulated_gpu_ops PRIVATE -Wno-unknown-pragmas)
+  target_include_directories(_emulated_gpu_ops PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda
+    ${CMAKE_CURRENT_SOURCE_DIR}/cpp/include ${CMAKE_CURRENT_SOURCE_DIR}/cpp/bindings
+    ${TORCH_INCLUDE_DIR})
+  target_link_directories(_emulated_gpu_ops PRIVATE ${TORCH_DIR}/lib)
+  target_link_libraries(_emulated_gpu_ops PRIVATE torch_cpu)
+  set_target_properties(_emulated_gpu_ops PROPERTIES PREFIX "" SKIP_BUILD_RPATH ON INSTALL_RPATH "")
+  install(TARGETS _emulated_gpu_ops LIBRARY DESTINATION tokenmill)
+endif()

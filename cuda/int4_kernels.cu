@@ -92,8 +92,8 @@ const char* int4_linear(float* out, const float* x, int64_t m, const uint8_t* qw
   if (m == 0 || n == 0) return nullptr;
   const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps),
                   static_cast<unsigned>((m + kRowsM - 1) / kRowsM));
-  int4_linear_kernel<<<grid, kWarps * kWarpSize, 0, static_cast<tmStream_t>(stream)>>>(
-      out, x, m, qweight, scales, zeros, k_padded, n, group_size);
+  TM_LAUNCH(grid, kWarps * kWarpSize, stream, int4_linear_kernel)
+  (out, x, m, qweight, scales, zeros, k_padded, n, group_size);
   return last_error();
 }
 
@@ -103,9 +103,8 @@ const char* int4_dequantize(float* out, const uint8_t* qweight, const float* sca
   if (k_padded % 32 || group_size % 32) return "k_padded and group_size must be multiples of 32";
   const int64_t work = (n1 - n0) * (k_padded / 32);
   if (work <= 0) return nullptr;
-  int4_dequantize_kernel<<<static_cast<unsigned>((work + 255) / 256), 256, 0,
-                           static_cast<tmStream_t>(stream)>>>(out, qweight, scales, zeros, k_padded,
-                                                              group_size, n0, n1);
+  TM_LAUNCH(static_cast<unsigned>((work + 255) / 256), 256, stream, int4_dequantize_kernel)
+  (out, qweight, scales, zeros, k_padded, group_size, n0, n1);
   return last_error();
 }
 

@@ -51,8 +51,8 @@ const char* rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_
   if (rows * heads == 0) return nullptr;
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_kernel<T><<<rows * heads, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
-        out, x, static_cast<const T*>(weight), heads, dim, eps);
+    TM_LAUNCH(rows * heads, kThreads, stream, rms_norm_kernel<T>)
+    (out, x, static_cast<const T*>(weight), heads, dim, eps);
   });
   return err ? err : last_error();
 }
@@ -63,9 +63,9 @@ const char* fused_add_rms_norm(DType dtype, void* x, void* residual, const void*
   if (rows == 0) return nullptr;
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    fused_add_rms_norm_kernel<T><<<rows, kThreads, 0, static_cast<tmStream_t>(stream)>>>(
-        static_cast<T*>(x), static_cast<T*>(residual), static_cast<const T*>(weight), dim, x_stride,
-        residual_stride, eps);
+    TM_LAUNCH(rows, kThreads, stream, fused_add_rms_norm_kernel<T>)
+    (static_cast<T*>(x), static_cast<T*>(residual), static_cast<const T*>(weight), dim, x_stride,
+     residual_stride, eps);
   });
   return err ? err : last_error();
 }

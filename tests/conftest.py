@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tokenmill.devices import cuda_kernels_available
+from tokenmill.devices import NATIVE_DIR, cuda_kernels_available
 
 VOCAB = 384
 
@@ -19,6 +19,25 @@ CUDA_MARKS = [
         not cuda_kernels_available(), reason="no CUDA device with tokenmill kernels"
     ),
 ]
+
+# The GPU kernel sources run on the host by cuda/emulation/: the same op
+# names under torch.ops.tokenmill_emulated_gpu, on CPU tensors.
+EMULATED_GPU_LIBRARY = os.path.join(NATIVE_DIR, "_emulated_gpu_ops.so")
+EMULATED_GPU_MARKS = [
+    pytest.mark.skipif(
+        not os.path.exists(EMULATED_GPU_LIBRARY),
+        reason="built without TOKENMILL_GPU_EMULATION=ON (scripts/setup.sh turns it on)",
+    )
+]
+
+
+def emulated_gpu_ops():
+    """torch.ops.tokenmill_emulated_gpu, loaded on first use."""
+    if not hasattr(torch.ops, "tokenmill_emulated_gpu") or not hasattr(
+        torch.ops.tokenmill_emulated_gpu, "paged_attention"
+    ):
+        torch.ops.load_library(EMULATED_GPU_LIBRARY)
+    return torch.ops.tokenmill_emulated_gpu
 
 
 def build_tokenizer(path: str) -> None:

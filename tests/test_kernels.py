@@ -1,7 +1,8 @@
 """Every op on every backend against a naive float64 reference.
 
-Backends: the native kernels on each device present, and the torch
-composite (the path for devices without native kernels).
+Backends: the native kernels on each device present, the GPU kernels run on
+the host by their emulation (cuda/emulation/), and the torch composite (the
+path for devices without native kernels).
 """
 
 import math
@@ -12,7 +13,7 @@ import sys
 import pytest
 import tokenmill.ops as native
 import torch
-from conftest import CUDA_MARKS
+from conftest import CUDA_MARKS, EMULATED_GPU_MARKS, emulated_gpu_ops
 from tokenmill import ops_composite as composite
 
 BACKENDS = [
@@ -20,6 +21,7 @@ BACKENDS = [
     pytest.param((composite, "cpu"), id="composite-cpu"),
 ]
 BACKENDS.append(pytest.param((native, "cuda"), id="native-cuda", marks=CUDA_MARKS))
+BACKENDS.append(pytest.param(("emulated-gpu", "cpu"), id="emulated-gpu", marks=EMULATED_GPU_MARKS))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -35,8 +37,10 @@ def poisoned(shape, dtype, device):
 
 def needs(backend, op):
     impl, device = backend
-    if device == "cuda" and op == "linear":
+    if (device == "cuda" or impl == "emulated-gpu") and op == "linear":
         pytest.skip("dense layers run on cuBLAS on CUDA; tokenmill's linear is CPU-only")
+    if impl == "emulated-gpu":
+        impl = emulated_gpu_ops()
     return impl, device
 
 
@@ -393,7 +397,7 @@ def test_portable_paths_give_the_same_results():
     if os.environ.get("TOKENMILL_DISABLE_AVX2"):
         pytest.skip("already running without the AVX2 paths")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
-    tests = "paged_attention or linear or int4_kernels or rms_norm"
+    tests = "(paged_attention or linear or int4_kernels or rms_norm) and not emulated"
     env = dict(os.environ, TOKENMILL_DISABLE_AVX2="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += [__file__, quantization, "-k", tests]

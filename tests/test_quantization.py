@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import CUDA_MARKS, VOCAB, hf_model
+from conftest import CUDA_MARKS, EMULATED_GPU_MARKS, VOCAB, emulated_gpu_ops, hf_model
 from quant_utils import dequant_awq, dequant_gptq, pack_awq, pack_gptq, quantize_checkpoint
 from tokenmill import LLM, SamplingParams
 from tokenmill import ops_composite as composite
@@ -22,7 +22,14 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=CUDA_MARKS),
+        pytest.param("emulated-gpu", marks=EMULATED_GPU_MARKS),
+    ],
+)
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 33, 100])
 @pytest.mark.parametrize(
     "k,n,group",
@@ -39,12 +46,15 @@ def test_int4_kernels_against_float64(device, m, k, n, group):
         - zeros.double().repeat_interleave(group, 1)[:, :k]
     )
     x = torch.randn(m, k, generator=g)
+    ops = torch.ops.tokenmill
+    if device == "emulated-gpu":
+        ops, device = emulated_gpu_ops(), "cpu"
     qw, scales, zeros, x = (t.to(device) for t in (pack_tokenmill(q), scales, zeros, x))
     out = torch.full((m, n), float("nan"), device=device)
-    torch.ops.tokenmill.int4_linear(out, x, qw, scales, zeros, group)
+    ops.int4_linear(out, x, qw, scales, zeros, group)
     assert rel(out.cpu(), x.cpu().double() @ ref_w.t()) < 1e-5
     w = torch.full((n - 3, k), float("nan"), device=device)
-    torch.ops.tokenmill.int4_dequantize(w, qw, scales, zeros, group, 3)
+    ops.int4_dequantize(w, qw, scales, zeros, group, 3)
     assert rel(w.cpu(), ref_w[3:]) < 1e-6
     wc = torch.empty_like(w)
     composite.int4_dequantize(wc, qw, scales, zeros, group, 3)

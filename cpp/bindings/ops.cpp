@@ -158,31 +158,7 @@ void run_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY(tokenmill, m) {
-  m.def(
-      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
-      "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
-  m.def(
-      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
-      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> ()");
-  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
-  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
-  m.def(
-      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
-      "Tensor cos_sin_cache, bool is_neox) -> ()");
-  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
-  m.def("gelu_and_mul(Tensor(a!) out, Tensor x, bool approximate_tanh=False) -> ()");
-  m.def("linear(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias=None) -> ()");
-  m.def(
-      "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int "
-      "group_size) -> ()");
-  m.def(
-      "int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int "
-      "group_size, "
-      "int row_start) -> ()");
-  m.def("run_program(Tensor(a!)[] tensors, int[] code, float[] floats) -> ()");
-}
+STABLE_TORCH_LIBRARY(tokenmill, m) { tokenmill::ops::define_ops(m); }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("reshape_and_cache", TORCH_BOX(&tokenmill::ops::reshape_and_cache<Cpu>));
