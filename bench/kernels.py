@@ -1,6 +1,7 @@
 """Each kernel beside a torch composite of the same op, on SmolLM2-135M and
 Llama-3-8B shapes, plus decode attention's achieved memory bandwidth against
-the bandwidth of a large copy measured in the same run.
+the bandwidth of a large copy measured in the same run, and prefill
+attention's achieved TFLOPS.
 
   python bench/kernels.py [--dtype bfloat16] [--device cuda]
 """
@@ -63,6 +64,38 @@ def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, 
     return bench(native), bench(composite), kv_bytes
 
 
+def prefill_attention_case(heads, kv_heads, head_size, dtype, seqs=4, length=512, block=16):
+    """Every sequence prefills `length` new tokens (causal) from scattered blocks."""
+    blocks_per_seq = length // block
+    num_blocks = seqs * blocks_per_seq
+    kc = torch.randn(num_blocks, kv_heads, block, head_size, dtype=dtype)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(num_blocks, dtype=torch.int32).view(seqs, blocks_per_seq)
+    q = torch.randn(seqs * length, heads, head_size, dtype=dtype)
+    out = torch.empty_like(q)
+    seq_lens = torch.full((seqs,), length, dtype=torch.int32)
+    qsl = torch.arange(seqs + 1, dtype=torch.int32) * length
+    scale = head_size**-0.5
+
+    def native():
+        ops.paged_attention(out, q, kc, vc, tables, seq_lens, qsl, scale)
+
+    def composite():  # gather every sequence's blocks, then causal SDPA with GQA
+        idx = tables.long()
+        k = kc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, length, head_size)
+        v = vc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, length, head_size)
+        qs = q.view(seqs, length, heads, head_size).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            qs, k, v, scale=scale, is_causal=True, enable_gqa=True
+        )
+
+    native()
+    ref = composite().transpose(1, 2).reshape(out.shape)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
+    flops = 4 * seqs * heads * head_size * length * (length + 1) / 2
+    return bench(native), bench(composite), flops
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -90,6 +123,16 @@ def main():
                 comp * 1e3,
                 comp / nat,
                 f"{gbs:.1f} GB/s ({100 * gbs / bw:.0f}%)",
+            ]
+        )
+        nat, comp, flops = prefill_attention_case(h, kvh, d, dtype)
+        rows.append(
+            [
+                f"{name} prefill attention 4x512",
+                nat * 1e3,
+                comp * 1e3,
+                comp / nat,
+                f"{flops / nat / 1e12:.2f} TFLOPS",
             ]
         )
 
@@ -151,7 +194,7 @@ def main():
     for r in rows:
         if len(r) == 3:
             r += [r[2] / r[1], ""]
-    print(table(rows, ["kernel", "tokenmill ms", "torch composite ms", "speed-up", "bandwidth"]))
+    print(table(rows, ["kernel", "tokenmill ms", "torch composite ms", "speed-up", "achieved"]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-// Paged attention for mixed batches: every new query token of every sequence
-// attends causally to its paged context. One thread block serves one query
+// Paged attention for decode batches and what the tiled prefill kernel
+// (prefill_attention_kernels.cu) does not take: every new query token of
+// every sequence attends causally to its paged context. One thread block serves one query
 // token, one KV head and up to kMaxGroup of the query heads that share it, so
 // each key and value row is read once for the whole group (GQA/MQA). The
 // block's warps take interleaved keys, each keeping an online softmax, and
@@ -185,6 +186,7 @@ int paged_attention_splits(const PagedAttentionParams& p, int64_t num_tokens) {
   const int64_t max_keys = p.block_table_stride * p.block_size;
   const int64_t chunks = (p.num_heads / p.num_kv_heads + kMaxGroup - 1) / kMaxGroup;
   const int64_t blocks = num_tokens * p.num_kv_heads * chunks;
+  if (prefill_attention_fits(p, num_tokens)) return 1;
   if (num_tokens == 0 || max_keys <= kSplitKeys || blocks >= kTargetBlocks) return 1;
   const int64_t by_length = (max_keys + kSplitKeys - 1) / kSplitKeys;
   const int64_t by_occupancy = (kTargetBlocks + blocks - 1) / blocks;
@@ -202,6 +204,7 @@ const char* paged_attention(const PagedAttentionParams& p, int64_t num_tokens, i
   if (p.head_size > kMaxHead) return "head_size above 256 is not supported on the GPU";
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads)
     return "num_heads must be a multiple of num_kv_heads";
+  if (prefill_attention_fits(p, num_tokens)) return prefill_attention(p, num_tokens, stream);
   Split split{splits, 1 << 30, nullptr, nullptr, nullptr};  // one split: every key
   if (splits > 1) {
     const int64_t per_split = (p.block_table_stride * p.block_size + splits - 1) / splits;

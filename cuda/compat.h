@@ -17,6 +17,7 @@ constexpr int kWarpSize = 32;
 #define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
 #define TM_LAUNCH(grid, block, stream, ...) \
   ::tokenmill::gpu::emulation::launch(grid, block, &__VA_ARGS__)
+#define TM_HAS_WMMA 1
 #elif defined(__HIP__) || defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM)
 #include <hip/hip_fp16.h>
 #include <hip/hip_runtime.h>
@@ -40,10 +41,12 @@ constexpr int kWarpSize = 64;
 #define TM_SHFL_XOR(v, m) __shfl_xor(v, m)
 #define TM_LAUNCH(grid, block, stream, ...) \
   __VA_ARGS__<<<grid, block, 0, static_cast<tmStream_t>(stream)>>>
+#define TM_HAS_WMMA 0  // rocWMMA differs; ROCm runs the per-token attention kernel
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #define tmStream_t cudaStream_t
 #define tmError_t cudaError_t
 #define tmSuccess cudaSuccess
@@ -56,4 +59,5 @@ constexpr int kWarpSize = 32;
 #define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
 #define TM_LAUNCH(grid, block, stream, ...) \
   __VA_ARGS__<<<grid, block, 0, static_cast<tmStream_t>(stream)>>>
+#define TM_HAS_WMMA 1
 #endif

@@ -20,6 +20,10 @@ int64_t paged_attention_workspace_floats(const PagedAttentionParams& p, int64_t 
                                          int splits);
 const char* paged_attention(const PagedAttentionParams& p, int64_t num_tokens, int splits,
                             float* workspace, void* stream);
+// Batches with prefill in 16-bit types on tensor cores (prefill_attention_kernels.cu);
+// paged_attention takes this path itself wherever it fits.
+bool prefill_attention_fits(const PagedAttentionParams& p, int64_t num_tokens);
+const char* prefill_attention(const PagedAttentionParams& p, int64_t num_tokens, void* stream);
 
 const char* rms_norm(DType dtype, View3 out, View3 x, const void* weight, int64_t rows,
                      int64_t heads, int64_t dim, float eps, void* stream);

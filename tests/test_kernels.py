@@ -196,17 +196,18 @@ def test_paged_attention(backend, dtype, block_size, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["window", "softcap", "alibi"])
-def test_paged_attention_variants(backend, variant):
+def test_paged_attention_variants(backend, dtype, variant):
     impl, device = needs(backend, "paged_attention")
     num_heads, num_kv, head_size, block_size = 4, 2, 64, 16
     seqs = [(10, 50), (1, 70), (24, 24)]
     seq_lens = [c for _, c in seqs]
     qsl = [0, 10, 11, 35]
-    kc, vc = make_cache(16, num_kv, block_size, head_size, torch.float32, device)
+    kc, vc = make_cache(16, num_kv, block_size, head_size, dtype, device)
     tables = random_tables(seq_lens, block_size, 16, torch.Generator().manual_seed(1))
-    query = torch.randn(35, num_heads, head_size, device=device)
-    out = poisoned(query.shape, torch.float32, device)
+    query = torch.randn(35, num_heads, head_size, dtype=dtype, device=device)
+    out = poisoned(query.shape, dtype, device)
     kw = {
         "window": dict(window=19),
         "softcap": dict(softcap=2.0),
@@ -220,7 +221,7 @@ def test_paged_attention_variants(backend, variant):
     args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
     impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.125, **call)
     ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.125, **kw)
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

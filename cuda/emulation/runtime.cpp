@@ -172,6 +172,8 @@ void fiber_main() {
 
 void sync_block() { wait(block->all); }
 
+void sync_warp() { wait(block->warps[linear_thread(*current) / kWarpSize]); }
+
 uint64_t exchange(uint64_t value, int src) {
   Block& b = *block;
   const int me = linear_thread(*current), warp = me / kWarpSize;

@@ -21,6 +21,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x, y, z;
@@ -85,6 +86,7 @@ struct Position {
 extern const Position* current;  // the running fiber's
 
 void sync_block();
+void sync_warp();
 // Every lane of the caller's warp passes its value; each gets lane `src`'s.
 uint64_t exchange(uint64_t value, int src);
 // Runs thread_body once per GPU thread of every block, as described above.
@@ -121,6 +123,9 @@ Launch<P...> launch(dim3 grid, dim3 block, void (*kernel)(P...)) {
 #define gridDim (::tokenmill::gpu::emulation::current->grid_dim)
 
 inline void __syncthreads() { ::tokenmill::gpu::emulation::sync_block(); }
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  ::tokenmill::gpu::emulation::sync_warp();
+}
 
 template <class T>
 T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
@@ -132,3 +137,84 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
   std::memcpy(&value, &bits, sizeof(T));
   return value;
 }
+
+// Warp matrix products (mma.h). A fragment holds its whole tile in every lane
+// (on the device the lanes share it out in a layout code may not rely on),
+// and loads and stores are collective: the warp meets before and after.
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = kRows * kCols;
+  T x[num_elements];
+};
+
+namespace detail {
+inline float to_float(float x) { return x; }
+inline float to_float(__half x) { return __half2float(x); }
+inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline bool row_major_layout(row_major*) { return true; }
+inline bool row_major_layout(col_major*) { return false; }
+}  // namespace detail
+
+template <class Use, int M, int N, int K, class T, class L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, const T& value) {
+  for (T& e : f.x) e = value;
+}
+
+template <class Use, int M, int N, int K, class T, class L>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, L>;
+  const bool rows = detail::row_major_layout(static_cast<L*>(nullptr));
+  ::tokenmill::gpu::emulation::sync_warp();
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c)
+      f.x[r * F::kCols + c] = rows ? p[r * ldm + c] : p[c * ldm + r];
+  ::tokenmill::gpu::emulation::sync_warp();
+}
+
+template <int M, int N, int K, class T>
+void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t l) {
+  ::tokenmill::gpu::emulation::sync_warp();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      f.x[r * N + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  ::tokenmill::gpu::emulation::sync_warp();
+}
+
+template <int M, int N, int K, class T>
+void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t l) {
+  ::tokenmill::gpu::emulation::sync_warp();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+  ::tokenmill::gpu::emulation::sync_warp();
+}
+
+template <int M, int N, int K, class TA, class LA, class TB, class LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d,
+              const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TB, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  float af[M * K], bf[K * N], out[M * N];
+  for (int i = 0; i < M * K; ++i) af[i] = detail::to_float(a.x[i]);
+  for (int i = 0; i < K * N; ++i) bf[i] = detail::to_float(b.x[i]);
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float acc = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) acc += af[i * K + k] * bf[k * N + j];
+      out[i * N + j] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace nvcuda::wmma
