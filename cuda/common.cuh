@@ -64,6 +64,22 @@ const char* dispatch_dtype(DType dtype, F&& f) {
   return nullptr;
 }
 
+// Whether the current device runs 16-bit WMMA of both types (sm_80 and newer).
+inline bool device_has_tensor_cores() {
+#if defined(TOKENMILL_GPU_EMULATION)
+  return true;
+#elif TM_HAS_WMMA
+  static int major[64] = {};  // per device; 0 until asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (major[device] == 0)
+    cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device);
+  return major[device] >= 8;
+#else
+  return false;
+#endif
+}
+
 inline const char* last_error() {
   tmError_t err = tmGetLastError();
   return err == tmSuccess ? nullptr : tmGetErrorString(err);

@@ -16,7 +16,7 @@ inline tm_bfloat16 tm_float_to_bf16(float x) { return __float2bfloat16_rn(x); }
 constexpr int kWarpSize = 32;
 #define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
 #define TM_LAUNCH(grid, block, stream, ...) \
-  ::tokenmill::gpu::emulation::launch(grid, block, &__VA_ARGS__)
+  ::tokenmill::gpu::emulation::launch(grid, block, __VA_ARGS__)
 #define TM_HAS_WMMA 1
 #elif defined(__HIP__) || defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM)
 #include <hip/hip_fp16.h>

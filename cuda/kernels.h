@@ -38,9 +38,10 @@ const char* rotary_embedding(DType dtype, const int32_t* positions, int64_t num_
 const char* act_and_mul(DType dtype, Activation act, void* out, const void* x, int64_t rows,
                         int64_t d, int64_t x_stride, int64_t out_stride, void* stream);
 
-// Weight-only int4 in tokenmill's layout (cpp/kernels/int4.cpp); float32
-// activations [m, k_padded] and output [m, n].
-const char* int4_linear(float* out, const float* x, int64_t m, const uint8_t* qweight,
+// Weight-only int4 in tokenmill's layout (cpp/kernels/int4.cpp): x [m, k]
+// (k <= k_padded) and out [m, n] in dtype, rows at the given strides.
+const char* int4_linear(DType dtype, void* out, const void* x, int64_t m, int64_t k,
+                        int64_t x_stride, int64_t out_stride, const uint8_t* qweight,
                         const float* scales, const float* zeros, int64_t k_padded, int64_t n,
                         int64_t group_size, void* stream);
 // Rows n0..n1 of the dequantized weight, float32 [n1 - n0, k_padded].

@@ -207,19 +207,6 @@ void launch(const PagedAttentionParams& p, int64_t num_tokens, tmStream_t stream
   TM_LAUNCH(grid, kThreads, stream, prefill_attention_kernel<T, DP>)(p);
 }
 
-bool device_has_tensor_cores() {
-#if defined(TOKENMILL_GPU_EMULATION)
-  return true;
-#else
-  static int major[64] = {};  // per device; 0 until asked
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  if (major[device] == 0)
-    cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device);
-  return major[device] >= 8;
-#endif
-}
-
 }  // namespace
 
 bool prefill_attention_fits(const PagedAttentionParams& p, int64_t num_tokens) {

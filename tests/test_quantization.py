@@ -22,14 +22,21 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param("cuda", marks=CUDA_MARKS),
-        pytest.param("emulated-gpu", marks=EMULATED_GPU_MARKS),
-    ],
-)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=CUDA_MARKS),
+    pytest.param("emulated-gpu", marks=EMULATED_GPU_MARKS),
+]
+
+
+def int4_ops(device):
+    """The int4 ops and the tensors' device for a test device."""
+    if device == "emulated-gpu":
+        return emulated_gpu_ops(), "cpu"
+    return torch.ops.tokenmill, device
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 33, 100])
 @pytest.mark.parametrize(
     "k,n,group",
@@ -46,9 +53,7 @@ def test_int4_kernels_against_float64(device, m, k, n, group):
         - zeros.double().repeat_interleave(group, 1)[:, :k]
     )
     x = torch.randn(m, k, generator=g)
-    ops = torch.ops.tokenmill
-    if device == "emulated-gpu":
-        ops, device = emulated_gpu_ops(), "cpu"
+    ops, device = int4_ops(device)
     qw, scales, zeros, x = (t.to(device) for t in (pack_tokenmill(q), scales, zeros, x))
     out = torch.full((m, n), float("nan"), device=device)
     ops.int4_linear(out, x, qw, scales, zeros, group)
@@ -61,11 +66,14 @@ def test_int4_kernels_against_float64(device, m, k, n, group):
     assert rel(wc.cpu(), ref_w[3:]) < 1e-6
 
 
-@pytest.mark.parametrize("m", [1, 2, 5])
-@pytest.mark.parametrize("k,n,group", [(576, 40, 128), (100, 24, 32)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 2, 5, 70])
+@pytest.mark.parametrize("k,n,group", [(576, 40, 128), (100, 24, 32), (256, 130, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int4_linear_reads_and_writes_half_precision_unpadded(m, k, n, group, dtype):
-    """On CPUs int4_linear takes x of the model's dtype, K unpadded, and writes out in it."""
+def test_int4_linear_reads_and_writes_half_precision_unpadded(device, m, k, n, group, dtype):
+    """int4_linear takes x of the model's dtype, K unpadded, and writes out in it (on GPUs,
+    above 32 rows, through the tensor-core GEMM)."""
+    ops, device = int4_ops(device)
     g = torch.Generator().manual_seed(k + m)
     k_padded = -(-k // 32) * 32
     q = torch.randint(0, 16, (n, k_padded), generator=g, dtype=torch.uint8)
@@ -77,12 +85,14 @@ def test_int4_linear_reads_and_writes_half_precision_unpadded(m, k, n, group, dt
         - zeros.double().repeat_interleave(group, 1)[:, :k_padded]
     )[:, :k]
     x = torch.randn(m, k, generator=g).to(dtype)
-    out = torch.full((m, n), float("nan"), dtype=dtype)
-    torch.ops.tokenmill.int4_linear(out, x, pack_tokenmill(q), scales, zeros, group)
-    assert rel(out, x.double() @ ref_w.t()) < 1e-2
+    tensors = (x, pack_tokenmill(q), scales, zeros)
+    xd, qd, sd, zd = (t.to(device) for t in tensors)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    ops.int4_linear(out, xd, qd, sd, zd, group)
+    assert rel(out.cpu(), x.double() @ ref_w.t()) < 1e-2
     expected = torch.empty(m, n, dtype=dtype)
-    composite.int4_linear(expected, x, pack_tokenmill(q), scales, zeros, group)
-    assert rel(out, expected.double()) < 1e-2
+    composite.int4_linear(expected, *tensors, group)
+    assert rel(out.cpu(), expected.double()) < 1e-2
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, -1])

@@ -216,10 +216,11 @@ void linear(Tensor out, Tensor x, Tensor weight, std::optional<Tensor> bias) {
             k, n, x.stride(0), out.stride(0));
 }
 
-// x [M, K <= K_padded] and out [M, N] with contiguous rows. The kernels take
-// float32 x padded to K_padded and float32 out; a host backend (B::kHost)
-// converts other dtypes and pads on the way, so a decode step needs no
-// separate conversion ops around it.
+// x [M, K <= K_padded] and out [M, N] with contiguous rows. Device backends
+// take x and out of one dtype as they are. The host kernels take float32 x
+// padded to K_padded and float32 out; the host backend (B::kHost) converts
+// other dtypes and pads on the way, so a decode step needs no separate
+// conversion ops around it.
 template <class B>
 void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros,
                  int64_t group_size) {
@@ -231,26 +232,27 @@ void int4_linear(Tensor out, Tensor x, Tensor qweight, Tensor scales, Tensor zer
       out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0) && out.size(1) == n,
       "out must be [M, N] with contiguous rows");
   const int64_t m = x.size(0);
-  auto run = [&](float* o, const float* xf) {
-    B::int4_linear(x, o, xf, m, static_cast<const uint8_t*>(qweight.data_ptr()),
-                   static_cast<const float*>(scales.data_ptr()),
-                   static_cast<const float*>(zeros.data_ptr()), kp, n, group_size);
-  };
-  const auto f32 = torch::headeronly::ScalarType::Float;
-  if (x.scalar_type() == f32 && out.scalar_type() == f32 && x.is_contiguous() &&
-      out.is_contiguous() && x.size(1) == kp) {
-    run(static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()));
-    return;
-  }
-  if constexpr (B::kHost) {
+  const auto* q = static_cast<const uint8_t*>(qweight.data_ptr());
+  const auto* s = static_cast<const float*>(scales.data_ptr());
+  const auto* z = static_cast<const float*>(zeros.data_ptr());
+  if constexpr (!B::kHost) {
+    check_same_dtype(x, out, "out");
+    B::int4_linear(x, dtype_of(x), out.data_ptr(), x.data_ptr(), m, x.size(1), x.stride(0),
+                   out.stride(0), q, s, z, kp, n, group_size);
+  } else {
+    auto run = [&](float* o, const float* xf) {
+      B::int4_linear(x, o, xf, m, q, s, z, kp, n, group_size);
+    };
+    const auto f32 = torch::headeronly::ScalarType::Float;
+    if (x.scalar_type() == f32 && out.scalar_type() == f32 && x.is_contiguous() &&
+        out.is_contiguous() && x.size(1) == kp) {
+      run(static_cast<float*>(out.data_ptr()), static_cast<const float*>(x.data_ptr()));
+      return;
+    }
     std::vector<float> xf(static_cast<size_t>(m * kp), 0.f), of(static_cast<size_t>(m * n));
     B::rows_to_float(x, dtype_of(x), xf.data(), x.data_ptr(), m, x.size(1), x.stride(0), kp);
     run(of.data(), xf.data());
     B::rows_from_float(x, dtype_of(out), out.data_ptr(), of.data(), m, n, out.stride(0), n);
-  } else {
-    STD_TORCH_CHECK(false,
-                    "int4_linear on this device takes contiguous float32 x [M, K_padded] "
-                    "and out [M, N]");
   }
 }
 

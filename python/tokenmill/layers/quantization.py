@@ -36,7 +36,7 @@ import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.errors import UnsupportedModelError
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-SMALL_M = 32  # up to this many rows the fused int4 kernel; above, dequantized tiles + BLAS
+SMALL_M = 32  # on CPUs up to this many rows the int4 kernel; above, dequantized tiles + BLAS
 _TILE_ROWS = 512
 
 
@@ -225,11 +225,13 @@ class Int4Linear(nn.Module):
             x = F.pad(x, (0, self.k_padded - x.shape[1]))
         return x.contiguous()
 
-    def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _rows(self, rows: slice):
         if rows == slice(None):  # no views to build on the decode path
-            q, s, z = self.qweight, self.scales, self.zeros
-        else:
-            q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
+            return self.qweight, self.scales, self.zeros
+        return self.qweight[rows], self.scales[rows], self.zeros[rows]
+
+    def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        q, s, z = self._rows(rows)
         if x.shape[0] <= SMALL_M:
             out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=torch.float32)
             torch.ops.tokenmill.int4_linear(out, x, q, s, z, self.group_size)
@@ -246,13 +248,36 @@ class Int4Linear(nn.Module):
             torch.mm(tile[: r1 - r0], xt, out=out_t[r0:r1])
         return out_t.t()
 
+    def _native(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """x [M, K] through int4_linear in its own dtype, K unpadded."""
+        q, s, z = self._rows(rows)
+        y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
+        torch.ops.tokenmill.int4_linear(y, x.contiguous(), q, s, z, self.group_size)
+        return y
+
+    def _takes_native(self, x: torch.Tensor) -> bool:
+        if x.device.type == "cpu":
+            # Decode: one native op (one program with its neighbours in a graph).
+            return x.shape[0] <= SMALL_M and not self.perms
+        # CUDA runs 16-bit batches of any size on tensor cores; ROCm has no
+        # tensor-core GEMM here, so its prefill takes the dequantized tiles.
+        return x.dtype != torch.float32 and (x.shape[0] <= SMALL_M or not torch.version.hip)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[0] <= SMALL_M and not self.perms:
-            # Decode: the kernel reads x and writes out in their own dtype, so the
-            # step is one native op (one program with its neighbours in a graph).
-            y = torch.empty(x.shape[0], self.qweight.shape[0], dtype=x.dtype)
-            q, s, z = self.qweight, self.scales, self.zeros
-            torch.ops.tokenmill.int4_linear(y, x.contiguous(), q, s, z, self.group_size)
+        if self._takes_native(x):
+            if not self.perms:
+                y = self._native(x, slice(None))
+            else:
+                y = torch.cat(
+                    [
+                        self._native(
+                            x[:, self.perms[shard]] if shard in self.perms else x,
+                            slice(offset, offset + size),
+                        )
+                        for shard, (offset, size) in self.shards.items()
+                    ],
+                    dim=1,
+                )
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if not self.perms:
             y = self._matmul(self._padded(x, None), slice(None))
