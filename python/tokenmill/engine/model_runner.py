@@ -14,6 +14,7 @@ from tokenmill.config import EngineArgs
 from tokenmill.distributed import StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
+from tokenmill.host_memory import huge_page_empty, move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.loader.hf import iterate_weights
 from tokenmill.models import model_class
@@ -118,6 +119,8 @@ class ModelRunner:
         missing = set(dict(model.named_parameters())) - loaded
         if missing:
             raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
+        if self.device.type == "cpu":
+            move_to_huge_pages(model)
         return model.eval()
 
     @property
@@ -204,7 +207,10 @@ class ModelRunner:
         layers = self.model.attention_layers
         a = layers[0]
         shape = (len(layers), 2, num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            self.kv_cache = huge_page_empty(shape, self.dtype)
+        else:
+            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.key_cache, layer.value_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 

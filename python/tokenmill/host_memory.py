@@ -1,0 +1,76 @@
+"""Host memory on transparent huge pages.
+
+A CPU decode step streams every weight once, and attention streams the KV
+cache. With 4 KiB pages such a stream takes a TLB miss every 4 KiB; on 2 MiB
+pages it takes almost none, and the same reads run faster (on a 2-core
+Zen 3: a plain 2-thread read of 256 MB 20.4-21.0 GB/s on 4 KiB pages and
+22.8-25.5 GB/s on huge pages; the dense GEMV over 60 decode-sized bf16
+weights 19.1-22.6 against 21.1-24.2 GB/s, medians of the same runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+
+import torch
+from torch import nn
+
+log = logging.getLogger("tokenmill")
+
+_HUGE_PAGE = 2 << 20
+_ALIGN = 4096
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A zeroed uint8 CPU tensor of ``nbytes`` in anonymous memory advised for
+    huge pages; plain pages where the OS offers none."""
+    # Private: shared anonymous memory is shmem, which has its own THP setting.
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=flags)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    skip = -whole.data_ptr() % _HUGE_PAGE
+    return whole[skip : skip + nbytes]
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised-looking (zeroed) CPU tensor on huge pages."""
+    numel = math.prod(shape)
+    return huge_page_buffer(numel * dtype.itemsize).view(dtype).view(shape)
+
+
+def move_to_huge_pages(module: nn.Module) -> int:
+    """Moves the module's CPU parameters and buffers into one huge-page arena,
+    one tensor at a time (each old tensor is freed as its copy lands).
+    Tensors shared between modules stay shared. Returns the bytes moved."""
+    slots = []  # (owner, kind, name, tensor)
+    seen: set[int] = set()
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(owner, kind).items():
+                if t is None or t.device.type != "cpu" or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                slots.append((owner, kind, name, t))
+    sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for *_, t in slots]
+    if not slots:
+        return 0
+    arena = huge_page_buffer(sum(sizes))
+    offset = 0
+    for (owner, kind, name, t), size in zip(slots, sizes, strict=True):
+        nbytes = t.numel() * t.element_size()
+        moved = arena[offset : offset + nbytes].view(t.dtype).view(t.shape)
+        moved.copy_(t)
+        if kind == "_parameters":
+            t.data = moved  # the Parameter object, and whoever shares it, now reads the arena
+        else:
+            getattr(owner, kind)[name] = moved
+        offset += size
+    log.info("weights: %.1f MiB on huge pages", offset / 2**20)
+    return offset
