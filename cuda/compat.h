@@ -13,7 +13,7 @@ inline const char* tmGetErrorString(tmError_t) { return "no error"; }
 using tm_bfloat16 = __nv_bfloat16;
 inline float tm_bf16_to_float(tm_bfloat16 x) { return __bfloat162float(x); }
 inline tm_bfloat16 tm_float_to_bf16(float x) { return __float2bfloat16_rn(x); }
-constexpr int kWarpSize = 32;
+constexpr int kWarpSize = ::tokenmill::gpu::emulation::kWarpSize;
 #define TM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
 #define TM_LAUNCH(grid, block, stream, ...) \
   ::tokenmill::gpu::emulation::launch(grid, block, __VA_ARGS__)

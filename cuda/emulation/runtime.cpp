@@ -17,7 +17,6 @@ const Position* current = nullptr;
 
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 128 * 1024;
 
 #if defined(__x86_64__)
@@ -115,10 +114,6 @@ void leave(Barrier& b) {
   if (b.arrived > 0 && b.arrived == b.members) release(b);
 }
 
-int linear_thread(const Position& p) {
-  return static_cast<int>((p.thread.z * p.block_dim.y + p.thread.y) * p.block_dim.x + p.thread.x);
-}
-
 // Hands over to the next fiber that has not ended, or to the launching
 // thread when none is left.
 void pass_on() {
@@ -163,7 +158,7 @@ void fiber_main() {
   --b.live;
   b.stalled = 0;
   leave(b.all);
-  leave(b.warps[linear_thread(f.position) / kWarpSize]);
+  leave(b.warps[thread_rank(f.position) / kWarpSize]);
   pass_on();
   std::abort();  // an ended fiber is never resumed
 }
@@ -172,11 +167,11 @@ void fiber_main() {
 
 void sync_block() { wait(block->all); }
 
-void sync_warp() { wait(block->warps[linear_thread(*current) / kWarpSize]); }
+void sync_warp() { wait(block->warps[thread_rank(*current) / kWarpSize]); }
 
 uint64_t exchange(uint64_t value, int src) {
   Block& b = *block;
-  const int me = linear_thread(*current), warp = me / kWarpSize;
+  const int me = thread_rank(*current), warp = me / kWarpSize;
   b.lanes[me] = value;
   wait(b.warps[warp]);
   const int from = warp * kWarpSize + src;

@@ -80,6 +80,8 @@ constexpr std::common_type_t<A, B> max(A a, B b) {
 
 namespace tokenmill::gpu::emulation {
 
+constexpr int kWarpSize = 32;
+
 struct Position {
   dim3 thread, block, block_dim, grid_dim;
 };
@@ -92,11 +94,12 @@ uint64_t exchange(uint64_t value, int src);
 // Runs thread_body once per GPU thread of every block, as described above.
 void run(dim3 grid, dim3 block, const std::function<void()>& thread_body);
 
-inline int lane() {
-  const Position& p = *current;
-  return static_cast<int>((p.thread.z * p.block_dim.y + p.thread.y) * p.block_dim.x + p.thread.x) %
-         32;
+// A thread's index within its block, x fastest, as warps are formed.
+inline int thread_rank(const Position& p) {
+  return static_cast<int>((p.thread.z * p.block_dim.y + p.thread.y) * p.block_dim.x + p.thread.x);
 }
+
+inline int lane() { return thread_rank(*current) % kWarpSize; }
 
 template <class... P>
 struct Launch {
