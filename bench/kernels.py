@@ -34,13 +34,26 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e9
 
 
-def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, block=16):
-    """Every sequence decodes one token over ctx tokens of context in scattered blocks."""
-    blocks_per_seq = ctx // block
+def scattered_cache(seqs, length, kv_heads, head_size, dtype, block=16):
+    """K/V caches holding `length` tokens of each sequence in shuffled blocks, the block
+    tables, and a gather of the sequences into [seqs, kv_heads, length, head_size]."""
+    blocks_per_seq = length // block
     num_blocks = seqs * blocks_per_seq
     kc = torch.randn(num_blocks, kv_heads, block, head_size, dtype=dtype)
     vc = torch.randn_like(kc)
     tables = torch.randperm(num_blocks, dtype=torch.int32).view(seqs, blocks_per_seq)
+
+    def gather():
+        idx = tables.long()
+        shape = (seqs, kv_heads, length, head_size)
+        return (c[idx].permute(0, 2, 1, 3, 4).reshape(shape) for c in (kc, vc))
+
+    return kc, vc, tables, gather
+
+
+def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512):
+    """Every sequence decodes one token over ctx tokens of context in scattered blocks."""
+    kc, vc, tables, gather = scattered_cache(seqs, ctx, kv_heads, head_size, dtype)
     q = torch.randn(seqs, heads, head_size, dtype=dtype)
     out = torch.empty_like(q)
     seq_lens = torch.full((seqs,), ctx, dtype=torch.int32)
@@ -51,9 +64,7 @@ def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, 
         ops.paged_attention(out, q, kc, vc, tables, seq_lens, qsl, scale)
 
     def composite():  # gather every sequence's blocks, then SDPA with GQA
-        idx = tables.long()
-        k = kc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, ctx, head_size)
-        v = vc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, ctx, head_size)
+        k, v = gather()
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
 
     got = torch.empty_like(q)
@@ -64,13 +75,9 @@ def decode_attention_case(heads, kv_heads, head_size, dtype, seqs=256, ctx=512, 
     return bench(native), bench(composite), kv_bytes
 
 
-def prefill_attention_case(heads, kv_heads, head_size, dtype, seqs=4, length=512, block=16):
+def prefill_attention_case(heads, kv_heads, head_size, dtype, seqs=4, length=512):
     """Every sequence prefills `length` new tokens (causal) from scattered blocks."""
-    blocks_per_seq = length // block
-    num_blocks = seqs * blocks_per_seq
-    kc = torch.randn(num_blocks, kv_heads, block, head_size, dtype=dtype)
-    vc = torch.randn_like(kc)
-    tables = torch.randperm(num_blocks, dtype=torch.int32).view(seqs, blocks_per_seq)
+    kc, vc, tables, gather = scattered_cache(seqs, length, kv_heads, head_size, dtype)
     q = torch.randn(seqs * length, heads, head_size, dtype=dtype)
     out = torch.empty_like(q)
     seq_lens = torch.full((seqs,), length, dtype=torch.int32)
@@ -81,9 +88,7 @@ def prefill_attention_case(heads, kv_heads, head_size, dtype, seqs=4, length=512
         ops.paged_attention(out, q, kc, vc, tables, seq_lens, qsl, scale)
 
     def composite():  # gather every sequence's blocks, then causal SDPA with GQA
-        idx = tables.long()
-        k = kc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, length, head_size)
-        v = vc[idx].permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, length, head_size)
+        k, v = gather()
         qs = q.view(seqs, length, heads, head_size).transpose(1, 2)
         return F.scaled_dot_product_attention(
             qs, k, v, scale=scale, is_causal=True, enable_gqa=True
