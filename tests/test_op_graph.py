@@ -1,6 +1,8 @@
 """Recorded operator graphs (the CPU's decode graphs): a replay computes what
 the forward computes on the inputs of the moment."""
 
+import gc
+
 import pytest
 import torch
 from tokenmill import LLM, SamplingParams
@@ -28,6 +30,25 @@ def test_replay_follows_new_inputs_through_views_copies_and_in_place_ops():
         for _ in range(3):
             x.copy_(torch.randn(4, 6, dtype=torch.float64))
             torch.testing.assert_close(graph.replay(), forward(), rtol=0, atol=0)
+
+
+def test_a_graph_unloads_its_programs_when_it_goes():
+    x, w = torch.randn(3, 8), torch.randn(8)
+    h, out = torch.empty(3, 8), torch.empty(3, 4)
+
+    def forward():
+        torch.ops.tokenmill.rms_norm(h, x, w, 1e-6)
+        torch.ops.tokenmill.silu_and_mul(out, h)
+        return out * 1
+
+    graph = OpGraph()
+    graph.capture(forward)
+    (program, bound, slots) = next(args for _, args, *_ in graph.calls)
+    torch.ops.tokenmill.run_loaded_program(program, bound, slots)  # loaded
+    del graph
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no program"):
+        torch.ops.tokenmill.run_loaded_program(program, bound, slots)
 
 
 def test_reading_a_value_in_python_cannot_be_captured():
@@ -59,7 +80,7 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     # The layers' native ops run as one program beside the embedding (Qwen3's q/k norms
     # included: they read the heads of the fused QKV output in place).
     ops = [call[0] for call in graphs.graphs[8].calls]
-    assert ops == [torch.ops.aten.embedding.default, torch.ops.tokenmill.run_program.default]
+    assert ops == [torch.ops.aten.embedding.default, torch.ops.tokenmill.run_loaded_program.default]
     replays = []
     for size, graph in graphs.graphs.items():
         graph.replay = (lambda f, s: lambda: replays.append(s) or f())(graph.replay, size)
@@ -69,7 +90,7 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
 
 
 def test_a_program_runs_every_native_op_as_the_op_itself():
-    """One recorded run of every op that run_program knows, replayed on new inputs: each
+    """One recorded run of every op that a program knows, replayed on new inputs: each
     must decode its arguments as its own schema has them."""
     tm = torch.ops.tokenmill
     g = torch.Generator().manual_seed(0)
@@ -119,7 +140,7 @@ def test_a_program_runs_every_native_op_as_the_op_itself():
     caches = key_cache.clone(), value_cache.clone()
     graph.capture(forward)
     ops = [call[0] for call in graph.calls]
-    assert tm.run_program.default in ops
+    assert tm.run_loaded_program.default in ops
     for _ in range(2):
         for t in (x, gate_up, w):
             t.copy_(torch.randn(t.shape, generator=g))

@@ -295,7 +295,9 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int "
       "group_size, "
       "int row_start) -> ()");
-  m.def("run_program(Tensor(a!)[] tensors, int[] code, float[] floats) -> ()");
+  m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
+  m.def("run_loaded_program(int program, Tensor(a!)[] bound, int[] slots) -> ()");
+  m.def("unload_program(int program) -> ()");
 }
 
 }  // namespace tokenmill::ops

@@ -1,5 +1,7 @@
 // torch.ops.tokenmill.* on the CPU, through PyTorch's stable ABI. Schemas
 // and fake implementations live in python/tokenmill/ops.py.
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "op_impls.h"
@@ -58,7 +60,7 @@ struct Cpu {
   }
 };
 
-// The ops that run_program runs, numbered as OP_NAMES in python/tokenmill/ops.py.
+// The ops a program runs, numbered as OP_NAMES in python/tokenmill/ops.py.
 enum class ProgramOp : int64_t {
   kReshapeAndCache,
   kPagedAttention,
@@ -77,8 +79,8 @@ enum class ProgramOp : int64_t {
 // holds, per op, its number and then its arguments in schema order: tensors
 // as indices into `tensors` (-1: None), ints and bools as themselves, floats
 // as the next entry of `floats`.
-void run_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
-                 std::vector<double> floats) {
+void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64_t>& code,
+                     const std::vector<double>& floats) {
   namespace ops = tokenmill::ops;
   size_t pc = 0, fc = 0;
   auto tensor = [&]() -> Tensor { return tensors.at(code.at(pc++)); };
@@ -150,10 +152,49 @@ void run_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
         break;
       }
       default:
-        STD_TORCH_CHECK(false, "run_program: unknown op number");
+        STD_TORCH_CHECK(false, "program: unknown op number");
     }
   }
-  STD_TORCH_CHECK(fc == floats.size(), "run_program: unused float arguments");
+  STD_TORCH_CHECK(fc == floats.size(), "program: unused float arguments");
+}
+
+// Programs stay here from their recording until their graph goes, so that a
+// replay passes only the tensors each step makes anew (handing a program's
+// hundreds of tensors across every step cost ~0.5 ms).
+struct Program {
+  std::vector<Tensor> tensors;
+  std::vector<int64_t> code;
+  std::vector<double> floats;
+};
+std::mutex programs_mutex;
+std::vector<std::unique_ptr<Program>> programs;  // by id; null once unloaded
+
+int64_t load_program(std::vector<Tensor> tensors, std::vector<int64_t> code,
+                     std::vector<double> floats) {
+  auto program =
+      std::make_unique<Program>(Program{std::move(tensors), std::move(code), std::move(floats)});
+  std::lock_guard<std::mutex> lock(programs_mutex);
+  programs.push_back(std::move(program));
+  return static_cast<int64_t>(programs.size()) - 1;
+}
+
+// Runs a loaded program with bound[i] in place of its tensor slots[i].
+void run_loaded_program(int64_t id, std::vector<Tensor> bound, std::vector<int64_t> slots) {
+  Program* program;
+  {
+    std::lock_guard<std::mutex> lock(programs_mutex);
+    STD_TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(programs.size()) && programs[id],
+                    "run_loaded_program: no program ", id);
+    program = programs[id].get();
+  }
+  STD_TORCH_CHECK(bound.size() == slots.size(), "run_loaded_program: one slot per bound tensor");
+  for (size_t i = 0; i < slots.size(); ++i) program->tensors.at(slots[i]) = bound[i];
+  execute_program(program->tensors, program->code, program->floats);
+}
+
+void unload_program(int64_t id) {
+  std::lock_guard<std::mutex> lock(programs_mutex);
+  if (id >= 0 && id < static_cast<int64_t>(programs.size())) programs[id].reset();
 }
 
 }  // namespace
@@ -171,5 +212,11 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("linear", TORCH_BOX(&tokenmill::ops::linear<Cpu>));
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
-  m.impl("run_program", TORCH_BOX(&run_program));
+  m.impl("load_program", TORCH_BOX(&load_program));
+}
+
+// They may take no tensor to dispatch on (a program whose every tensor is fixed).
+STABLE_TORCH_LIBRARY_IMPL(tokenmill, CompositeExplicitAutograd, m) {
+  m.impl("run_loaded_program", TORCH_BOX(&run_loaded_program));
+  m.impl("unload_program", TORCH_BOX(&unload_program));
 }

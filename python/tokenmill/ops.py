@@ -15,7 +15,7 @@ torch.ops.load_library(os.path.join(NATIVE_DIR, "_ops.so"))
 
 ops = torch.ops.tokenmill
 
-# In this order they are also run_program's op numbers (cpp/bindings/ops.cpp).
+# In this order they are also a program's op numbers (cpp/bindings/ops.cpp).
 OP_NAMES = (
     "reshape_and_cache",
     "paged_attention",
@@ -32,7 +32,7 @@ OP_NAMES = (
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)
 
-for _name in (*OP_NAMES, "run_program"):
+for _name in (*OP_NAMES, "run_loaded_program"):
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)
     # Devices without a native kernel for an op run its torch composite.
     for _key in ("CUDA", "XPU"):

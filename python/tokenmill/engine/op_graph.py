@@ -7,17 +7,19 @@ arguments; a replay calls the same operators on the same buffers and skips
 the rest. Buffers allocated during the capture are kept and reused, and
 views of fixed buffers are taken once, so a replay allocates only what the
 functional operators return. Runs of consecutive tokenmill CPU ops become one
-`run_program` call, which loops over them in C++.
+program, loaded once into native code and run by one `run_loaded_program`
+call per replay, which loops over them in C++.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tokenmill.ops import OP_NAMES  # run_program's numbering of the ops
+from tokenmill.ops import OP_NAMES  # a program's numbering of the ops
 
 aten = torch.ops.aten
 _ALLOCATORS = {
@@ -108,6 +110,9 @@ class OpGraph:
         if not recorder._recorded(out):
             raise GraphCaptureError("the forward's output is not made by a recorded operator")
         self.calls = _programs(recorder.calls)
+        loaded = [args[0] for func, args, *_ in self.calls if func is _RUN_LOADED]
+        # At exit the process frees them anyway, perhaps after the library.
+        weakref.finalize(self, _unload, loaded).atexit = False
         self.out_slot = recorder.slot_of[id(out)]
         # Results of recorded calls are made afresh by each replay; only the
         # fixed buffers and views stay.
@@ -132,8 +137,16 @@ class OpGraph:
         return values[self.out_slot]
 
 
+_RUN_LOADED = torch.ops.tokenmill.run_loaded_program.default
+
+
+def _unload(programs: list[int]) -> None:
+    for program in programs:
+        torch.ops.tokenmill.unload_program(program)
+
+
 def _program_op(func) -> int | None:
-    """run_program's number for a tokenmill CPU op, else None."""
+    """A program's number for a tokenmill CPU op, else None."""
     name = func.name()
     if not name.startswith("tokenmill::") or func._overloadname != "default":
         return None
@@ -147,7 +160,7 @@ def _on_cpu(args) -> bool:
 
 def _programs(calls: list) -> list:
     """The calls with each run of two or more consecutive tokenmill CPU ops
-    merged into one run_program call."""
+    merged into one loaded program."""
     merged, run = [], []
     for call in calls:
         func, args = call[0], call[1]
@@ -191,4 +204,10 @@ def _program(run: list) -> list:
                 code.append(int(value))
             else:
                 raise GraphCaptureError(f"{func}: argument {arg.name} of type {kind}")
-    return [(torch.ops.tokenmill.run_program.default, [tensors, code, floats], {}, refs, [])]
+    # The program stays loaded natively; a replay binds only the tensors
+    # that each replay makes anew, in their slots.
+    program = torch.ops.tokenmill.load_program(tensors, code, floats)
+    slots = [index for (_, index), _ in refs]
+    bound = [tensors[i] for i in slots]
+    refs = [((1, j), slot) for j, (_, slot) in enumerate(refs)]
+    return [(_RUN_LOADED, [program, bound, slots], {}, refs, [])]
