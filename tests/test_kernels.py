@@ -167,6 +167,8 @@ ATTN_CASES = [
     (8, 2, 128, [(1, 1500), (1, 700), (3, 900)]),  # long contexts: split on the GPU
     # many decode sequences beside a prefill: CPU items take all heads of a sequence
     (12, 3, 64, [(1, n) for n in (1, 15, 16, 17, 31, 64, 65, 200, 90)] + [(5, 20)]),
+    # ... over several rounds of scores (256 keys) each
+    (8, 2, 128, [(1, n) for n in (300, 530, 17, 256, 257, 700, 90, 513, 1)]),
 ]
 
 

@@ -8,6 +8,8 @@
 namespace tokenmill::cpu {
 
 constexpr int kMaxDecodeBlock = 32;
+// Keys a decode item scores before it updates its softmax and reads values.
+constexpr int kRoundTokens = 256;
 
 // The unnormalised softmax state of one decode item over (part of) its
 // context: running max and sum per head and the weighted sum of values.
@@ -16,12 +18,11 @@ struct DecodePartial {
   alignas(32) float acc[8 * 128];
 };
 
-// Per-thread buffers: an item's query rows and head states, and the scores
-// of one block.
+// Per-thread buffers: an item's query rows, head states and the scores of
+// one round.
 struct DecodeScratch {
-  std::vector<float> q;
+  std::vector<float> q, s;
   std::vector<DecodePartial> states;
-  alignas(32) float s[8 * kMaxDecodeBlock];
 };
 
 // Whether this CPU and these parameters can take the fast path.
