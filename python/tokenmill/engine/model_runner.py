@@ -261,5 +261,11 @@ class ModelRunner:
                 self._tensor(step.positions, "positions"),
                 meta,
             )
-        rows = self._tensor(step.rows, "rows").long()
-        return self.model.compute_logits(hidden[rows])
+        if not _all_rows(step.rows, len(hidden)):
+            hidden = hidden[self._tensor(step.rows, "rows").long()]
+        return self.model.compute_logits(hidden)
+
+
+def _all_rows(rows: np.ndarray, n: int) -> bool:
+    """Whether rows is 0..n-1, as in a decode step: then no gather is needed."""
+    return len(rows) == n and bool((rows == np.arange(n)).all())
