@@ -104,12 +104,12 @@ TM_AVX2 void score_block(const float* q, const T* kb, const T* vb, const char* n
     score_rows<T, D, G, TT>(q, kb, t, stride, s);
   }
   for (; t < n; ++t) {
-    for (int off = t * kRowBytes; off < (t + 1) * kRowBytes; off += 64)
+    for (int off = t * kRowBytes; off < (t + 1) * kRowBytes; off += 64) {
+      if (nk) _mm_prefetch(nk + off, _MM_HINT_NTA);
       _mm_prefetch(v + off, _MM_HINT_T0);
+    }
     score_rows<T, D, G, 1>(q, kb, t, stride, s);
   }
-  if (nk)
-    for (int off = 0; off < n * kRowBytes; off += 64) _mm_prefetch(nk + off, _MM_HINT_NTA);
 }
 
 // The online softmax update of one head over a round's n scores: rescales
