@@ -298,6 +298,9 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
   m.def("run_loaded_program(int program, Tensor(a!)[] bound, int[] slots) -> ()");
   m.def("unload_program(int program) -> ()");
+  m.def(
+      "greedy_head(Tensor(a!) token, Tensor x, Tensor weight, Tensor q, Tensor scales, "
+      "Tensor bounds) -> ()");
 }
 
 }  // namespace tokenmill::ops

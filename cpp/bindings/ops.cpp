@@ -197,6 +197,32 @@ void unload_program(int64_t id) {
   if (id >= 0 && id < static_cast<int64_t>(programs.size())) programs[id].reset();
 }
 
+// The greedy token of one hidden state x [1, k] over an LM head weight
+// [v, k], through its int8 copy q [v, k] with row scales and error bounds
+// (python/tokenmill/layers/greedy_head.py); token[0] = -1 where the caller
+// must take the full logits instead.
+void greedy_head(Tensor token, Tensor x, Tensor weight, Tensor q, Tensor scales, Tensor bounds) {
+  using torch::headeronly::ScalarType;
+  STD_TORCH_CHECK(token.scalar_type() == ScalarType::Long && token.numel() == 1,
+                  "greedy_head: token must be one int64");
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(),
+                  "greedy_head: x must be one contiguous row");
+  const int64_t v = weight.size(0), k = x.size(1);
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k && weight.is_contiguous(),
+                  "greedy_head: weight must be contiguous [v, k]");
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::Char && q.is_contiguous() && q.dim() == 2 &&
+                      q.size(0) == v && q.size(1) == k,
+                  "greedy_head: q must be contiguous int8 [v, k]");
+  for (const Tensor* t : {&scales, &bounds})
+    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->is_contiguous() && t->numel() == v,
+                    "greedy_head: scales and bounds must be float32 [v]");
+  *static_cast<int64_t*>(token.data_ptr()) =
+      cpu::greedy_head(tokenmill::ops::dtype_of(x), tokenmill::ops::dtype_of(weight), x.data_ptr(),
+                       weight.data_ptr(), static_cast<const int8_t*>(q.data_ptr()),
+                       static_cast<const float*>(scales.data_ptr()),
+                       static_cast<const float*>(bounds.data_ptr()), k, v);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) { tokenmill::ops::define_ops(m); }
@@ -213,6 +239,7 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
   m.impl("load_program", TORCH_BOX(&load_program));
+  m.impl("greedy_head", TORCH_BOX(&greedy_head));
 }
 
 // They may take no tensor to dispatch on (a program whose every tensor is fixed).

@@ -42,6 +42,17 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
             int64_t out_stride);
 
+// The greedy token of one hidden state x[k] over an LM head weight[v, k]
+// (bfloat16 or float32): the first index of the largest x . weight[r]
+// rounded to x_dtype, exactly as linear() and an argmax would pick it, while
+// reading an int8 copy q[v, k] (row scales `scales`) in place of the weight
+// for all but the few rows that could win. bounds[r] must bound
+// |x . weight[r] - scales[r] * (x . q[r])| / |x| (with room for float
+// rounding). Returns -1 where this CPU has no fast path or x is not finite.
+int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* weight,
+                    const int8_t* q, const float* scales, const float* bounds, int64_t k,
+                    int64_t v);
+
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
                    int64_t src_stride, int64_t dst_stride);
