@@ -22,7 +22,7 @@ def prefill_logits(llm: LLM, prompts):
         engine.add_request(f"p{i}", p, SamplingParams(max_tokens=1))
     out = engine.scheduler.schedule()
     assert out.num_tokens == sum(map(len, prompts)), "prefill did not fit in one step"
-    logits = engine.runner.execute(out, np.arange(out.num_tokens, dtype=np.int32))
+    logits, _ = engine.runner.execute(out, np.arange(out.num_tokens, dtype=np.int32))
     for i in range(len(prompts)):
         engine.abort_request(f"p{i}")
     bounds = out.query_start_loc

@@ -19,7 +19,7 @@ from tokenmill.engine.beam_search import BeamSearchState
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import RequestState, SequenceState
-from tokenmill.engine.sampler import Sampler, SampleSlot
+from tokenmill.engine.sampler import Sampler, SamplerOutput, SampleSlot, picks_argmax
 from tokenmill.errors import InvalidParameterError, PromptTooLongError
 from tokenmill.loader.config import load_config
 from tokenmill.loader.gguf import gguf_to_hf
@@ -317,12 +317,20 @@ class LLMEngine:
         rows = out.sample_rows
         if prompt_rows:
             rows = np.concatenate([rows, np.concatenate([r for _, r, _ in prompt_rows])])
-        logits = self.runner.execute(out, rows)
+        argmax_only = (
+            not prompt_rows
+            and not beam_rows
+            and len(slots) == len(rows)
+            and all(picks_argmax(s) for s in slots)
+        )
+        logits, greedy_tokens = self.runner.execute(out, rows, greedy=argmax_only)
         if prompt_rows:
             self._record_prompt_logprobs(logits[len(out.sample_rows) :], prompt_rows)
             logits = logits[: len(out.sample_rows)]
         sampled = None
-        if slots:
+        if greedy_tokens is not None:
+            sampled = SamplerOutput(torch.from_numpy(greedy_tokens), None, None)
+        elif slots:
             rows = slot_rows if len(slot_rows) != len(logits) else None
             picked = logits if rows is None else logits[torch.tensor(rows, device=logits.device)]
             sampled = self.sampler(picked, slots)

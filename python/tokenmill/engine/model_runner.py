@@ -16,6 +16,7 @@ from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.host_memory import huge_page_empty, move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.greedy_head import GreedyHead
 from tokenmill.loader.hf import iterate_weights
 from tokenmill.models import model_class
 
@@ -90,6 +91,24 @@ class ModelRunner:
                 -(-max_model_len // args.block_size),
             )
             self.graphs = graphs if graphs.graphs else None
+        self.greedy_head = self._greedy_head()
+
+    def _greedy_head(self) -> GreedyHead | None:
+        """On CPUs, where the LM head is a large share of a step's weight reads
+        (an eighth or more), single-sequence greedy steps read it through its
+        int8 copy; the copy costs a quarter (bfloat16 heads: half) of its size."""
+        weight = getattr(self.model, "logits_weight", None)
+        if (
+            self.device.type != "cpu"
+            or distributed.tp().world > 1
+            or weight is None
+            or weight.dtype not in (torch.bfloat16, torch.float32)
+        ):
+            return None
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if weight.numel() * weight.element_size() * 8 < total:
+            return None
+        return GreedyHead(weight)
 
     def _use_graphs(self) -> bool:
         if self.args.enforce_eager:
@@ -237,15 +256,29 @@ class ModelRunner:
         return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, out, logit_rows: np.ndarray) -> torch.Tensor:
-        """Runs the forward for a scheduler output; returns float32 logits at `logit_rows`."""
+    def execute(
+        self, out, logit_rows: np.ndarray, greedy: bool = False
+    ) -> tuple[torch.Tensor | None, np.ndarray | None]:
+        """Runs the forward for a scheduler output. Returns float32 logits at
+        `logit_rows` and None; or, when the caller wants only each row's argmax
+        (greedy) and the greedy head can give it, None and those int32 tokens."""
         step = StepInputs.from_output(out, logit_rows)
         if distributed.tp().world > 1:
             distributed.broadcast_step(step)
-        return self.execute_step(step)
+        hidden = self.hidden_states(step)
+        if greedy and self.greedy_head is not None and len(hidden) == 1:
+            token = self.greedy_head(hidden)
+            if token is not None:
+                return None, np.array([token], dtype=np.int32)
+        return self.model.compute_logits(hidden), None
 
     @torch.inference_mode()
     def execute_step(self, step: StepInputs) -> torch.Tensor:
+        """Float32 logits at the step's logit rows."""
+        return self.model.compute_logits(self.hidden_states(step))
+
+    def hidden_states(self, step: StepInputs) -> torch.Tensor:
+        """The forward's final hidden states at the step's logit rows."""
         self.copy_blocks(step.block_copies)
         if self.graphs is not None and self.graphs.can_run(step):
             hidden = self.graphs.run(step)
@@ -263,7 +296,7 @@ class ModelRunner:
             )
         if not _all_rows(step.rows, len(hidden)):
             hidden = hidden[self._tensor(step.rows, "rows").long()]
-        return self.model.compute_logits(hidden)
+        return hidden
 
 
 def _all_rows(rows: np.ndarray, n: int) -> bool:

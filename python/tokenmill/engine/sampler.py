@@ -39,6 +39,13 @@ def _needs_processing(p: SamplingParams, n_out: int) -> bool:
     )
 
 
+def picks_argmax(slot: SampleSlot) -> bool:
+    """Whether the slot's token is the plain argmax of its logits: greedy, with
+    no logprobs and no logits processing."""
+    p = slot.params
+    return p.greedy and not p.needs_logprobs and not _needs_processing(p, len(slot.output_ids))
+
+
 def _process(logits: torch.Tensor, slots: list[SampleSlot]) -> None:
     for i, s in enumerate(slots):
         p = s.params

@@ -74,6 +74,11 @@ class GPT2LMHeadModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.wte.weight).float()
 
+    @property
+    def logits_weight(self) -> torch.Tensor:
+        """compute_logits(h) is linear(h, logits_weight).float()."""
+        return self.wte.weight
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded = set()

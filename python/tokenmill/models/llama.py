@@ -176,6 +176,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
 
+    @property
+    def logits_weight(self) -> torch.Tensor:
+        """On one rank, compute_logits(h) is linear(h, logits_weight).float()."""
+        return self.lm_head.weight
+
     def _shard(self, module_name: str, piece: str, shard, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a checkpoint tensor."""
         group = distributed.tp()
