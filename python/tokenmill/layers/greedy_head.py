@@ -13,10 +13,14 @@ import torch
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 
-# Bounds also cover the float rounding of both dot products (at most ~1e-4 of
-# |w| |x| for k in the thousands); this is ten times that.
-_ROUNDING_ROOM = 1e-3
 _CHUNK_ROWS = 4096
+
+
+def _rounding_room(k: int) -> float:
+    """Room in each bound, per |w| |x|, for the float rounding of both dot
+    products: each is off by at most k 2^-24 |w| |x|; twice their sum, and no
+    less than 1e-3."""
+    return max(1e-3, 4 * k * 2.0**-24)
 
 
 class GreedyHead:
@@ -36,7 +40,7 @@ class GreedyHead:
             q = torch.round(rows / scale[:, None]).clamp(-127, 127)
             scale = scale.float().double()  # what the kernel multiplies by
             error = (rows - q * scale[:, None]).norm(dim=1)
-            bound = error + _ROUNDING_ROOM * rows.norm(dim=1)
+            bound = error + _rounding_room(k) * rows.norm(dim=1)
             self.q[r0 : r0 + len(rows)] = q.to(torch.int8)
             self.scales[r0 : r0 + len(rows)] = scale.float()
             self.bounds[r0 : r0 + len(rows)] = (bound * (1 + 1e-6)).float()
