@@ -72,8 +72,8 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
   if (!std::isfinite(norm)) return -1;
 
   // Stage one: approximate scores, and the best lower bound among them.
-  thread_local std::vector<float>
-      scores;  // kept: a fresh vocabulary-sized buffer faults in its pages
+  // Kept between calls: a fresh vocabulary-sized buffer faults in its pages.
+  thread_local std::vector<float> scores;
   if (scores.size() < static_cast<size_t>(v)) scores.resize(v);
   float* approx = scores.data();
   float lower = -std::numeric_limits<float>::infinity();
