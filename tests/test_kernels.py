@@ -383,11 +383,12 @@ def test_linear(dtype, wdtype, m, k, n, bias):
 
 
 def test_linear_layer_paths_agree():
-    from tokenmill.layers.linear import SMALL_M, linear
+    from tokenmill.layers.linear import SMALL_M, linear, small_m
 
     w = torch.randn(1100, 64, dtype=torch.bfloat16)  # more rows than one float32 tile
     b = torch.randn(1100, dtype=torch.bfloat16)
-    for m in (1, SMALL_M, SMALL_M + 1, 700):
+    threshold = small_m(w.dtype)
+    for m in sorted({1, threshold, threshold + 1, SMALL_M, SMALL_M + 1, 700}):
         x = torch.randn(m, 64, dtype=torch.bfloat16)
         ref = x.double() @ w.double().T
         got = linear(x, w)
@@ -395,13 +396,25 @@ def test_linear_layer_paths_agree():
         assert rel_err(linear(x, w, b), ref + b.double()) < 1e-2
 
 
-def test_portable_paths_give_the_same_results():
-    """The kernels' portable paths, which CPUs without AVX2 run, pass the same tests."""
-    if os.environ.get("TOKENMILL_DISABLE_AVX2"):
-        pytest.skip("already running without the AVX2 paths")
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("switch", ["TOKENMILL_DISABLE_AVX2", "TOKENMILL_DISABLE_AVX512"])
+def test_fallback_paths_give_the_same_results(switch):
+    """The kernels' paths for CPUs without AVX2 (portable) or without AVX-512
+    bfloat16 (AVX2) pass the same tests on CPUs that would take faster ones."""
+    if os.environ.get(switch) or os.environ.get("TOKENMILL_DISABLE_AVX2"):
+        pytest.skip(f"already running with {switch}")
+    if switch == "TOKENMILL_DISABLE_AVX512" and "avx512_bf16" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX-512 bfloat16 paths to turn off")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
     tests = "(paged_attention or linear or int4_kernels or rms_norm) and not emulated"
-    env = dict(os.environ, TOKENMILL_DISABLE_AVX2="1")
+    env = dict(os.environ, **{switch: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += [__file__, quantization, "-k", tests]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)

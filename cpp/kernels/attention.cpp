@@ -27,6 +27,7 @@ TM_INLINE void scale_vec(float* y, float a, int n) {
 
 struct Scratch {
   std::vector<float> q, acc, m, l, k, v, s, kt;
+  Bf16TileScratch bf16_tile;
 };
 
 // Points `dst` at a float32 view of n*D cache elements: the cache itself for
@@ -175,7 +176,10 @@ TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq, int kvh
       attend_typed<float>(p, seq, kvh, q_begin, q_end, w);
       break;
     case DType::kBFloat16:
-      attend_typed<bf16>(p, seq, kvh, q_begin, q_end, w);
+      if (prefill_tile_bf16_supported(p))
+        prefill_tile_bf16(p, seq, kvh, q_begin, q_end, w.bf16_tile);
+      else
+        attend_typed<bf16>(p, seq, kvh, q_begin, q_end, w);
       break;
 #if defined(__FLT16_MAX__)
     case DType::kFloat16:
