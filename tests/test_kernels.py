@@ -413,9 +413,36 @@ def test_fallback_paths_give_the_same_results(switch):
     if switch == "TOKENMILL_DISABLE_AVX512" and "avx512_bf16" not in _cpu_flags():
         pytest.skip("this CPU has no AVX-512 bfloat16 paths to turn off")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
-    tests = "(paged_attention or linear or int4_kernels or rms_norm) and not emulated"
+    tests = "(paged_attention or linear or int4_kernels or rms_norm or argmax) and not emulated"
     env = dict(os.environ, **{switch: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += [__file__, quantization, "-k", tests]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 49155), (3, 7), (17, 8), (64, 1000)])
+def test_argmax_rows_matches_torch(dtype, shape):
+    gen = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    x = torch.randn(shape, generator=gen).to(dtype)
+    m, n = shape
+    if n > 4:
+        x[0, n // 2] = x[0, n - 1] = x[0].max() + 1  # a tie: the first index wins
+        x[-1, :] = float("-inf")
+        if m > 2:
+            x[1, 3] = x[1, n - 2] = float("nan")  # a NaN counts as the largest
+            x[1, 0] = float("inf")
+    wide = torch.empty(m + 3, n + 5, dtype=dtype)  # rows with a stride longer than n
+    wide[:m, :n] = x
+    for rows in (x, wide[:m, :n]):
+        out = torch.full((m,), -1, dtype=torch.long)
+        torch.ops.tokenmill.argmax_rows(out, rows)
+        torch.testing.assert_close(out, x.argmax(-1), rtol=0, atol=0)
+
+
+def test_argmax_rows_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        torch.ops.tokenmill.argmax_rows(torch.empty(2, dtype=torch.long), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        torch.ops.tokenmill.argmax_rows(torch.empty(3, dtype=torch.int32), torch.randn(3, 4))

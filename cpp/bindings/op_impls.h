@@ -301,6 +301,7 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def(
       "greedy_head(Tensor(a!) token, Tensor x, Tensor weight, Tensor q, Tensor scales, "
       "Tensor bounds) -> ()");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
 }
 
 }  // namespace tokenmill::ops

@@ -223,6 +223,18 @@ void greedy_head(Tensor token, Tensor x, Tensor weight, Tensor q, Tensor scales,
                        static_cast<const float*>(bounds.data_ptr()), k, v);
 }
 
+// out[r] (int64) = the first index of the maximum of row r of x [m, n].
+void argmax_rows(Tensor out, Tensor x) {
+  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
+                  "argmax_rows: x must be [m, n] with unit stride");
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Long && out.is_contiguous() &&
+                      out.numel() == x.size(0),
+                  "argmax_rows: out must be int64 [m]");
+  STD_TORCH_CHECK(x.size(1) > 0, "argmax_rows: rows must not be empty");
+  cpu::argmax_rows(tokenmill::ops::dtype_of(x), static_cast<int64_t*>(out.data_ptr()), x.data_ptr(),
+                   x.size(0), x.size(1), x.stride(0));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmill, m) { tokenmill::ops::define_ops(m); }
@@ -240,6 +252,7 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
   m.impl("load_program", TORCH_BOX(&load_program));
   m.impl("greedy_head", TORCH_BOX(&greedy_head));
+  m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
 }
 
 // They may take no tensor to dispatch on (a program whose every tensor is fixed).

@@ -53,6 +53,10 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
                     const int8_t* q, const float* scales, const float* bounds, int64_t k,
                     int64_t v);
 
+// out[r] = the first index of the maximum of x[r, :n] (rows `stride` apart),
+// a NaN counting as larger than any number, as torch.argmax has it.
+void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
+
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
                    int64_t src_stride, int64_t dst_stride);

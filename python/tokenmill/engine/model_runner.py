@@ -17,6 +17,7 @@ from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.host_memory import huge_page_empty, move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
+from tokenmill.layers.linear import linear
 from tokenmill.loader.hf import iterate_weights
 from tokenmill.models import model_class
 
@@ -91,12 +92,13 @@ class ModelRunner:
                 -(-max_model_len // args.block_size),
             )
             self.graphs = graphs if graphs.graphs else None
+        self.argmax_weight = self._argmax_weight()
         self.greedy_head = self._greedy_head()
 
-    def _greedy_head(self) -> GreedyHead | None:
-        """On CPUs, where the LM head is a large share of a step's weight reads
-        (an eighth or more), single-sequence greedy steps read it through its
-        int8 copy; the copy costs a quarter (bfloat16 heads: half) of its size."""
+    def _argmax_weight(self) -> torch.Tensor | None:
+        """The LM head weight where greedy steps may take their tokens from it
+        directly (on a CPU, on one rank): logits in the model's dtype, then a
+        native row-wise argmax, with no float32 copy of them."""
         weight = getattr(self.model, "logits_weight", None)
         if (
             self.device.type != "cpu"
@@ -104,6 +106,15 @@ class ModelRunner:
             or weight is None
             or weight.dtype not in (torch.bfloat16, torch.float32)
         ):
+            return None
+        return weight
+
+    def _greedy_head(self) -> GreedyHead | None:
+        """On CPUs, where the LM head is a large share of a step's weight reads
+        (an eighth or more), single-sequence greedy steps read it through its
+        int8 copy; the copy costs a quarter (bfloat16 heads: half) of its size."""
+        weight = self.argmax_weight
+        if weight is None:
             return None
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if weight.numel() * weight.element_size() * 8 < total:
@@ -261,7 +272,9 @@ class ModelRunner:
     ) -> tuple[torch.Tensor | None, np.ndarray | None]:
         """Runs the forward for a scheduler output. Returns float32 logits at
         `logit_rows` and None; or, when the caller wants only each row's argmax
-        (greedy) and the greedy head can give it, None and those int32 tokens."""
+        (greedy) and this runner can give it (on CPUs: the greedy head for one
+        row, a native argmax of the logits in the model's dtype for more), None
+        and those int32 tokens."""
         step = StepInputs.from_output(out, logit_rows)
         if distributed.tp().world > 1:
             distributed.broadcast_step(step)
@@ -270,6 +283,12 @@ class ModelRunner:
             token = self.greedy_head(hidden)
             if token is not None:
                 return None, np.array([token], dtype=np.int32)
+        if greedy and self.argmax_weight is not None:
+            # compute_logits is this linear cast to float32, which keeps the order.
+            logits = linear(hidden, self.argmax_weight)
+            tokens = torch.empty(len(logits), dtype=torch.long)
+            torch.ops.tokenmill.argmax_rows(tokens, logits)
+            return None, tokens.numpy().astype(np.int32)
         return self.model.compute_logits(hidden), None
 
     @torch.inference_mode()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.outputs import Logprob
 from tokenmill.sampling_params import SamplingParams
 
@@ -104,10 +104,13 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (first index of the maximum). On CPUs numpy's is about
-    ten times faster than torch's over a vocabulary-sized row."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
-        return torch.from_numpy(np.argmax(x.contiguous().numpy(), axis=-1))
+    """Row-wise argmax (first index of the maximum). On CPUs tokenmill's op
+    (vectorised, rows in parallel) is over ten times faster than torch's or
+    numpy's over a batch of vocabulary-sized rows."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1]:
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        torch.ops.tokenmill.argmax_rows(out, x.contiguous())
+        return out
     return x.argmax(-1)
 
 
