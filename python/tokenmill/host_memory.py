@@ -1,11 +1,13 @@
 """Host memory on transparent huge pages.
 
-A CPU decode step streams every weight once, and attention streams the KV
-cache. With 4 KiB pages such a stream takes a TLB miss every 4 KiB; on 2 MiB
+A CPU decode step streams every weight once. With 4 KiB pages such a stream
+takes a TLB miss every 4 KiB; on 2 MiB
 pages it takes almost none, and the same reads run faster (on a 2-core
 Zen 3: a plain 2-thread read of 256 MB 20.4-21.0 GB/s on 4 KiB pages and
 22.8-25.5 GB/s on huge pages; the dense GEMV over 60 decode-sized bf16
-weights 19.1-22.6 against 21.1-24.2 GB/s, medians of the same runs).
+weights 19.1-22.6 against 21.1-24.2 GB/s, medians of the same runs). The
+KV cache stays on plain pages: attention reads it in scattered blocks, and a
+huge page's first touch costs more (see ModelRunner._allocate_kv_cache).
 """
 
 from __future__ import annotations

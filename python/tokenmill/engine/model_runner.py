@@ -14,7 +14,7 @@ from tokenmill.config import EngineArgs
 from tokenmill.distributed import StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
-from tokenmill.host_memory import huge_page_empty, move_to_huge_pages
+from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
 from tokenmill.layers.linear import linear
@@ -237,10 +237,10 @@ class ModelRunner:
         layers = self.model.attention_layers
         a = layers[0]
         shape = (len(layers), 2, num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
-        if self.device.type == "cpu":
-            self.kv_cache = huge_page_empty(shape, self.dtype)
-        else:
-            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # On CPUs not on huge pages: their first touch (direct compaction) cost
+        # 0.7-1.6 s per GiB against 0.43 s for plain pages, while decode
+        # attention, which reads scattered blocks, ran no faster on them.
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.key_cache, layer.value_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
