@@ -2,6 +2,7 @@
 #include <type_traits>
 
 #include "avx2.h"
+#include "avx512.h"
 #include "common.h"
 
 namespace tokenmill::cpu {
@@ -34,6 +35,33 @@ __attribute__((target("avx2,fma"))) int64_t silu_row_avx2(T* out, const T* x, in
   }
   return i;
 }
+
+TM_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TM_AVX512 __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TM_AVX512 void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+TM_AVX512 void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
+}
+
+// The same, sixteen lanes at a time, with the reciprocal of 1 + exp(-g) from
+// its 14-bit estimate and one Newton step (relative error ~1e-7) rather than
+// a division, which on these CPUs bounds the loop.
+template <typename T>
+__attribute__((target(TM_AVX512_TARGET))) int64_t silu_row_avx512(T* out, const T* x, int64_t d) {
+  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const __m512 g = load16(x + i);
+    const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 r = _mm512_rcp14_ps(den);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, two));
+    store16(out + i, _mm512_mul_ps(_mm512_mul_ps(g, r), load16(x + d + i)));
+  }
+  return i;
+}
 #endif
 
 template <typename T>
@@ -41,8 +69,12 @@ __attribute__((always_inline)) inline void act_row(Activation a, T* out, const T
   if (a == Activation::kSilu) {
     int64_t start = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (!std::is_same_v<T, f16>)
-      if (cpu_has_avx2_fma()) start = silu_row_avx2(out, x, d);
+    if constexpr (!std::is_same_v<T, f16>) {
+      if (cpu_has_avx512_bf16())
+        start = silu_row_avx512(out, x, d);
+      else if (cpu_has_avx2_fma())
+        start = silu_row_avx2(out, x, d);
+    }
 #endif
 #pragma omp simd
     for (int64_t i = start; i < d; ++i) {
