@@ -413,7 +413,8 @@ def test_fallback_paths_give_the_same_results(switch):
     if switch == "TOKENMILL_DISABLE_AVX512" and "avx512_bf16" not in _cpu_flags():
         pytest.skip("this CPU has no AVX-512 bfloat16 paths to turn off")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
-    tests = "(paged_attention or linear or int4_kernels or rms_norm or argmax) and not emulated"
+    tests = "(paged_attention or linear or int4_kernels or rms_norm or argmax or act_and_mul)"
+    tests += " and not emulated"
     env = dict(os.environ, **{switch: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += [__file__, quantization, "-k", tests]
