@@ -36,16 +36,6 @@ __attribute__((target("avx2,fma"))) int64_t silu_row_avx2(T* out, const T* x, in
   return i;
 }
 
-TM_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-TM_AVX512 __m512 load16(const bf16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-TM_AVX512 void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-TM_AVX512 void store16(bf16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
-}
-
 // The same, sixteen lanes at a time, with the reciprocal of 1 + exp(-g) from
 // its 14-bit estimate and one Newton step (relative error ~1e-7) rather than
 // a division, which on these CPUs bounds the loop.

@@ -241,7 +241,7 @@ TM_AVX512_FN void prefill_tile_bf16(const PagedAttentionParams& p, int seq, int 
     bf16* dst = out + tok * p.out.row_stride + h * p.out.head_stride;
     for (int d = 0; d < D; d += kLanes) {
       const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(w.acc.data() + r * D + d), inv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16x16(v));
+      store16(dst + d, v);
     }
   }
 }

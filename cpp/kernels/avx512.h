@@ -46,6 +46,18 @@ TM_AVX512 __m512i pair16(__m256i a, __m256i b) {
 // Sixteen float32 lanes rounded to bfloat16 (nearest even).
 TM_AVX512 __m256i to_bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+// Sixteen values widened to float32, and stored back (bfloat16: rounded to
+// nearest even): the sixteen-lane forms of load8 and store8 (avx2.h).
+TM_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TM_AVX512 __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TM_AVX512 void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+TM_AVX512 void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
+}
+
 TM_AVX512 __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
