@@ -227,10 +227,10 @@ def test_n_and_best_of(tiny_model):
 
 
 def test_fast_argmax_is_torch_argmax_with_first_index_on_ties():
-    from tokenmill.engine.sampler import _argmax
+    from tokenmill.engine.sampler import argmax_rows
 
     x = torch.randn(7, 1000)
     x[2, [10, 400]] = 50.0  # a tie: the first index wins
     x[5, :] = 1.0
-    assert _argmax(x).tolist() == x.argmax(-1).tolist()
-    assert _argmax(x)[2] == 10 and _argmax(x)[5] == 0
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist()
+    assert argmax_rows(x)[2] == 10 and argmax_rows(x)[5] == 0

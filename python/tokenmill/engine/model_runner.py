@@ -13,6 +13,7 @@ from tokenmill import distributed
 from tokenmill.config import EngineArgs
 from tokenmill.distributed import StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
+from tokenmill.engine.sampler import argmax_rows
 from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
@@ -285,9 +286,7 @@ class ModelRunner:
                 return None, np.array([token], dtype=np.int32)
         if greedy and self.argmax_weight is not None:
             # compute_logits is this linear cast to float32, which keeps the order.
-            logits = linear(hidden, self.argmax_weight)
-            tokens = torch.empty(len(logits), dtype=torch.long)
-            torch.ops.tokenmill.argmax_rows(tokens, logits)
+            tokens = argmax_rows(linear(hidden, self.argmax_weight))
             return None, tokens.numpy().astype(np.int32)
         return self.model.compute_logits(hidden), None
 
