@@ -18,7 +18,7 @@ from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
 from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
-from tokenmill.layers.linear import linear
+from tokenmill.layers.linear import Linear, linear, pack_weights
 from tokenmill.loader.hf import iterate_weights
 from tokenmill.models import model_class
 
@@ -152,6 +152,8 @@ class ModelRunner:
             raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
         if self.device.type == "cpu":
             move_to_huge_pages(model)
+            weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+            pack_weights([*weights, getattr(model, "logits_weight", None)])
         return model.eval()
 
     @property
