@@ -45,8 +45,8 @@ def run_tokenmill(model, requests, dtype, args):
     return t.seconds, out_tokens
 
 
-def run_vllm(python, model, workload, num_requests):
-    """vLLM's offline run of the same workload file, through its peer runner."""
+def run_vllm(python, model, workload, num_requests, dtype):
+    """vLLM's offline run of the same workload file in the same dtype, through its peer runner."""
     runner = os.path.join(os.path.dirname(__file__), "../../shared/bench/peers/vllm_runner.py")
     with tempfile.TemporaryDirectory() as d:
         if num_requests:
@@ -58,7 +58,8 @@ def run_vllm(python, model, workload, num_requests):
                 json.dump(w, f)
         out = os.path.join(d, "vllm.json")
         cmd = [python, runner, "--workload", workload, "--out", out, "--mode", "offline"]
-        subprocess.run(cmd + ["--model", model, "--preload", "none"], check=True)
+        cmd += ["--model", model, "--dtype", dtype, "--preload", "none"]
+        subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
 
@@ -148,7 +149,9 @@ def main():
         )
     if args.vllm_python and not args.synthetic:
         workload = workload_path(args.workload)
-        r = run_vllm(args.vllm_python, args.vllm_model or path, workload, args.num_requests)
+        r = run_vllm(
+            args.vllm_python, args.vllm_model or path, workload, args.num_requests, args.dtype
+        )
         vout, vs = r["output_tokens"], r["elapsed_s"]
         rows.append(
             [
