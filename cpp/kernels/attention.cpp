@@ -77,18 +77,12 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
     }
   }
 
-  const int last_pos = first_pos + q_end - 1;
-  int lo = 0;
-  if (p.sliding_window > 0) lo = std::max(0, first_pos + q_begin - p.sliding_window + 1);
-  const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
-  const int64_t block_elems = static_cast<int64_t>(p.num_kv_heads) * bs * D;
-
-  for (int b = lo / bs; b * bs <= last_pos; ++b) {
-    const int64_t base = table[b] * block_elems + static_cast<int64_t>(kvh) * bs * D;
-    const int t0 = b * bs;
-    const int n = std::min(bs, last_pos + 1 - t0);
+  const TileBlocks blocks = tile_blocks(p, seq, kvh, q_begin, q_end);
+  for (int b = blocks.first; b < blocks.end; ++b) {
+    const int64_t base = blocks.offset(b);
+    const int t0 = b * bs, n = blocks.rows(b);
     const float* kb = as_float(kc + base, static_cast<int64_t>(n) * D, w.k);
     const float* vb = as_float(vc + base, static_cast<int64_t>(n) * D, w.v);
     tile_scores(w.q.data(), rows, D, kb, n, w.s.data(), bs, w.kt.data());

@@ -208,16 +208,12 @@ TM_AVX512_FN void prefill_tile_bf16(const PagedAttentionParams& p, int seq, int 
   w.pp.resize(static_cast<size_t>(bs / 2) * lanes);
   w.vp.resize(static_cast<size_t>(bs / 2) * D);
 
-  const int last_pos = first_pos + q_end - 1;
-  int lo = 0;
-  if (p.sliding_window > 0) lo = std::max(0, first_pos + q_begin - p.sliding_window + 1);
-  const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const bf16* kc = static_cast<const bf16*>(p.key_cache);
   const bf16* vc = static_cast<const bf16*>(p.value_cache);
-  const int64_t block_elems = static_cast<int64_t>(p.num_kv_heads) * bs * D;
-  for (int b = lo / bs; b * bs <= last_pos; ++b) {
-    const int64_t base = table[b] * block_elems + static_cast<int64_t>(kvh) * bs * D;
-    const int t0 = b * bs, n = std::min(bs, last_pos + 1 - t0);
+  const TileBlocks blocks = tile_blocks(p, seq, kvh, q_begin, q_end);
+  for (int b = blocks.first; b < blocks.end; ++b) {
+    const int64_t base = blocks.offset(b);
+    const int t0 = b * bs, n = blocks.rows(b);
     // Keys past n within the block are scored too (a whole group of eight)
     // and then masked.
     score_block(w, lanes, groups, d2s, reinterpret_cast<const word_alias*>(kc + base), n, p.scale,
