@@ -53,20 +53,20 @@ TM_AVX2 float hmax(__m256 v) {
 
 // exp of eight lanes: the arithmetic of fast_exp (common.h), vectorised.
 TM_AVX2 __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 lo = _mm256_set1_ps(exp_coef::kLo);
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));
-  const __m256 magic = _mm256_set1_ps(12582912.f);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(exp_coef::kHi));
+  const __m256 magic = _mm256_set1_ps(exp_coef::kRound);
   const __m256 n =
-      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(exp_coef::kLog2e), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(exp_coef::kLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(exp_coef::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(exp_coef::kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_coef::kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_coef::kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_coef::kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_coef::kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_coef::kP5));
   p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i bits =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);

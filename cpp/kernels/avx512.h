@@ -17,20 +17,20 @@ namespace tokenmill::cpu {
 
 // exp of sixteen lanes: the arithmetic of exp8 (avx2.h); NaN and -inf give 0.
 TM_AVX512 __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __m512 lo = _mm512_set1_ps(exp_coef::kLo);
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.f));
-  const __m512 magic = _mm512_set1_ps(12582912.f);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(exp_coef::kHi));
+  const __m512 magic = _mm512_set1_ps(exp_coef::kRound);
   const __m512 n =
-      _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+      _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(exp_coef::kLog2e), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(exp_coef::kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(exp_coef::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(exp_coef::kP0);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_coef::kP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_coef::kP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_coef::kP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_coef::kP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_coef::kP5));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i bits =
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);

@@ -64,22 +64,34 @@ inline f16 from_float<f16>(float x) {
 }
 #endif
 
+// The constants of fast_exp and of its vector forms (exp8 in avx2.h, exp16
+// in avx512.h): x is clamped to [kLo, kHi], n = round(x * log2(e)) (by adding
+// and removing 1.5 * 2^23), r = x - n * ln(2) with ln(2) in two parts, and
+// exp(x) = 2^n * (1 + r + r^2 * p(r)) with p of degree five.
+namespace exp_coef {
+constexpr float kLo = -87.f, kHi = 88.f;
+constexpr float kRound = 12582912.f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = 2.12194440e-4f;  // ln(2) = kLn2Hi - kLn2Lo
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+}  // namespace exp_coef
+
 // exp(x) for float, accurate to a few ulp over the range softmax and SiLU
 // use, written without branches or calls so that loops over it vectorize
 // (with -fno-trapping-math). Inputs below -87 (including -inf) give 0.
 __attribute__((always_inline)) inline float fast_exp(float x) {
-  const float keep = x > -87.f ? 1.f : 0.f;
-  x = x < -87.f ? -87.f : x;
-  x = x > 88.f ? 88.f : x;
-  // round to nearest by adding and removing 1.5 * 2^23
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  using namespace exp_coef;
+  const float keep = x > kLo ? 1.f : 0.f;
+  x = x < kLo ? kLo : x;
+  x = x > kHi ? kHi : x;
+  const float n = (x * kLog2e + kRound) - kRound;
+  const float r = x - n * kLn2Hi + n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
   p = p * r * r + r + 1.f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
