@@ -398,14 +398,16 @@ def test_linear_layer_paths_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_give_the_plain_results(dtype):
-    from tokenmill.layers.linear import SMALL_M_PACKED, linear, pack_weights
+    from tokenmill.layers.linear import SMALL_M_PACKED, SMALL_M_WIDENED, linear, pack_weights
 
     w = torch.randn(300, 96, dtype=dtype)
     b = torch.randn(300, dtype=dtype)
     pack_weights([w])
     if not hasattr(w, "onednn_packed"):
         pytest.skip("this torch or CPU has no oneDNN packed matmul for this dtype")
-    for m in (1, SMALL_M_PACKED, SMALL_M_PACKED + 1, 8, 257):
+    for m in sorted(
+        {1, SMALL_M_PACKED, SMALL_M_PACKED + 1, SMALL_M_WIDENED, SMALL_M_WIDENED + 1, 257}
+    ):
         x = torch.randn(m, 96, dtype=dtype)
         ref = x.double() @ w.double().T + b.double()
         got = linear(x, w, b)
