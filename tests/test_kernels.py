@@ -415,6 +415,25 @@ def test_packed_weights_give_the_plain_results(dtype):
         assert rel_err(got, ref) < TOL[dtype]
 
 
+def test_bf16_weights_packed_as_float32_where_the_cpu_lacks_bf16(monkeypatch):
+    import tokenmill.layers.linear as tl
+
+    monkeypatch.setattr(tl, "cpu_has_native_bf16", lambda: False)
+    w = torch.randn(300, 96, dtype=torch.bfloat16)
+    b = torch.randn(300, dtype=torch.bfloat16)
+    tl.pack_weights([w])
+    if not hasattr(w, "onednn_packed"):
+        pytest.skip("this torch has no oneDNN packed matmul")
+    assert w.onednn_packed.dtype == torch.float32
+    for m in (tl.SMALL_M_WIDENED + 1, 257):
+        x = torch.randn(m, 96, dtype=torch.bfloat16)
+        # float32 accumulation of exact products, rounded once to bf16
+        ref = (x.double() @ w.double().T + b.double()).float().bfloat16()
+        got = tl.linear(x, w, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, 300)
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-3)
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:

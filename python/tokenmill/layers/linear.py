@@ -98,9 +98,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
         torch.ops.tokenmill.linear(out, x if x.stride(1) == 1 else x.contiguous(), weight, bias)
         return out
-    if packed is not None:
-        if packed_dtype == x.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if packed_dtype == weight.dtype == x.dtype:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if packed_dtype == torch.float32:
         # Products of half-precision values are exact in float32: a native GEMM's result.
         b = None if bias is None else bias.float()
         out = torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "")
