@@ -64,13 +64,14 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
         for w in weights
         if w is not None and w.device.type == "cpu" and w.dim() == 2 and not hasattr(w, _PACKED)
     ]
+    native = [w for w in todo if _multiplies_natively(w.dtype)]
     widened = [w for w in todo if not _multiplies_natively(w.dtype)]
-    if 4 * sum(w.numel() for w in widened) > _free_memory() // 2:
-        todo = [w for w in todo if _multiplies_natively(w.dtype)]
-    for w in todo:
-        setattr(
-            w, _PACKED, reorder(w if _multiplies_natively(w.dtype) else w.float(), PACK_ROWS_HINT)
-        )
+    if widened and 4 * sum(w.numel() for w in widened) > _free_memory() // 2:
+        widened = []
+    for w in native:
+        setattr(w, _PACKED, reorder(w, PACK_ROWS_HINT))
+    for w in widened:
+        setattr(w, _PACKED, reorder(w.float(), PACK_ROWS_HINT))
 
 
 def _multiplies_natively(dtype: torch.dtype) -> bool:
