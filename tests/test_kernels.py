@@ -415,6 +415,68 @@ def test_packed_weights_give_the_plain_results(dtype):
         assert rel_err(got, ref) < TOL[dtype]
 
 
+def weight_with_escapes(n, k):
+    """A bfloat16 weight whose high bytes are too many for a 16-entry table:
+    normal values, and a few far outside their range (escapes) and signed zeros."""
+    w = torch.randn(n, k) * 0.05
+    far = torch.tensor([3e4, -2e-20, 1e-30, 65504.0, -7.5])
+    picks = torch.randperm(n * k)[: max(5, n * k // 500)]
+    w.view(-1)[picks] = far[torch.arange(len(picks)) % len(far)]
+    w[0, :2] = torch.tensor([0.0, -0.0])
+    return w.bfloat16()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 7), (1, 576, 960), (2, 1536, 33), (3, 128, 65)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_coded_linear(dtype, m, k, n, bias):
+    from tokenmill.layers.coded import code_bf16, coded_linear
+
+    w = weight_with_escapes(n, k)
+    coded = code_bf16(w)
+    assert coded.escape_values.numel() > 0 and coded.table[0] == 0
+    x = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert rel_err(coded_linear(x, coded, b), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_coded_weights_hold_every_value_exactly(m):
+    """Rows of the identity read the weight back column by column, bit for bit."""
+    from tokenmill.layers.coded import code_bf16, coded_linear
+
+    w = weight_with_escapes(40, 128)
+    coded = code_bf16(w)
+    eye = torch.eye(128)
+    columns = torch.cat([coded_linear(eye[i : i + m], coded) for i in range(0, 128, m)])[:128]
+    assert torch.equal(columns.T, w.float())
+
+
+def test_code_bf16_rejects_what_it_cannot_code():
+    from tokenmill.layers.coded import code_bf16
+
+    with pytest.raises(ValueError, match="cannot code"):
+        code_bf16(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="cannot code"):
+        code_bf16(torch.randn(8, 96, dtype=torch.bfloat16))
+
+
+def test_decode_rows_take_the_coded_weight():
+    import tokenmill.layers.linear as tl
+
+    w = weight_with_escapes(300, 128)
+    b = torch.randn(300, dtype=torch.bfloat16)
+    tl.pack_weights([w])
+    if not tl.cpu_has_avx2():
+        assert not hasattr(w, "coded_bf16")
+        pytest.skip("this CPU has no coded kernel")
+    assert hasattr(w, "coded_bf16")
+    for m in (1, tl.CODED_M, tl.CODED_M + 1):
+        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        assert rel_err(tl.linear(x, w, b), x.double() @ w.double().T + b.double()) < 1e-2
+
+
 def test_bf16_weights_packed_as_float32_where_the_cpu_lacks_bf16(monkeypatch):
     import tokenmill.layers.linear as tl
 
@@ -451,7 +513,9 @@ def test_fallback_paths_give_the_same_results(switch):
     if switch == "TOKENMILL_DISABLE_AVX512" and "avx512_bf16" not in _cpu_flags():
         pytest.skip("this CPU has no AVX-512 bfloat16 paths to turn off")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
-    tests = "(paged_attention or linear or int4_kernels or rms_norm or argmax or act_and_mul)"
+    tests = (
+        "(paged_attention or linear or coded or int4_kernels or rms_norm or argmax or act_and_mul)"
+    )
     tests += " and not emulated"
     env = dict(os.environ, **{switch: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]

@@ -295,6 +295,13 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "int4_dequantize(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int "
       "group_size, "
       "int row_start) -> ()");
+  m.def(
+      "coded_linear(Tensor(a!) out, Tensor x, Tensor low, Tensor codes, Tensor table, "
+      "Tensor escape_offsets, Tensor escape_cols, Tensor escape_values, Tensor? bias=None) -> ()");
+  m.def(
+      "code_bf16(Tensor weight, Tensor table, Tensor(a!) low, Tensor(b!) codes, "
+      "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "
+      "-> ()");
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
   m.def("run_loaded_program(int program, Tensor(a!)[] bound, int[] slots) -> ()");
   m.def("unload_program(int program) -> ()");

@@ -72,7 +72,12 @@ enum class ProgramOp : int64_t {
   kLinear,
   kInt4Linear,
   kInt4Dequantize,
+  kCodedLinear,
 };
+
+void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
+                  Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
+                  std::optional<Tensor> bias);
 
 // A recorded sequence of the ops above in one call, so that a replayed decode
 // step pays Python and the dispatcher once rather than once per op. `code`
@@ -151,6 +156,12 @@ void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64
         ops::int4_dequantize<Cpu>(out, qw, scales, zeros, group_size, integer());
         break;
       }
+      case ProgramOp::kCodedLinear: {
+        Tensor out = tensor(), x = tensor(), low = tensor(), codes = tensor(), table = tensor(),
+               offsets = tensor(), cols = tensor(), values = tensor();
+        coded_linear(out, x, low, codes, table, offsets, cols, values, maybe());
+        break;
+      }
       default:
         STD_TORCH_CHECK(false, "program: unknown op number");
     }
@@ -223,6 +234,86 @@ void greedy_head(Tensor token, Tensor x, Tensor weight, Tensor q, Tensor scales,
                        static_cast<const float*>(bounds.data_ptr()), k, v);
 }
 
+// Codes a bfloat16 weight [n, k] by `table`: low, codes and escape_offsets,
+// or with escape_cols and escape_values, the escapes (kernels.h: code_bf16).
+void code_bf16(Tensor weight, Tensor table, Tensor low, Tensor codes, Tensor escape_offsets,
+               std::optional<Tensor> escape_cols, std::optional<Tensor> escape_values) {
+  using torch::headeronly::ScalarType;
+  const int64_t n = weight.size(0), k = weight.size(1);
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == ScalarType::BFloat16 &&
+                      weight.is_contiguous() && k % 64 == 0,
+                  "code_bf16: weight must be contiguous bfloat16 [n, k] with k a multiple of 64");
+  STD_TORCH_CHECK(table.scalar_type() == ScalarType::Byte && table.numel() == 16 &&
+                      low.scalar_type() == ScalarType::Byte && low.is_contiguous() &&
+                      low.numel() == n * k && codes.scalar_type() == ScalarType::Byte &&
+                      codes.is_contiguous() && codes.numel() == n * k / 2 &&
+                      escape_offsets.scalar_type() == ScalarType::Int &&
+                      escape_offsets.is_contiguous() && escape_offsets.numel() == n + 1,
+                  "code_bf16: table uint8 [16], low uint8 [n, k], codes uint8 [n, k / 2] and "
+                  "escape_offsets int32 [n + 1], contiguous");
+  STD_TORCH_CHECK(escape_cols.has_value() == escape_values.has_value(),
+                  "code_bf16: escape_cols and escape_values come together");
+  int32_t* cols = nullptr;
+  float* values = nullptr;
+  if (escape_cols) {
+    const int64_t count = static_cast<const int32_t*>(escape_offsets.data_ptr())[n];
+    STD_TORCH_CHECK(escape_cols->scalar_type() == ScalarType::Int &&
+                        escape_values->scalar_type() == ScalarType::Float &&
+                        escape_cols->numel() == count && escape_values->numel() == count,
+                    "code_bf16: escape_cols int32 and escape_values float32, one per escape");
+    cols = static_cast<int32_t*>(escape_cols->data_ptr());
+    values = static_cast<float*>(escape_values->data_ptr());
+  }
+  cpu::code_bf16(static_cast<const uint16_t*>(weight.data_ptr()), n, k,
+                 static_cast<const uint8_t*>(table.data_ptr()),
+                 static_cast<uint8_t*>(low.data_ptr()), static_cast<uint8_t*>(codes.data_ptr()),
+                 static_cast<int32_t*>(escape_offsets.data_ptr()), cols, values);
+}
+
+// out [m, n] = x [m, k] . w^T (+ bias) over a coded bfloat16 weight w
+// (layout in tokenmill/kernels.h; made by python/tokenmill/layers/coded.py).
+void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
+                  Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
+                  std::optional<Tensor> bias) {
+  using torch::headeronly::ScalarType;
+  using tokenmill::ops::dtype_of;
+  const int64_t n = low.size(0), k = low.size(1);
+  STD_TORCH_CHECK(low.dim() == 2 && low.scalar_type() == ScalarType::Byte && low.is_contiguous() &&
+                      k % 64 == 0,
+                  "coded_linear: low must be contiguous uint8 [n, k] with k a multiple of 64");
+  STD_TORCH_CHECK(codes.scalar_type() == ScalarType::Byte && codes.is_contiguous() &&
+                      codes.numel() == n * k / 2,
+                  "coded_linear: codes must be contiguous uint8 [n, k / 2]");
+  STD_TORCH_CHECK(table.scalar_type() == ScalarType::Byte && table.numel() == 16,
+                  "coded_linear: table must be 16 uint8");
+  STD_TORCH_CHECK(escape_offsets.scalar_type() == ScalarType::Int &&
+                      escape_offsets.is_contiguous() && escape_offsets.numel() == n + 1 &&
+                      escape_cols.scalar_type() == ScalarType::Int &&
+                      escape_values.scalar_type() == ScalarType::Float &&
+                      escape_cols.numel() == escape_values.numel(),
+                  "coded_linear: escapes must be int32 offsets [n + 1], int32 columns and "
+                  "float32 values");
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.stride(1) == 1,
+                  "coded_linear: x must be [m, k] with unit stride");
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n &&
+                      out.stride(1) == 1 && out.scalar_type() == x.scalar_type(),
+                  "coded_linear: out must be [m, n] of x's dtype with unit stride");
+  if (bias)
+    STD_TORCH_CHECK(bias->numel() == n && bias->is_contiguous() &&
+                        bias->scalar_type() == x.scalar_type(),
+                    "coded_linear: bias must be contiguous [n] of x's dtype");
+  const cpu::CodedBf16 w{static_cast<const uint8_t*>(low.data_ptr()),
+                         static_cast<const uint8_t*>(codes.data_ptr()),
+                         static_cast<const uint8_t*>(table.data_ptr()),
+                         static_cast<const int32_t*>(escape_offsets.data_ptr()),
+                         static_cast<const int32_t*>(escape_cols.data_ptr()),
+                         static_cast<const float*>(escape_values.data_ptr()),
+                         n,
+                         k};
+  cpu::coded_linear(dtype_of(x), out.data_ptr(), x.data_ptr(), w,
+                    bias ? bias->data_ptr() : nullptr, x.size(0), x.stride(0), out.stride(0));
+}
+
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].
 void argmax_rows(Tensor out, Tensor x) {
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
@@ -250,6 +341,8 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("linear", TORCH_BOX(&tokenmill::ops::linear<Cpu>));
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
+  m.impl("coded_linear", TORCH_BOX(&coded_linear));
+  m.impl("code_bf16", TORCH_BOX(&code_bf16));
   m.impl("load_program", TORCH_BOX(&load_program));
   m.impl("greedy_head", TORCH_BOX(&greedy_head));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));

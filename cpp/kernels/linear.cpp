@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.h"
+#include "linear_coded.h"
 #include "linear_gemv.h"
 
 namespace tokenmill::cpu {
@@ -149,6 +150,90 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
                    wbuf.data(), xbuf.data());
     }
   }
+}
+
+namespace {
+
+// One coded value (layout in kernels.h).
+inline float coded_value(const CodedBf16& w, int64_t r, int64_t c) {
+  const uint8_t byte = w.codes[r * (w.k / 2) + c / 64 * 32 + c % 32];
+  const int code = c % 64 < 32 ? byte & 0x0f : byte >> 4;
+  return to_float(bf16{static_cast<uint16_t>(w.table[code] << 8 | w.low[r * w.k + c])});
+}
+
+// Columns n0..n1 without the fast path: each row decoded once for all m rows.
+void coded_rows_portable(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t n0,
+                         int64_t n1) {
+  std::vector<float> row(static_cast<size_t>(w.k));
+  for (int64_t j = n0; j < n1; ++j) {
+    for (int64_t c = 0; c < w.k; ++c) row[c] = coded_value(w, j, c);
+    for (int64_t i = 0; i < m; ++i) {
+      float total = 0.f;
+      for (int64_t c = 0; c < w.k; ++c) total += row[c] * x[i * w.k + c];
+      out[i * w.n + j] = total;
+    }
+  }
+}
+
+}  // namespace
+
+void code_bf16(const uint16_t* w, int64_t n, int64_t k, const uint8_t* table, uint8_t* low,
+               uint8_t* codes, int32_t* escape_offsets, int32_t* escape_cols,
+               float* escape_values) {
+  if (k % 64 != 0) throw std::invalid_argument("coded weights need k to be a multiple of 64");
+  if (table[0] != 0) throw std::invalid_argument("a code table starts with 0");
+  int code_of[256];
+  std::fill(code_of, code_of + 256, -1);
+  for (int c = 15; c >= 0; --c) code_of[table[c]] = c;
+  const bool listing = escape_cols != nullptr;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n; ++r) {
+    int32_t escapes = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      const uint16_t bits = w[r * k + c];
+      const int code = code_of[bits >> 8];
+      if (listing) {
+        if (code < 0) {
+          const int32_t e = escape_offsets[r] + escapes;
+          escape_cols[e] = static_cast<int32_t>(c);
+          escape_values[e] = to_float(bf16{bits});
+        }
+      } else {
+        low[r * k + c] = code < 0 ? 0 : static_cast<uint8_t>(bits & 0xff);
+        uint8_t& byte = codes[r * (k / 2) + c / 64 * 32 + c % 32];
+        const uint8_t nibble = static_cast<uint8_t>(code < 0 ? 0 : code);
+        byte = c % 64 < 32 ? nibble : static_cast<uint8_t>(byte | nibble << 4);
+      }
+      escapes += code < 0;
+    }
+    if (!listing) escape_offsets[r + 1] = escapes;
+  }
+  if (listing) return;
+  escape_offsets[0] = 0;
+  for (int64_t r = 0; r < n; ++r) escape_offsets[r + 1] += escape_offsets[r];
+}
+
+void coded_linear(DType x_dtype, void* out, const void* x, const CodedBf16& w, const void* bias,
+                  int64_t m, int64_t x_stride, int64_t out_stride) {
+  if (w.k % 64 != 0) throw std::invalid_argument("coded weights need k to be a multiple of 64");
+  std::vector<float> xbuf(static_cast<size_t>(m) * w.k), acc(static_cast<size_t>(m) * w.n);
+  rows_to_float(x_dtype, xbuf.data(), x, m, w.k, x_stride, w.k);
+  std::vector<float> ordered;
+  if (coded_gemv_supported(m)) {
+    ordered.resize(xbuf.size());
+    coded_gemv_order_x(ordered.data(), xbuf.data(), m, w.k);
+  }
+  for_thread_ranges(w.n, [&](int64_t n0, int64_t n1) {
+    if (ordered.empty())
+      coded_rows_portable(w, acc.data(), xbuf.data(), m, n0, n1);
+    else
+      coded_gemv(w, acc.data(), ordered.data(), m, n0, n1);
+    for (int64_t j = n0; j < n1; ++j)
+      for (int32_t e = w.escape_offsets[j]; e < w.escape_offsets[j + 1]; ++e)
+        for (int64_t i = 0; i < m; ++i)
+          acc[i * w.n + j] += w.escape_values[e] * xbuf[i * w.k + w.escape_cols[e]];
+  });
+  store_typed(x_dtype, out, acc.data(), bias, m, w.n, out_stride);
 }
 
 }  // namespace tokenmill::cpu

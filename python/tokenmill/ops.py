@@ -27,6 +27,7 @@ OP_NAMES = (
     "linear",
     "int4_linear",
     "int4_dequantize",
+    "coded_linear",
 )
 
 if cuda_kernels_available():

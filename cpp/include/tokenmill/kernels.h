@@ -42,6 +42,36 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
             const void* bias, int64_t m, int64_t k, int64_t n, int64_t x_stride,
             int64_t out_stride);
 
+// A bfloat16 weight [n, k] (k a multiple of 64) in 12 bits a value, exactly:
+// value w[r, c] has bits (table[code] << 8) | low[r, c], where code is the low
+// nibble of codes[r, c / 64 * 32 + c % 32] for c % 64 < 32, else its high
+// nibble. A high byte (sign and upper exponent bits) missing from the table
+// is coded 0 with low byte 0, table[0] being 0 so that it reads +0, and its
+// value is listed: escape_values[e] at column escape_cols[e] for e in
+// [escape_offsets[r], escape_offsets[r + 1]). Trained weights need few
+// escapes: their high bytes concentrate on a few exponents.
+struct CodedBf16 {
+  const uint8_t* low;    // [n, k]
+  const uint8_t* codes;  // [n, k / 2]
+  const uint8_t* table;  // [16]
+  const int32_t* escape_offsets;  // [n + 1]
+  const int32_t* escape_cols;
+  const float* escape_values;
+  int64_t n, k;
+};
+
+// Codes the bfloat16 bits w [n, k] by `table` into low, codes and
+// escape_offsets; a second call with escape_offsets filled and escape_cols
+// and escape_values given (room for escape_offsets[n]) lists the escapes.
+void code_bf16(const uint16_t* w, int64_t n, int64_t k, const uint8_t* table, uint8_t* low,
+               uint8_t* codes, int32_t* escape_offsets, int32_t* escape_cols,
+               float* escape_values);
+
+// out[m, n] = x[m, :] . w[n, :] (+ bias[n]), reading three quarters of the
+// bytes a bfloat16 weight takes. x, out and bias share a dtype.
+void coded_linear(DType x_dtype, void* out, const void* x, const CodedBf16& w, const void* bias,
+                  int64_t m, int64_t x_stride, int64_t out_stride);
+
 // The greedy token of one hidden state x[k] over an LM head weight[v, k]
 // (bfloat16 or float32): the first index of the largest x . weight[r]
 // rounded to x_dtype, exactly as linear() and an argmax would pick it, while
