@@ -275,12 +275,12 @@ void code_bf16(Tensor weight, Tensor table, Tensor low, Tensor codes, Tensor esc
 void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                   Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
                   std::optional<Tensor> bias) {
-  using torch::headeronly::ScalarType;
   using tokenmill::ops::dtype_of;
+  using torch::headeronly::ScalarType;
   const int64_t n = low.size(0), k = low.size(1);
-  STD_TORCH_CHECK(low.dim() == 2 && low.scalar_type() == ScalarType::Byte && low.is_contiguous() &&
-                      k % 64 == 0,
-                  "coded_linear: low must be contiguous uint8 [n, k] with k a multiple of 64");
+  STD_TORCH_CHECK(
+      low.dim() == 2 && low.scalar_type() == ScalarType::Byte && low.is_contiguous() && k % 64 == 0,
+      "coded_linear: low must be contiguous uint8 [n, k] with k a multiple of 64");
   STD_TORCH_CHECK(codes.scalar_type() == ScalarType::Byte && codes.is_contiguous() &&
                       codes.numel() == n * k / 2,
                   "coded_linear: codes must be contiguous uint8 [n, k / 2]");
@@ -299,9 +299,9 @@ void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                       out.stride(1) == 1 && out.scalar_type() == x.scalar_type(),
                   "coded_linear: out must be [m, n] of x's dtype with unit stride");
   if (bias)
-    STD_TORCH_CHECK(bias->numel() == n && bias->is_contiguous() &&
-                        bias->scalar_type() == x.scalar_type(),
-                    "coded_linear: bias must be contiguous [n] of x's dtype");
+    STD_TORCH_CHECK(
+        bias->numel() == n && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
+        "coded_linear: bias must be contiguous [n] of x's dtype");
   const cpu::CodedBf16 w{static_cast<const uint8_t*>(low.data_ptr()),
                          static_cast<const uint8_t*>(codes.data_ptr()),
                          static_cast<const uint8_t*>(table.data_ptr()),
@@ -310,8 +310,8 @@ void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                          static_cast<const float*>(escape_values.data_ptr()),
                          n,
                          k};
-  cpu::coded_linear(dtype_of(x), out.data_ptr(), x.data_ptr(), w,
-                    bias ? bias->data_ptr() : nullptr, x.size(0), x.stride(0), out.stride(0));
+  cpu::coded_linear(dtype_of(x), out.data_ptr(), x.data_ptr(), w, bias ? bias->data_ptr() : nullptr,
+                    x.size(0), x.stride(0), out.stride(0));
 }
 
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].

@@ -28,10 +28,12 @@ TM_AVX2 void widen_fma(__m256i lo, __m256i hi, const float* x, __m256& even, __m
   const __m256i mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
   even = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_loadu_ps(x), even);
-  odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, mask)), _mm256_loadu_ps(x + 8), odd);
+  odd =
+      _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, mask)), _mm256_loadu_ps(x + 8), odd);
   even =
       _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), _mm256_loadu_ps(x + 16), even);
-  odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, mask)), _mm256_loadu_ps(x + 24), odd);
+  odd =
+      _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, mask)), _mm256_loadu_ps(x + 24), odd);
 }
 
 // R weight rows (j, j + stride, ...) against M input rows.
@@ -39,8 +41,8 @@ template <int M, int R>
 __attribute__((target("avx2,fma"))) void gemv_coded(const CodedBf16& w, float* out, const float* x,
                                                     int64_t j, int64_t stride) {
   const int64_t k = w.k;
-  const __m256i table = _mm256_broadcastsi128_si256(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table)));
+  const __m256i table =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table)));
   const __m256i nibble = _mm256_set1_epi8(0x0f);
   // One input row keeps even and odd lanes apart for shorter FMA chains; two
   // share an accumulator (sixteen would take every register).

@@ -51,9 +51,9 @@ void linear(DType x_dtype, DType w_dtype, void* out, const void* x, const void* 
 // [escape_offsets[r], escape_offsets[r + 1]). Trained weights need few
 // escapes: their high bytes concentrate on a few exponents.
 struct CodedBf16 {
-  const uint8_t* low;    // [n, k]
-  const uint8_t* codes;  // [n, k / 2]
-  const uint8_t* table;  // [16]
+  const uint8_t* low;             // [n, k]
+  const uint8_t* codes;           // [n, k / 2]
+  const uint8_t* table;           // [16]
   const int32_t* escape_offsets;  // [n + 1]
   const int32_t* escape_cols;
   const float* escape_values;
@@ -64,8 +64,7 @@ struct CodedBf16 {
 // escape_offsets; a second call with escape_offsets filled and escape_cols
 // and escape_values given (room for escape_offsets[n]) lists the escapes.
 void code_bf16(const uint16_t* w, int64_t n, int64_t k, const uint8_t* table, uint8_t* low,
-               uint8_t* codes, int32_t* escape_offsets, int32_t* escape_cols,
-               float* escape_values);
+               uint8_t* codes, int32_t* escape_offsets, int32_t* escape_cols, float* escape_values);
 
 // out[m, n] = x[m, :] . w[n, :] (+ bias[n]), reading three quarters of the
 // bytes a bfloat16 weight takes. x, out and bias share a dtype.
