@@ -60,7 +60,7 @@ def move_to_huge_pages(module: nn.Module) -> int:
                     continue
                 seen.add(id(t))
                 slots.append((owner, kind, name, t))
-    sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for *_, t in slots]
+    sizes = [_aligned(t) for *_, t in slots]
     if not slots:
         return 0
     arena = huge_page_buffer(sum(sizes))
@@ -76,3 +76,20 @@ def move_to_huge_pages(module: nn.Module) -> int:
         offset += size
     log.info("weights: %.1f MiB on huge pages", offset / 2**20)
     return offset
+
+
+def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of CPU tensors, together in one huge-page arena."""
+    if not tensors:
+        return []
+    arena = huge_page_buffer(sum(_aligned(t) for t in tensors))
+    copies, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        copies.append(arena[offset : offset + nbytes].view(t.dtype).view(t.shape).copy_(t))
+        offset += _aligned(t)
+    return copies
+
+
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN

@@ -3,13 +3,17 @@ weights that load from several checkpoint tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill.host_memory import huge_page_copies
+from tokenmill.layers.coded import CodedWeight, can_code, code_bf16, coded_linear
 
 # Up to this many rows the weight-streaming kernel beats the BLAS on CPUs.
 SMALL_M = 32
@@ -23,20 +27,35 @@ SMALL_M_PACKED = 2
 # the bytes and wins up to 16 rows (Zen 3, 3072 x 576: 0.97 against 1.04 ms at
 # 16 rows, 2.09 against 1.49 at 32).
 SMALL_M_WIDENED = 16
+# Up to this many rows a bfloat16 weight's coded copy (layers/coded.py) serves.
+CODED_M = 2
 # Rows of the matmuls oneDNN chooses a packed layout for.
 PACK_ROWS_HINT = 256
-# The attribute of a weight that holds its packed form (it lives and dies with it).
+# The attributes of a weight that hold its packed and coded forms (they live
+# and die with it).
 _PACKED = "onednn_packed"
+_CODED = "coded_bf16"
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_avx2() -> bool:
+    """Whether the kernels take their AVX2 paths (TOKENMILL_DISABLE_AVX2 turns them off)."""
+    return {"avx2", "fma"} <= _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2")
 
 
 def small_m(dtype: torch.dtype, packed_dtype: torch.dtype | None = None) -> int:
@@ -48,25 +67,41 @@ def small_m(dtype: torch.dtype, packed_dtype: torch.dtype | None = None) -> int:
 
 
 def pack_weights(weights: list[torch.Tensor | None]) -> None:
-    """Keeps a copy of each CPU weight in oneDNN's blocked layout, which its
-    matmuls otherwise re-pack on every call: 10-15% faster from 256 to 2048
-    rows, twice as fast at 4-8 rows. The plain weights stay for the kernel's
-    one or two rows, so weights take twice their memory. Half-precision
-    weights this CPU cannot multiply natively (bfloat16 without avx512_bf16
-    or AMX) are packed as float32, three times their memory in all; where
-    those copies would not fit in half the free memory they are left out, as
-    are None entries (a model without a separate LM head weight)."""
+    """Keeps faster forms of CPU weights beside them, while they fit in half
+    the free memory. For decode (up to CODED_M rows), a bfloat16 weight's
+    coded copy: three quarters of its bytes, exact (layers/coded.py). For
+    more rows, a copy in oneDNN's blocked layout, which its matmuls otherwise
+    re-pack on every call: 10-15% faster from 256 to 2048 rows, twice as
+    fast at 4-8 rows. Half-precision weights this CPU cannot multiply
+    natively (bfloat16 without avx512_bf16 or AMX) are packed as float32,
+    twice their own memory. None entries (a model without a separate LM head
+    weight) are skipped."""
+    todo = [w for w in weights if w is not None and w.device.type == "cpu" and w.dim() == 2]
+    budget = _free_memory() // 2 if todo else 0
+    budget -= _code([w for w in todo if can_code(w) and not hasattr(w, _CODED)], budget)
+    _pack_for_onednn([w for w in todo if not hasattr(w, _PACKED)], budget)
+
+
+def _code(weights: list[torch.Tensor], budget: int) -> int:
+    """Codes bfloat16 weights on CPUs with the coded kernel; returns the bytes taken."""
+    # Coding holds a copy of each result until all move to huge pages together.
+    if not cpu_has_avx2() or 3 * sum(w.numel() for w in weights) > budget:
+        return 0
+    coded = [code_bf16(w) for w in weights]
+    fields = [f.name for f in dataclasses.fields(CodedWeight)]
+    tensors = huge_page_copies([getattr(c, name) for c in coded for name in fields])
+    for i, w in enumerate(weights):
+        setattr(w, _CODED, CodedWeight(*tensors[i * len(fields) : (i + 1) * len(fields)]))
+    return sum(c.nbytes for c in coded)
+
+
+def _pack_for_onednn(weights: list[torch.Tensor], budget: int) -> None:
     reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
     if reorder is None or not torch.backends.mkldnn.is_available():
         return
-    todo = [
-        w
-        for w in weights
-        if w is not None and w.device.type == "cpu" and w.dim() == 2 and not hasattr(w, _PACKED)
-    ]
-    native = [w for w in todo if _multiplies_natively(w.dtype)]
-    widened = [w for w in todo if not _multiplies_natively(w.dtype)]
-    if widened and 4 * sum(w.numel() for w in widened) > _free_memory() // 2:
+    native = [w for w in weights if _multiplies_natively(w.dtype)]
+    widened = [w for w in weights if not _multiplies_natively(w.dtype)]
+    if widened and 4 * sum(w.numel() for w in widened) > budget:
         widened = []
     for w in native:
         setattr(w, _PACKED, reorder(w, PACK_ROWS_HINT))
@@ -93,6 +128,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias with the fastest path for the device and batch size."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
+    coded = getattr(weight, _CODED, None)
+    if coded is not None and x.shape[0] <= CODED_M:
+        return coded_linear(x, coded, bias)
     packed = getattr(weight, _PACKED, None)
     packed_dtype = None if packed is None else packed.dtype
     if x.shape[0] <= small_m(weight.dtype, packed_dtype) and weight.is_contiguous():
