@@ -30,13 +30,7 @@ class CodedWeight:
 
     @property
     def nbytes(self) -> int:
-        return (
-            sum(
-                t.numel() * t.element_size()
-                for t in (self.low, self.codes, self.escape_offsets, self.escape_cols)
-            )
-            + 4 * self.escape_values.numel()
-        )
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
 
 
 def can_code(weight: torch.Tensor) -> bool:
