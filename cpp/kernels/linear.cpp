@@ -156,8 +156,7 @@ namespace {
 
 // One coded value (layout in kernels.h).
 inline float coded_value(const CodedBf16& w, int64_t r, int64_t c) {
-  const uint8_t byte = w.codes[r * (w.k / 2) + c / 64 * 32 + c % 32];
-  const int code = c % 64 < 32 ? byte & 0x0f : byte >> 4;
+  const int code = (w.codes[r * (w.k / 2) + code_byte(c)] >> code_shift(c)) & 0x0f;
   return to_float(bf16{static_cast<uint16_t>(w.table[code] << 8 | w.low[r * w.k + c])});
 }
 
@@ -200,9 +199,10 @@ void code_bf16(const uint16_t* w, int64_t n, int64_t k, const uint8_t* table, ui
         }
       } else {
         low[r * k + c] = code < 0 ? 0 : static_cast<uint8_t>(bits & 0xff);
-        uint8_t& byte = codes[r * (k / 2) + c / 64 * 32 + c % 32];
+        uint8_t& byte = codes[r * (k / 2) + code_byte(c)];
         const uint8_t nibble = static_cast<uint8_t>(code < 0 ? 0 : code);
-        byte = c % 64 < 32 ? nibble : static_cast<uint8_t>(byte | nibble << 4);
+        // The first nibble of a byte sets it (codes arrive uninitialised).
+        byte = code_shift(c) == 0 ? nibble : static_cast<uint8_t>(byte | nibble << code_shift(c));
       }
       escapes += code < 0;
     }

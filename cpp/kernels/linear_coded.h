@@ -7,6 +7,11 @@
 
 namespace tokenmill::cpu {
 
+// Where value c of a row keeps its code (layout in kernels.h, CodedBf16):
+// the byte within its row's codes, and the nibble's shift in it.
+inline int64_t code_byte(int64_t c) { return c / 64 * 32 + c % 32; }
+inline int code_shift(int64_t c) { return c % 64 < 32 ? 0 : 4; }
+
 // Whether this CPU has the fast path for m input rows.
 bool coded_gemv_supported(int64_t m);
 // x [m, k] float32 reordered into dst the way the kernel reads it.

@@ -60,13 +60,13 @@ def code_bf16(weight: torch.Tensor) -> CodedWeight:
         escape_cols=torch.empty(0, dtype=torch.int32),
         escape_values=torch.empty(0),
     )
-    fields = (weight, coded.table, coded.low, coded.codes, coded.escape_offsets)
-    torch.ops.tokenmill.code_bf16(*fields)
+    args = (weight, coded.table, coded.low, coded.codes, coded.escape_offsets)
+    torch.ops.tokenmill.code_bf16(*args)
     escapes = int(coded.escape_offsets[-1])
     if escapes:
         coded.escape_cols = torch.empty(escapes, dtype=torch.int32)
         coded.escape_values = torch.empty(escapes)
-        torch.ops.tokenmill.code_bf16(*fields, coded.escape_cols, coded.escape_values)
+        torch.ops.tokenmill.code_bf16(*args, coded.escape_cols, coded.escape_values)
     return coded
 
 
