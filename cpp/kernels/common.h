@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "tokenmill/kernels.h"
 
@@ -165,6 +166,19 @@ void for_thread_ranges(int64_t n, Fn&& fn) {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     fn(n * t / threads, n * (t + 1) / threads);
   }
+}
+
+// Rows [n0, n1) of a weight as R long runs read side by side: tile(R, j,
+// stride) for rows j, j + stride, ... of the runs, then tile(1, j, 1) for
+// the rows left over, with R as a std::integral_constant. R sequential
+// streams keep more loads in flight than one (3072 x 576 bf16 weights on a
+// Zen 3: 22 against 18 GB/s, a plain read's speed), and long runs, unlike R
+// adjacent rows, let the hardware prefetcher follow each stream.
+template <int R, typename Tile>
+void for_row_runs(int64_t n0, int64_t n1, Tile&& tile) {
+  const int64_t run = (n1 - n0) / R;
+  for (int64_t j = n0; j < n0 + run; ++j) tile(std::integral_constant<int, R>{}, j, run);
+  for (int64_t j = n0 + R * run; j < n1; ++j) tile(std::integral_constant<int, 1>{}, j, 1);
 }
 
 }  // namespace tokenmill::cpu

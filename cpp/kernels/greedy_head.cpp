@@ -47,12 +47,11 @@ __attribute__((target("avx2,fma"))) void int8_rows(const int8_t* q, const float*
   }
 }
 
-// Rows [n0, n1) as four long runs read side by side (see linear_gemv_avx2.cpp).
 void int8_scores(const int8_t* q, const float* scales, const float* x, int64_t k, int64_t n0,
                  int64_t n1, float* out) {
-  const int64_t run = (n1 - n0) / 4;
-  for (int64_t j = n0; j < n0 + run; ++j) int8_rows<4>(q, scales, x, k, j, run, out);
-  for (int64_t j = n0 + 4 * run; j < n1; ++j) int8_rows<1>(q, scales, x, k, j, 1, out);
+  for_row_runs<4>(n0, n1, [&](auto runs, int64_t j, int64_t stride) {
+    int8_rows<decltype(runs)::value>(q, scales, x, k, j, stride, out);
+  });
 }
 #else
 void int8_scores(const int8_t*, const float*, const float*, int64_t, int64_t, int64_t, float*) {}

@@ -73,10 +73,9 @@ __attribute__((target("avx2,fma"))) void gemv_tile(const Int4Gemv& a, int64_t j,
 
 template <int M>
 void gemv_rows(const Int4Gemv& a, int64_t n0, int64_t n1) {
-  constexpr int R = M == 1 ? 4 : 2;
-  const int64_t run = (n1 - n0) / R;
-  for (int64_t j = n0; j < n0 + run; ++j) gemv_tile<R, M>(a, j, run);
-  for (int64_t j = n0 + R * run; j < n1; ++j) gemv_tile<1, M>(a, j, 1);
+  for_row_runs<M == 1 ? 4 : 2>(n0, n1, [&](auto runs, int64_t j, int64_t stride) {
+    gemv_tile<decltype(runs)::value, M>(a, j, stride);
+  });
 }
 
 }  // namespace
