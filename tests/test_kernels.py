@@ -366,7 +366,11 @@ def test_ops_trace_under_torch_compile():
         (1, 576, 3072),
         (2, 100, 37),
         (2, 70, 13),
+        (3, 576, 97),
+        (4, 64, 9),
         (5, 576, 960),
+        (7, 128, 40),
+        (9, 96, 21),
         (16, 100, 33),
         (32, 1536, 576),
     ],
@@ -427,7 +431,18 @@ def weight_with_escapes(n, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 7), (1, 576, 960), (2, 1536, 33), (3, 128, 65)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 64, 7),
+        (1, 576, 960),
+        (2, 1536, 33),
+        (3, 128, 65),
+        (4, 64, 9),
+        (5, 576, 70),
+        (9, 128, 33),
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_coded_linear(dtype, m, k, n, bias):
     from tokenmill.layers.coded import code_bf16, coded_linear
@@ -441,7 +456,7 @@ def test_coded_linear(dtype, m, k, n, bias):
     assert rel_err(coded_linear(x, coded, b), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 def test_coded_weights_hold_every_value_exactly(m):
     """Rows of the identity read the weight back column by column, bit for bit."""
     from tokenmill.layers.coded import code_bf16, coded_linear

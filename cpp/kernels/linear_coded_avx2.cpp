@@ -4,7 +4,8 @@
 // values, widened to float32 as in the dense kernel. 12 bits a weight
 // instead of 16, for a few more instructions than a bfloat16 GEMV: a decode
 // step that waits on memory spends the difference on them. As in the dense
-// kernel, a thread reads four runs of rows side by side.
+// kernel, a thread reads runs of weight rows side by side, and takes input
+// rows in chunks of up to four; each chunk decodes the tile again from L1.
 #include "linear_coded.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -40,6 +41,7 @@ TM_AVX2 void widen_fma(__m256i lo, __m256i hi, const float* x, __m256& even, __m
 template <int M, int R>
 __attribute__((target("avx2,fma"))) void gemv_coded(const CodedBf16& w, float* out, const float* x,
                                                     int64_t j, int64_t stride) {
+  static_assert(M <= 4 && R * M <= 8, "accumulators beyond the registers");
   const int64_t k = w.k;
   const __m256i table =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table)));
@@ -75,16 +77,40 @@ __attribute__((target("avx2,fma"))) void gemv_coded(const CodedBf16& w, float* o
           hsum(S == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][S - 1]) : acc[r][i][0]);
 }
 
-template <int M>
-void gemv_rows(const CodedBf16& w, float* out, const float* x, int64_t n0, int64_t n1) {
-  const int64_t run = (n1 - n0) / 4;
-  for (int64_t j = n0; j < n0 + run; ++j) gemv_coded<M, 4>(w, out, x, j, run);
-  for (int64_t j = n0 + 4 * run; j < n1; ++j) gemv_coded<M, 1>(w, out, x, j, 1);
+// All input rows against R weight rows: with four runs, the one or two
+// there are; with fewer, chunks of four, then the rest.
+template <int R>
+void gemv_tile(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t j,
+               int64_t stride) {
+  if constexpr (R == 4) {
+    if (m == 1) return gemv_coded<1, R>(w, out, x, j, stride);
+    return gemv_coded<2, R>(w, out, x, j, stride);
+  } else {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) gemv_coded<4, R>(w, out + i * w.n, x + i * w.k, j, stride);
+    switch (m - i) {
+      case 3:
+        return gemv_coded<3, R>(w, out + i * w.n, x + i * w.k, j, stride);
+      case 2:
+        return gemv_coded<2, R>(w, out + i * w.n, x + i * w.k, j, stride);
+      case 1:
+        return gemv_coded<1, R>(w, out + i * w.n, x + i * w.k, j, stride);
+    }
+  }
+}
+
+// Four runs for one or two input rows; two for more, whose accumulators
+// take the registers.
+template <int R>
+void gemv_rows(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t n0, int64_t n1) {
+  for_row_runs<R>(n0, n1, [&](auto runs, int64_t j, int64_t stride) {
+    gemv_tile<decltype(runs)::value>(w, out, x, m, j, stride);
+  });
 }
 
 }  // namespace
 
-bool coded_gemv_supported(int64_t m) { return cpu_has_avx2_fma() && m >= 1 && m <= 2; }
+bool coded_gemv_supported(int64_t m) { return cpu_has_avx2_fma() && m >= 1; }
 
 void coded_gemv_order_x(float* dst, const float* x, int64_t m, int64_t k) {
   for (int64_t i = 0; i < m * k; i += 32)
@@ -93,10 +119,10 @@ void coded_gemv_order_x(float* dst, const float* x, int64_t m, int64_t k) {
 }
 
 void coded_gemv(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t n0, int64_t n1) {
-  if (m == 1)
-    gemv_rows<1>(w, out, x, n0, n1);
+  if (m <= 2)
+    gemv_rows<4>(w, out, x, m, n0, n1);
   else
-    gemv_rows<2>(w, out, x, n0, n1);
+    gemv_rows<2>(w, out, x, m, n0, n1);
 }
 
 }  // namespace tokenmill::cpu
