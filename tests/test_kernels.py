@@ -402,16 +402,15 @@ def test_linear_layer_paths_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_give_the_plain_results(dtype):
-    from tokenmill.layers.linear import SMALL_M_PACKED, SMALL_M_WIDENED, linear, pack_weights
+    from tokenmill.layers.linear import SMALL_M_NATIVE_BF16, SMALL_M_PACKED, linear, pack_weights
 
     w = torch.randn(300, 96, dtype=dtype)
     b = torch.randn(300, dtype=dtype)
     pack_weights([w])
     if not hasattr(w, "onednn_packed"):
         pytest.skip("this torch or CPU has no oneDNN packed matmul for this dtype")
-    for m in sorted(
-        {1, SMALL_M_PACKED, SMALL_M_PACKED + 1, SMALL_M_WIDENED, SMALL_M_WIDENED + 1, 257}
-    ):
+    edges = (SMALL_M_NATIVE_BF16, SMALL_M_PACKED)
+    for m in sorted({1, 257, *edges, *(m + 1 for m in edges)}):
         x = torch.randn(m, 96, dtype=dtype)
         ref = x.double() @ w.double().T + b.double()
         got = linear(x, w, b)
@@ -502,7 +501,7 @@ def test_bf16_weights_packed_as_float32_where_the_cpu_lacks_bf16(monkeypatch):
     if not hasattr(w, "onednn_packed"):
         pytest.skip("this torch has no oneDNN packed matmul")
     assert w.onednn_packed.dtype == torch.float32
-    for m in (tl.SMALL_M_WIDENED + 1, 257):
+    for m in (tl.SMALL_M_PACKED + 1, 257):
         x = torch.randn(m, 96, dtype=torch.bfloat16)
         # float32 accumulation of exact products, rounded once to bf16
         ref = (x.double() @ w.double().T + b.double()).float().bfloat16()

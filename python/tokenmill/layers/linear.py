@@ -17,16 +17,17 @@ from tokenmill.layers.coded import CodedWeight, can_code, code_bf16, coded_linea
 
 # Up to this many rows the weight-streaming kernel beats the BLAS on CPUs.
 SMALL_M = 32
-# Where the weight is packed for oneDNN (pack_weights), or the CPU multiplies
-# bfloat16 natively, the BLAS wins from three rows on (576 x 3072 bf16 on a
-# Zen 4, weights streamed from memory: 0.17-0.20 ms packed against 0.40-0.54
-# for the kernel at 4-8 rows; float32 0.30-0.33 against 0.52-0.66), and the
-# kernel keeps the one or two rows it reads at memory speed (0.10 against 0.18).
-SMALL_M_PACKED = 2
-# bfloat16 weights packed as float32 (no native bf16): the kernel reads half
-# the bytes and wins up to 16 rows (Zen 3, 3072 x 576: 0.97 against 1.04 ms at
-# 16 rows, 2.09 against 1.49 at 32).
-SMALL_M_WIDENED = 16
+# Where the CPU multiplies bfloat16 natively, oneDNN wins from three rows on
+# (576 x 3072 bf16 on a Zen 4: 0.17-0.20 ms packed at 4-8 rows against
+# 0.40-0.54 for the kernel's portable path then), and the kernel keeps the one
+# or two rows it reads at memory speed (0.10 against 0.18).
+SMALL_M_NATIVE_BF16 = 2
+# Weights packed for oneDNN in float32 (their own dtype, or bfloat16 widened
+# on CPUs without native bf16): the AVX2 kernel reads their own bytes and wins
+# up to 16 rows in whole decode steps of SmolLM2-135M on a Zen 3 (float32: 20
+# against 34 ms at 4 rows, 28 against 42 at 8, 54 against 61 at 16, 103
+# against 95 at 32; bfloat16 at 32 rows: 100 against 97).
+SMALL_M_PACKED = 16
 # Up to this many rows a bfloat16 weight's coded copy (layers/coded.py) serves.
 CODED_M = 2
 # Rows of the matmuls oneDNN chooses a packed layout for.
@@ -61,9 +62,9 @@ def cpu_has_avx2() -> bool:
 def small_m(dtype: torch.dtype, packed_dtype: torch.dtype | None = None) -> int:
     """Most rows that take tokenmill's kernel rather than the BLAS on CPUs, for
     a weight of `dtype` packed as `packed_dtype` (None: not packed)."""
-    if packed_dtype is None:
-        return SMALL_M_PACKED if dtype == torch.bfloat16 and cpu_has_native_bf16() else SMALL_M
-    return SMALL_M_PACKED if packed_dtype == dtype else SMALL_M_WIDENED
+    if dtype == torch.bfloat16 and cpu_has_native_bf16():
+        return SMALL_M_NATIVE_BF16
+    return SMALL_M if packed_dtype is None else SMALL_M_PACKED
 
 
 def pack_weights(weights: list[torch.Tensor | None]) -> None:
@@ -71,10 +72,9 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
     the free memory. For decode (up to CODED_M rows), a bfloat16 weight's
     coded copy: three quarters of its bytes, exact (layers/coded.py). For
     more rows, a copy in oneDNN's blocked layout, which its matmuls otherwise
-    re-pack on every call: 10-15% faster from 256 to 2048 rows, twice as
-    fast at 4-8 rows. Half-precision weights this CPU cannot multiply
-    natively (bfloat16 without avx512_bf16 or AMX) are packed as float32,
-    twice their own memory. None entries (a model without a separate LM head
+    re-pack on every call: 10-15% faster from 256 to 2048 rows. Half-precision
+    weights this CPU cannot multiply natively (bfloat16 without avx512_bf16 or
+    AMX) are packed as float32, twice their own memory. None entries (a model without a separate LM head
     weight) are skipped."""
     todo = [w for w in weights if w is not None and w.device.type == "cpu" and w.dim() == 2]
     budget = _free_memory() // 2 if todo else 0
