@@ -1,6 +1,8 @@
 """The GPU model runner: decode steps replayed from padded CUDA graphs, the
 KV budget from gpu_memory_utilization, and the device choice."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import CUDA_MARKS
@@ -17,8 +19,9 @@ def token_ids(outputs):
 
 
 def test_graph_batch_sizes_cover_every_batch():
-    for top in (1, 5, 16, 100, 256):
-        sizes = graph_batch_sizes(top)
+    for top, every_size in itertools.product((1, 5, 16, 100, 256), (False, True)):
+        sizes = graph_batch_sizes(top, every_size)
+        assert len(sizes) == top if every_size else len(sizes) < top / 8 + 4
         assert sizes == sorted(set(sizes)) and sizes[-1] == top
         assert all(any(s >= n for s in sizes) for n in range(1, top + 1))
 

@@ -76,7 +76,7 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     expected = eager.generate([{"prompt_token_ids": p} for p in prompts], greedy)
     llm = LLM(path, dtype="float32", kv_cache_memory="64MiB")
     graphs = llm.engine.runner.graphs
-    assert sorted(graphs.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.graphs) == list(range(1, 9))  # every size: CPUs compute padding
     # Up to two rows the layers' native ops run as one program beside the embedding (Qwen3's
     # q/k norms included: they read the heads of the fused QKV output in place); from three,
     # projections run in the BLAS between them.
@@ -87,7 +87,7 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
         graph.replay = (lambda f, s: lambda: replays.append(s) or f())(graph.replay, size)
     got = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    assert replays and set(replays) == {8}, "decode steps did not replay the graph of their size"
+    assert replays and set(replays) == {5}, "decode steps did not replay the graph of their size"
 
 
 def test_a_program_runs_every_native_op_as_the_op_itself():

@@ -91,6 +91,7 @@ class ModelRunner:
                 device,
                 min(top, args.max_num_seqs),
                 -(-max_model_len // args.block_size),
+                every_size=device.type == "cpu",
             )
             self.graphs = graphs if graphs.graphs else None
         self.argmax_weight = self._argmax_weight()
