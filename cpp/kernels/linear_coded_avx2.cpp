@@ -77,34 +77,15 @@ __attribute__((target("avx2,fma"))) void gemv_coded(const CodedBf16& w, float* o
           hsum(S == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][S - 1]) : acc[r][i][0]);
 }
 
-// All input rows against R weight rows: with four runs, the one or two
-// there are; with fewer, chunks of four, then the rest.
-template <int R>
-void gemv_tile(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t j,
-               int64_t stride) {
-  if constexpr (R == 4) {
-    if (m == 1) return gemv_coded<1, R>(w, out, x, j, stride);
-    return gemv_coded<2, R>(w, out, x, j, stride);
-  } else {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) gemv_coded<4, R>(w, out + i * w.n, x + i * w.k, j, stride);
-    switch (m - i) {
-      case 3:
-        return gemv_coded<3, R>(w, out + i * w.n, x + i * w.k, j, stride);
-      case 2:
-        return gemv_coded<2, R>(w, out + i * w.n, x + i * w.k, j, stride);
-      case 1:
-        return gemv_coded<1, R>(w, out + i * w.n, x + i * w.k, j, stride);
-    }
-  }
-}
-
 // Four runs for one or two input rows; two for more, whose accumulators
 // take the registers.
 template <int R>
 void gemv_rows(const CodedBf16& w, float* out, const float* x, int64_t m, int64_t n0, int64_t n1) {
   for_row_runs<R>(n0, n1, [&](auto runs, int64_t j, int64_t stride) {
-    gemv_tile<decltype(runs)::value>(w, out, x, m, j, stride);
+    constexpr int tile = decltype(runs)::value;
+    for_input_chunks<tile>(m, [&](auto rows, int64_t i) {
+      gemv_coded<decltype(rows)::value, tile>(w, out + i * w.n, x + i * w.k, j, stride);
+    });
   });
 }
 

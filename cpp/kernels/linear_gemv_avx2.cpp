@@ -88,41 +88,17 @@ __attribute__((target("avx2,fma"))) void gemv_f32(const DenseGemv& a, int64_t j,
     }
 }
 
-template <int M, int R>
-void gemv_chunk(const DenseGemv& a, int64_t j, int64_t stride, int64_t i0) {
-  if (a.w_dtype == DType::kBFloat16)
-    gemv_bf16<M, R>(a, j, stride, i0);
-  else
-    gemv_f32<M, R>(a, j, stride, i0);
-}
-
-// All input rows against R weight rows: with four runs, the one or two
-// there are; with fewer, chunks of four, then the rest.
-template <int R>
-void gemv_tile(const DenseGemv& a, int64_t j, int64_t stride) {
-  if constexpr (R == 4) {
-    if (a.m == 1) return gemv_chunk<1, R>(a, j, stride, 0);
-    return gemv_chunk<2, R>(a, j, stride, 0);
-  } else {
-    int64_t i = 0;
-    for (; i + 4 <= a.m; i += 4) gemv_chunk<4, R>(a, j, stride, i);
-    switch (a.m - i) {
-      case 3:
-        return gemv_chunk<3, R>(a, j, stride, i);
-      case 2:
-        return gemv_chunk<2, R>(a, j, stride, i);
-      case 1:
-        return gemv_chunk<1, R>(a, j, stride, i);
-    }
-  }
-}
-
 // Four runs for one or two input rows; two for more, whose accumulators
 // take the registers.
 template <int R>
 void gemv_rows(const DenseGemv& a, int64_t n0, int64_t n1) {
+  const bool bf = a.w_dtype == DType::kBFloat16;
   for_row_runs<R>(n0, n1, [&](auto runs, int64_t j, int64_t stride) {
-    gemv_tile<decltype(runs)::value>(a, j, stride);
+    constexpr int tile = decltype(runs)::value;
+    for_input_chunks<tile>(a.m, [&](auto rows, int64_t i) {
+      constexpr int chunk = decltype(rows)::value;
+      bf ? gemv_bf16<chunk, tile>(a, j, stride, i) : gemv_f32<chunk, tile>(a, j, stride, i);
+    });
   });
 }
 
