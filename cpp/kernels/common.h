@@ -183,25 +183,19 @@ void for_row_runs(int64_t n0, int64_t n1, Tile&& tile) {
 
 // Input rows [0, m) in chunks against one tile of R weight rows:
 // chunk(M, i) for rows i .. i + M - 1, with M as a std::integral_constant.
-// Chunks of up to four keep a tile's accumulators (R x M) in registers; a
-// tile of four rows is only used for one or two input rows.
+// Chunks of up to four, or two against tiles of more than two rows, keep a
+// tile's R x M accumulators within eight registers.
 template <int R, typename Chunk>
 void for_input_chunks(int64_t m, Chunk&& chunk) {
-  if constexpr (R == 4) {
-    if (m == 1) return chunk(std::integral_constant<int, 1>{}, 0);
-    return chunk(std::integral_constant<int, 2>{}, 0);
-  } else {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) chunk(std::integral_constant<int, 4>{}, i);
-    switch (m - i) {
-      case 3:
-        return chunk(std::integral_constant<int, 3>{}, i);
-      case 2:
-        return chunk(std::integral_constant<int, 2>{}, i);
-      case 1:
-        return chunk(std::integral_constant<int, 1>{}, i);
-    }
+  constexpr int kMax = R > 2 ? 2 : 4;
+  int64_t i = 0;
+  for (; i + kMax <= m; i += kMax) chunk(std::integral_constant<int, kMax>{}, i);
+  const int64_t left = m - i;
+  if constexpr (kMax == 4) {
+    if (left == 3) return chunk(std::integral_constant<int, 3>{}, i);
+    if (left == 2) return chunk(std::integral_constant<int, 2>{}, i);
   }
+  if (left == 1) chunk(std::integral_constant<int, 1>{}, i);
 }
 
 }  // namespace tokenmill::cpu

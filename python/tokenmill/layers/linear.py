@@ -74,8 +74,8 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
     more rows, a copy in oneDNN's blocked layout, which its matmuls otherwise
     re-pack on every call: 10-15% faster from 256 to 2048 rows. Half-precision
     weights this CPU cannot multiply natively (bfloat16 without avx512_bf16 or
-    AMX) are packed as float32, twice their own memory. None entries (a model without a separate LM head
-    weight) are skipped."""
+    AMX) are packed as float32, twice their own memory. None entries (a model
+    without a separate LM head weight) are skipped."""
     todo = [w for w in weights if w is not None and w.device.type == "cpu" and w.dim() == 2]
     budget = _free_memory() // 2 if todo else 0
     budget -= _code([w for w in todo if can_code(w) and not hasattr(w, _CODED)], budget)
