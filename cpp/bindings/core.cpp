@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+#include <string>
+
 #include "tokenmill/scheduler.h"
 
 namespace py = pybind11;
@@ -87,18 +90,32 @@ PYBIND11_MODULE(_core, m) {
                                return v;
                              })
       .def_readonly("preempted", &SchedulerOutput::preempted)
-      .def_readonly("aborted", &SchedulerOutput::aborted);
+      .def_readonly("aborted", &SchedulerOutput::aborted)
+      .def_readonly("admitted", &SchedulerOutput::admitted);
 
-  py::class_<FinishedSeq>(m, "FinishedSeq")
-      .def_readonly("request_id", &FinishedSeq::request_id)
-      .def_readonly("seq_id", &FinishedSeq::seq_id)
-      .def_property_readonly("reason", [](const FinishedSeq& f) { return to_string(f.reason); })
-      .def_readonly("stop_token", &FinishedSeq::stop_token);
+  py::enum_<EventKind>(m, "EventKind")
+      .value("FORKED", EventKind::kForked)
+      .value("APPENDED", EventKind::kAppended)
+      .value("FINISHED", EventKind::kFinished);
+
+  py::class_<SeqEvent>(m, "SeqEvent")
+      .def_readonly("kind", &SeqEvent::kind)
+      .def_readonly("request_id", &SeqEvent::request_id)
+      .def_readonly("seq_id", &SeqEvent::seq_id)
+      .def_readonly("parent", &SeqEvent::parent)
+      .def_readonly("token", &SeqEvent::token)
+      .def_readonly("sample", &SeqEvent::sample)
+      .def_property_readonly("reason", [](const SeqEvent& e) { return to_string(e.reason); })
+      .def("__repr__", [](const SeqEvent& e) {
+        static const char* kinds[] = {"forked", "appended", "finished"};
+        return std::string("<SeqEvent ") + kinds[static_cast<int>(e.kind)] + " seq " +
+               std::to_string(e.seq_id) + " of request " + std::to_string(e.request_id) + ">";
+      });
 
   py::class_<UpdateResult>(m, "UpdateResult")
-      .def_readonly("finished", &UpdateResult::finished)
-      .def_readonly("forks", &UpdateResult::forks)
-      .def_readonly("finished_requests", &UpdateResult::finished_requests);
+      .def_readonly("events", &UpdateResult::events)
+      .def_readonly("finished_requests", &UpdateResult::finished_requests)
+      .def("of", &UpdateResult::of, py::arg("kind"), "The events of one kind, in order.");
 
   py::class_<SchedulerStats>(m, "SchedulerStats")
       .def_readonly("num_running_seqs", &SchedulerStats::num_running_seqs)
@@ -128,17 +145,24 @@ PYBIND11_MODULE(_core, m) {
                                                       : FinishReason::kStop);
           },
           py::arg("seq_id"), py::arg("reason") = "stop")
-      .def("fork_sequence", &Scheduler::fork_sequence, py::arg("parent"), py::arg("token"),
-           "Fork a running sequence (sharing its blocks) and continue the child with a token.")
       .def("schedule", &Scheduler::schedule, "Build the next step's batch.")
       .def(
           "update",
           [](Scheduler& s, const SchedulerOutput& out,
-             py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {
-            return s.update(out, sampled.data(), sampled.size());
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+             std::optional<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>
+                 counts) {
+            if (!counts) return s.update(out, tokens.data(), tokens.size());
+            if (counts->size() != out.num_seqs())
+              throw std::invalid_argument("update: counts needs one entry per scheduled sequence");
+            return s.update(out, tokens.data(), tokens.size(), counts->data());
           },
-          "Append sampled tokens (in sample order) and apply stop conditions.")
+          py::arg("out"), py::arg("tokens"), py::arg("counts") = py::none(),
+          "Continue each sampled sequence with counts[i] tokens (default: its num_samples): the "
+          "first extends it, the others fork children, none drops it. Then apply the stop "
+          "conditions. Returns the events in the order made.")
       .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("has_request", &Scheduler::has_request, py::arg("request_id"))
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
       .def("block_table",

@@ -29,7 +29,7 @@ int main() {
     std::vector<int32_t> sampled(samples, 42);  // a stand-in for the model
     auto result = scheduler.update(*out, sampled.data(), samples);
     std::printf("step %2d: %d seqs, %3d tokens, %zu finished, %d free blocks\n", ++steps,
-                out->num_seqs(), out->num_tokens(), result.finished.size(),
+                out->num_seqs(), out->num_tokens(), result.of(tokenmill::EventKind::kFinished).size(),
                 scheduler.stats().num_free_blocks);
   }
   scheduler.check_invariants();

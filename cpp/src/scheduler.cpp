@@ -111,21 +111,22 @@ void Scheduler::finish_sequence(SeqId id, FinishReason reason) {
   release_if_done(req.id, nullptr);
 }
 
-SeqId Scheduler::fork_sequence(SeqId parent, int32_t token) {
-  auto it = seqs_.find(parent);
-  if (it == seqs_.end() || it->second.seq->status != SeqStatus::kRunning)
-    throw std::invalid_argument("fork_sequence: no running sequence " + std::to_string(parent));
-  Request& req = *it->second.req;
-  const Sequence& src = *it->second.seq;
-  auto child = std::make_unique<Sequence>(src);
+std::vector<SeqEvent> UpdateResult::of(EventKind kind) const {
+  std::vector<SeqEvent> found;
+  for (const SeqEvent& e : events)
+    if (e.kind == kind) found.push_back(e);
+  return found;
+}
+
+Sequence& Scheduler::fork(Request& req, const Sequence& parent, UpdateResult& result) {
+  auto child = std::make_unique<Sequence>(parent);
   child->id = next_seq_id_++;
-  child->block_table = blocks_.fork(src.block_table);
-  child->tokens.push_back(token);
+  child->block_table = blocks_.fork(parent.block_table);
   seqs_[child->id] = {&req, child.get()};
-  SeqId id = child->id;
+  result.events.push_back({EventKind::kForked, req.id, child->id, parent.id});
   req.seqs.push_back(std::move(child));
   req.forked = true;
-  return id;
+  return *req.seqs.back();
 }
 
 void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason, int32_t stop_token,
@@ -134,7 +135,8 @@ void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason, int
   seq.finish_reason = reason;
   seq.stop_token = stop_token;
   blocks_.free(seq.block_table);
-  if (result) result->finished.push_back({req.id, seq.id, reason, stop_token});
+  if (result)
+    result->events.push_back({EventKind::kFinished, req.id, seq.id, -1, stop_token, reason});
 }
 
 void Scheduler::release_if_done(RequestId id, UpdateResult* result) {
@@ -275,6 +277,7 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots, Schedul
     try_allocate(*p.seq, p.num_new, out);
     emit(req, *p.seq, p.num_new, out);
   }
+  out.admitted.emplace_back(req.id, static_cast<int32_t>(plans.front().hits.size()) * bs);
   budget -= tokens;
   seq_slots -= width;
   waiting_.erase(key(req));
@@ -374,37 +377,48 @@ bool Scheduler::check_stop(const Request& req, Sequence& seq, int32_t token,
 
 UpdateResult Scheduler::update(const SchedulerOutput& out, const int32_t* sampled,
                                int64_t num_sampled) {
+  return update(out, sampled, num_sampled, out.num_samples.data());
+}
+
+UpdateResult Scheduler::update(const SchedulerOutput& out, const int32_t* tokens,
+                               int64_t num_tokens, const int32_t* counts) {
   int64_t expected = 0;
-  for (int32_t k : out.num_samples) expected += k;
-  if (expected != num_sampled)
+  for (int i = 0; i < out.num_seqs(); ++i) {
+    if (counts[i] < 0 || (counts[i] > 0 && out.num_samples[i] == 0))
+      throw std::invalid_argument("update: sequence " + std::to_string(out.seq_ids[i]) +
+                                  " sampled nothing this step but is given " +
+                                  std::to_string(counts[i]) + " tokens");
+    expected += counts[i];
+  }
+  if (expected != num_tokens)
     throw std::invalid_argument("update expects " + std::to_string(expected) +
-                                " sampled tokens, got " + std::to_string(num_sampled));
+                                " sampled tokens, got " + std::to_string(num_tokens));
   UpdateResult result;
   std::vector<RequestId> done;
+  std::vector<Sequence*> targets;
   int64_t idx = 0;
   for (int i = 0; i < out.num_seqs(); ++i) {
-    const int k = out.num_samples[i];
-    if (k == 0) continue;
-    const int32_t* toks = sampled + idx;
+    if (out.num_samples[i] == 0) continue;
+    const int k = counts[i];
+    const int32_t* toks = tokens + idx;
     idx += k;
     auto found = seqs_.find(out.seq_ids[i]);
     if (found == seqs_.end()) continue;  // aborted meanwhile
     Request& req = *found->second.req;
     Sequence* seq = found->second.seq;
     if (seq->status != SeqStatus::kRunning) continue;
-    for (int j = 1; j < k; ++j) {  // the first sample forks the group
-      auto child = std::make_unique<Sequence>(*seq);
-      child->id = next_seq_id_++;
-      child->block_table = blocks_.fork(seq->block_table);
-      seqs_[child->id] = {&req, child.get()};
-      result.forks.emplace_back(seq->id, child->id);
-      req.seqs.push_back(std::move(child));
+    if (k == 0) {
+      finish_seq(req, *seq, FinishReason::kAbort, -1, &result);
+      done.push_back(req.id);
+      continue;
     }
-    if (k > 1) req.forked = true;
-    const size_t first_child = req.seqs.size() - (k - 1);
+    targets.assign(1, seq);
+    for (int j = 1; j < k; ++j) targets.push_back(&fork(req, *seq, result));
     for (int j = 0; j < k; ++j) {
-      Sequence& s = j == 0 ? *seq : *req.seqs[first_child + j - 1];
+      Sequence& s = *targets[j];
       s.tokens.push_back(toks[j]);
+      result.events.push_back(
+          {EventKind::kAppended, req.id, s.id, -1, toks[j], FinishReason::kNone, idx - k + j});
       FinishReason reason;
       if (check_stop(req, s, toks[j], reason)) {
         finish_seq(req, s, reason, reason == FinishReason::kStop ? toks[j] : -1, &result);

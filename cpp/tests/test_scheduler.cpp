@@ -55,9 +55,9 @@ TEST(Scheduler, PrefillThenDecodeUntilLength) {
   step(s, out);
   EXPECT_EQ(out->num_tokens(), 1);
   EXPECT_EQ(out->positions[0], 6);
-  auto r = step(s, out);
-  ASSERT_EQ(r.finished.size(), 1u);
-  EXPECT_EQ(r.finished[0].reason, FinishReason::kLength);
+  auto finished = step(s, out).of(EventKind::kFinished);
+  ASSERT_EQ(finished.size(), 1u);
+  EXPECT_EQ(finished[0].reason, FinishReason::kLength);
   EXPECT_FALSE(s.has_unfinished());
   EXPECT_EQ(s.stats().num_free_blocks, 16);
 }
@@ -92,11 +92,11 @@ TEST(Scheduler, StopTokenRespectsMinTokens) {
   p.min_tokens = 2;
   s.add_request(1, prompt(3), p);
   std::unique_ptr<SchedulerOutput> out;
-  EXPECT_TRUE(step(s, out).finished.empty());  // 1 token < min_tokens
-  auto r = step(s, out);
-  ASSERT_EQ(r.finished.size(), 1u);
-  EXPECT_EQ(r.finished[0].reason, FinishReason::kStop);
-  EXPECT_EQ(r.finished[0].stop_token, 7);
+  EXPECT_TRUE(step(s, out).of(EventKind::kFinished).empty());  // 1 token < min_tokens
+  auto finished = step(s, out).of(EventKind::kFinished);
+  ASSERT_EQ(finished.size(), 1u);
+  EXPECT_EQ(finished[0].reason, FinishReason::kStop);
+  EXPECT_EQ(finished[0].token, 7);
 }
 
 TEST(Scheduler, RejectsRequestsThatCanNeverRun) {
@@ -133,13 +133,68 @@ TEST(Scheduler, ForkSharesPromptBlocks) {
   std::unique_ptr<SchedulerOutput> out;
   auto r = step(s, out);
   EXPECT_EQ(out->num_samples[0], 4);
-  ASSERT_EQ(r.forks.size(), 3u);
+  ASSERT_EQ(r.of(EventKind::kForked).size(), 3u);
   auto parent_table = s.sequence(first)->block_table;
   EXPECT_EQ(s.block_manager().ref_count(parent_table[0]), 4);
   step(s, out);  // each writes into the shared partial block: 3 copies
   EXPECT_EQ(out->num_seqs(), 4);
   EXPECT_EQ(out->block_copies.size(), 3u);
   while (s.has_unfinished()) step(s, out);
+  EXPECT_EQ(s.stats().num_free_blocks, 32);
+}
+
+TEST(Scheduler, EventsComeInTheOrderMade) {
+  Scheduler s(small_config(32));
+  RequestParams p = params(1);
+  p.n = 2;
+  SeqId first = s.add_request(1, prompt(5), p);
+  auto out = s.schedule();
+  const int32_t sampled[] = {3, 4};
+  auto r = s.update(*out, sampled, 2);
+  ASSERT_EQ(r.events.size(), 5u);  // fork, then per sequence: append, finish
+  EXPECT_EQ(r.events[0].kind, EventKind::kForked);
+  EXPECT_EQ(r.events[0].parent, first);
+  const SeqId child = r.events[0].seq_id;
+  const EventKind kinds[] = {EventKind::kAppended, EventKind::kFinished, EventKind::kAppended,
+                             EventKind::kFinished};
+  const SeqId seqs[] = {first, first, child, child};
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(r.events[i + 1].kind, kinds[i]);
+    EXPECT_EQ(r.events[i + 1].seq_id, seqs[i]);
+    EXPECT_EQ(r.events[i + 1].request_id, 1);
+  }
+  EXPECT_EQ(r.events[3].token, 4);
+  EXPECT_EQ(r.finished_requests, std::vector<RequestId>{1});
+}
+
+// Beam search's shape: each sequence continues with as many tokens as it is
+// given, and one given none is dropped.
+TEST(Scheduler, CountsForkAndDropSequences) {
+  Scheduler s(small_config(32));
+  RequestParams p = params(8);
+  p.n = 2;
+  SeqId a = s.add_request(1, prompt(6), p);
+  auto out = s.schedule();
+  const int32_t first[] = {3, 4}, two[] = {2};
+  s.update(*out, first, 2, two);
+  s.check_invariants();
+  out = s.schedule();
+  ASSERT_EQ(out->num_seqs(), 2);
+  const SeqId b = out->seq_ids[0] == a ? out->seq_ids[1] : out->seq_ids[0];
+  const int32_t next[] = {5, 6, 7};
+  const int32_t counts[] = {out->seq_ids[0] == a ? 3 : 0, out->seq_ids[0] == a ? 0 : 3};
+  auto r = s.update(*out, next, 3, counts);
+  s.check_invariants();
+  auto finished = r.of(EventKind::kFinished);
+  ASSERT_EQ(finished.size(), 1u);
+  EXPECT_EQ(finished[0].seq_id, b);
+  EXPECT_EQ(finished[0].reason, FinishReason::kAbort);
+  EXPECT_EQ(r.of(EventKind::kForked).size(), 2u);
+  EXPECT_EQ(s.sequence(a)->tokens.back(), 5);
+  const int32_t bad[] = {1, 0};
+  out = s.schedule();
+  EXPECT_THROW(s.update(*out, next, 2, bad), std::invalid_argument);
+  s.abort_request(1);
   EXPECT_EQ(s.stats().num_free_blocks, 32);
 }
 
@@ -152,6 +207,8 @@ TEST(Scheduler, PrefixCacheHitSkipsComputedBlocks) {
   step(s, out);
   EXPECT_EQ(out->num_tokens(), 1);  // 12 tokens came from the cache
   EXPECT_EQ(out->positions[0], 12);
+  ASSERT_EQ(out->admitted.size(), 1u);
+  EXPECT_EQ(out->admitted[0], std::make_pair(RequestId{2}, int32_t{12}));
 }
 
 TEST(Scheduler, AbortFreesBlocksImmediately) {

@@ -90,23 +90,34 @@ struct SchedulerOutput {
   std::vector<BlockCopy> block_copies;  // perform before the forward
   std::vector<RequestId> preempted;
   std::vector<RequestId> aborted;  // could not fit in the cache even alone
+  // Requests that started (or resumed) this step, with how many of their
+  // prompt tokens the prefix cache already held.
+  std::vector<std::pair<RequestId, int32_t>> admitted;
 
   int num_seqs() const { return static_cast<int>(seq_ids.size()); }
   int num_tokens() const { return static_cast<int>(input_ids.size()); }
 };
 
-struct FinishedSeq {
+enum class EventKind { kForked, kAppended, kFinished };
+
+// One change update() made to a sequence, in the order made: a child forked
+// from `parent`, a token appended (`sample`: its index in update()'s input),
+// or the sequence finished (`token` is then the stop id that finished it, or -1).
+struct SeqEvent {
+  EventKind kind;
   RequestId request_id;
   SeqId seq_id;
-  FinishReason reason;
-  int32_t stop_token;
+  SeqId parent = -1;
+  int32_t token = -1;
+  FinishReason reason = FinishReason::kNone;
+  int64_t sample = -1;
 };
 
 struct UpdateResult {
-  std::vector<FinishedSeq> finished;
-  // (parent, child) sequence ids created when a request forks into n.
-  std::vector<std::pair<SeqId, SeqId>> forks;
+  std::vector<SeqEvent> events;
   std::vector<RequestId> finished_requests;
+
+  std::vector<SeqEvent> of(EventKind kind) const;
 };
 
 struct SchedulerStats {
@@ -129,17 +140,20 @@ class Scheduler {
   void abort_request(RequestId id);
   // Finishes one sequence (e.g. a stop string found by the detokenizer).
   void finish_sequence(SeqId id, FinishReason reason);
-  // A new running sequence of the same request that shares every block of
-  // `parent` (copy on write) and continues it with `token`; for beam search,
-  // between schedule() and update(). Returns the child's id.
-  SeqId fork_sequence(SeqId parent, int32_t token);
 
   std::unique_ptr<SchedulerOutput> schedule();
-  // Appends the sampled tokens, one per sample of `out` in order, and applies
-  // the stop conditions.
+  // Continues each sampled sequence i of `out` with counts[i] tokens, taken
+  // in order from `tokens`: the first extends the sequence, each further one
+  // a child forked from it (sharing its blocks, copy on write); a count of 0
+  // drops the sequence (finished as aborted). Then applies the stop
+  // conditions. Sequences that sampled nothing must have a count of 0.
+  UpdateResult update(const SchedulerOutput& out, const int32_t* tokens, int64_t num_tokens,
+                      const int32_t* counts);
+  // The same with out.num_samples as the counts.
   UpdateResult update(const SchedulerOutput& out, const int32_t* sampled, int64_t num_sampled);
 
   bool has_unfinished() const { return !requests_.empty(); }
+  bool has_request(RequestId id) const { return requests_.count(id) > 0; }
   SchedulerStats stats() const;
   const SchedulerConfig& config() const { return config_; }
   const BlockManager& block_manager() const { return blocks_; }
@@ -164,6 +178,7 @@ class Scheduler {
   void preempt(Request& req, SchedulerOutput& out);
   void finish_seq(Request& req, Sequence& seq, FinishReason reason, int32_t stop_token,
                   UpdateResult* result);
+  Sequence& fork(Request& req, const Sequence& parent, UpdateResult& result);
   void release_if_done(RequestId id, UpdateResult* result);
   bool check_stop(const Request& req, Sequence& seq, int32_t token, FinishReason& reason) const;
 
