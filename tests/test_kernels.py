@@ -387,7 +387,8 @@ def test_linear(dtype, wdtype, m, k, n, bias):
 
 
 def test_linear_layer_paths_agree():
-    from tokenmill.layers.linear import SMALL_M, linear, small_m
+    from tokenmill.cpu_policy import SMALL_M, small_m
+    from tokenmill.layers.linear import linear
 
     w = torch.randn(1100, 64, dtype=torch.bfloat16)  # more rows than one float32 tile
     b = torch.randn(1100, dtype=torch.bfloat16)
@@ -402,7 +403,8 @@ def test_linear_layer_paths_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_give_the_plain_results(dtype):
-    from tokenmill.layers.linear import SMALL_M_NATIVE_BF16, SMALL_M_PACKED, linear, pack_weights
+    from tokenmill.cpu_policy import SMALL_M_NATIVE_BF16, SMALL_M_PACKED
+    from tokenmill.layers.linear import linear, pack_weights
 
     w = torch.randn(300, 96, dtype=dtype)
     b = torch.randn(300, dtype=dtype)
@@ -492,16 +494,17 @@ def test_decode_rows_take_the_coded_weight():
 
 
 def test_bf16_weights_packed_as_float32_where_the_cpu_lacks_bf16(monkeypatch):
+    import tokenmill.cpu_policy
     import tokenmill.layers.linear as tl
 
-    monkeypatch.setattr(tl, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(tokenmill.cpu_policy, "cpu_has_native_bf16", lambda: False)
     w = torch.randn(300, 96, dtype=torch.bfloat16)
     b = torch.randn(300, dtype=torch.bfloat16)
     tl.pack_weights([w])
     if not hasattr(w, "onednn_packed"):
         pytest.skip("this torch has no oneDNN packed matmul")
     assert w.onednn_packed.dtype == torch.float32
-    for m in (tl.SMALL_M_PACKED + 1, 257):
+    for m in (tokenmill.cpu_policy.SMALL_M_PACKED + 1, 257):
         x = torch.randn(m, 96, dtype=torch.bfloat16)
         # float32 accumulation of exact products, rounded once to bf16
         ref = (x.double() @ w.double().T + b.double()).float().bfloat16()

@@ -4,67 +4,28 @@ weights that load from several checkpoint tensors."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill.cpu_policy import (
+    CODED_M,
+    PACK_ROWS_HINT,
+    TILE_ROWS,
+    available_memory_bytes,
+    cpu_has_avx2,
+    multiplies_natively,
+    small_m,
+)
 from tokenmill.host_memory import huge_page_copies
 from tokenmill.layers.coded import CodedWeight, can_code, code_bf16, coded_linear
 
-# Up to this many rows the weight-streaming kernel beats the BLAS on CPUs.
-SMALL_M = 32
-# Where the CPU multiplies bfloat16 natively, oneDNN wins from three rows on
-# (576 x 3072 bf16 on a Zen 4: 0.17-0.20 ms packed at 4-8 rows against
-# 0.40-0.54 for the kernel's portable path then), and the kernel keeps the one
-# or two rows it reads at memory speed (0.10 against 0.18).
-SMALL_M_NATIVE_BF16 = 2
-# Weights packed for oneDNN in float32 (their own dtype, or bfloat16 widened
-# on CPUs without native bf16): the AVX2 kernel reads their own bytes and wins
-# up to 16 rows in whole decode steps of SmolLM2-135M on a Zen 3 (float32: 20
-# against 34 ms at 4 rows, 28 against 42 at 8, 54 against 61 at 16, 103
-# against 95 at 32; bfloat16 at 32 rows: 100 against 97).
-SMALL_M_PACKED = 16
-# Up to this many rows a bfloat16 weight's coded copy (layers/coded.py) serves.
-CODED_M = 2
-# Rows of the matmuls oneDNN chooses a packed layout for.
-PACK_ROWS_HINT = 256
 # The attributes of a weight that hold its packed and coded forms (they live
 # and die with it).
 _PACKED = "onednn_packed"
 _CODED = "coded_bf16"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-
-
-def cpu_has_avx2() -> bool:
-    """Whether the kernels take their AVX2 paths (TOKENMILL_DISABLE_AVX2 turns them off)."""
-    return {"avx2", "fma"} <= _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2")
-
-
-def small_m(dtype: torch.dtype, packed_dtype: torch.dtype | None = None) -> int:
-    """Most rows that take tokenmill's kernel rather than the BLAS on CPUs, for
-    a weight of `dtype` packed as `packed_dtype` (None: not packed)."""
-    if dtype == torch.bfloat16 and cpu_has_native_bf16():
-        return SMALL_M_NATIVE_BF16
-    return SMALL_M if packed_dtype is None else SMALL_M_PACKED
 
 
 def pack_weights(weights: list[torch.Tensor | None]) -> None:
@@ -77,7 +38,7 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
     AMX) are packed as float32, twice their own memory. None entries (a model
     without a separate LM head weight) are skipped."""
     todo = [w for w in weights if w is not None and w.device.type == "cpu" and w.dim() == 2]
-    budget = _free_memory() // 2 if todo else 0
+    budget = available_memory_bytes() // 2 if todo else 0
     budget -= _code([w for w in todo if can_code(w) and not hasattr(w, _CODED)], budget)
     _pack_for_onednn([w for w in todo if not hasattr(w, _PACKED)], budget)
 
@@ -99,29 +60,14 @@ def _pack_for_onednn(weights: list[torch.Tensor], budget: int) -> None:
     reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
     if reorder is None or not torch.backends.mkldnn.is_available():
         return
-    native = [w for w in weights if _multiplies_natively(w.dtype)]
-    widened = [w for w in weights if not _multiplies_natively(w.dtype)]
+    native = [w for w in weights if multiplies_natively(w.dtype)]
+    widened = [w for w in weights if not multiplies_natively(w.dtype)]
     if widened and 4 * sum(w.numel() for w in widened) > budget:
         widened = []
     for w in native:
         setattr(w, _PACKED, reorder(w, PACK_ROWS_HINT))
     for w in widened:
         setattr(w, _PACKED, reorder(w.float(), PACK_ROWS_HINT))
-
-
-def _multiplies_natively(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
-
-
-def _free_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,12 +90,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         b = None if bias is None else bias.float()
         out = torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "")
         return out.to(x.dtype)
-    if weight.dtype != torch.float32 and not cpu_has_native_bf16():
+    if not multiplies_natively(weight.dtype):
         return _linear_via_float32(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-_TILE_ROWS = 512
 _tile_buffer: dict[int, torch.Tensor] = {}
 
 
@@ -161,12 +106,12 @@ def _linear_via_float32(x, weight, bias):
     n = weight.shape[0]
     buf = _tile_buffer.get(k)
     if buf is None:
-        buf = _tile_buffer[k] = torch.empty(_TILE_ROWS, k)
+        buf = _tile_buffer[k] = torch.empty(TILE_ROWS, k)
     xf = x.float()
     # Column blocks of a row-major result: no transposed copy at the end.
     out = torch.empty(m, n)
-    for n0 in range(0, n, _TILE_ROWS):
-        n1 = min(n, n0 + _TILE_ROWS)
+    for n0 in range(0, n, TILE_ROWS):
+        n1 = min(n, n0 + TILE_ROWS)
         tile = buf[: n1 - n0]
         tile.copy_(weight[n0:n1])
         torch.mm(xf, tile.t(), out=out[:, n0:n1])

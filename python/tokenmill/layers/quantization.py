@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill.cpu_policy import INT4_SMALL_M, TILE_ROWS
 from tokenmill.errors import UnsupportedModelError
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-SMALL_M = 32  # on CPUs up to this many rows the int4 kernel; above, dequantized tiles + BLAS
-_TILE_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -232,18 +231,18 @@ class Int4Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         q, s, z = self._rows(rows)
-        if x.shape[0] <= SMALL_M:
+        if x.shape[0] <= INT4_SMALL_M:
             out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=torch.float32)
             torch.ops.tokenmill.int4_linear(out, x, q, s, z, self.group_size)
             return out
         # Prefill: dequantize tiles of rows into a reused buffer for the BLAS.
         out_t = torch.empty(q.shape[0], x.shape[0], device=x.device, dtype=torch.float32)
         tile = torch.empty(
-            min(_TILE_ROWS, q.shape[0]), self.k_padded, device=x.device, dtype=torch.float32
+            min(TILE_ROWS, q.shape[0]), self.k_padded, device=x.device, dtype=torch.float32
         )
         xt = x.t()
-        for r0 in range(0, q.shape[0], _TILE_ROWS):
-            r1 = min(q.shape[0], r0 + _TILE_ROWS)
+        for r0 in range(0, q.shape[0], TILE_ROWS):
+            r1 = min(q.shape[0], r0 + TILE_ROWS)
             torch.ops.tokenmill.int4_dequantize(tile[: r1 - r0], q, s, z, self.group_size, r0)
             torch.mm(tile[: r1 - r0], xt, out=out_t[r0:r1])
         return out_t.t()
@@ -258,10 +257,10 @@ class Int4Linear(nn.Module):
     def _takes_native(self, x: torch.Tensor) -> bool:
         if x.device.type == "cpu":
             # Decode: one native op (one program with its neighbours in a graph).
-            return x.shape[0] <= SMALL_M and not self.perms
+            return x.shape[0] <= INT4_SMALL_M and not self.perms
         # CUDA runs 16-bit batches of any size on tensor cores; ROCm has no
         # tensor-core GEMM here, so its prefill takes the dequantized tiles.
-        return x.dtype != torch.float32 and (x.shape[0] <= SMALL_M or not torch.version.hip)
+        return x.dtype != torch.float32 and (x.shape[0] <= INT4_SMALL_M or not torch.version.hip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_native(x):
