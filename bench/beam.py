@@ -21,7 +21,7 @@ def peak_blocks(engine, add):
     peak = 0
     while engine.has_unfinished_requests():
         engine.step()
-        st = engine.scheduler.stats()
+        st = engine.stats()
         peak = max(peak, st.num_blocks - st.num_free_blocks)
     return peak
 

@@ -81,11 +81,10 @@ def test_kv_blocks_shared_by_samples_and_beams(tiny_model):
         peak = 0
         while engine.has_unfinished_requests():
             engine.step()
-            st = engine.scheduler.stats()
+            st = engine.stats()
             peak = max(peak, st.num_blocks - st.num_free_blocks)
         return peak
 
-    engine.args.enable_prefix_caching = False
     one = peak_blocks(
         lambda: engine.add_request("one", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     )
@@ -97,7 +96,7 @@ def test_kv_blocks_shared_by_samples_and_beams(tiny_model):
     beams = peak_blocks(lambda: engine.add_beam_request("b8", prompt, BeamSearchParams(8, 8)))
     assert eight < 1.5 * one, (eight, one)
     assert beams < 1.5 * one, (beams, one)
-    st = engine.scheduler.stats()
+    st = engine.stats()
     assert st.num_free_blocks == st.num_blocks
 
 
@@ -125,7 +124,7 @@ def test_beam_search_survives_preemption_and_aborts(tiny_model):
         use_tqdm=False,
     )
     assert [o.outputs[0].token_ids for o in got] == expected
-    assert small.engine.counters["preemptions"] > 0
+    assert small.engine.stats().preemptions > 0
     engine = small.engine
     for i in range(6):
         engine.add_beam_request(f"x{i}", {"prompt_token_ids": ps[i % 4]}, BeamSearchParams(3, 30))
@@ -135,7 +134,7 @@ def test_beam_search_survives_preemption_and_aborts(tiny_model):
         engine.abort_request(f"x{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    st = engine.scheduler.stats()
+    st = engine.stats()
     assert st.num_free_blocks == st.num_blocks
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, VOCAB, hf_model
 from tokenmill import LLM, SamplingParams
+from tokenmill.engine.batch import StepInputs
 from tokenmill.errors import UnsupportedModelError
 
 ARCHS = list(TINY_CONFIGS)
@@ -20,9 +21,9 @@ def prefill_logits(llm: LLM, prompts):
     engine = llm.engine
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, SamplingParams(max_tokens=1))
-    out = engine.scheduler.schedule()
+    out = engine.core.scheduler.schedule()
     assert out.num_tokens == sum(map(len, prompts)), "prefill did not fit in one step"
-    logits, _ = engine.runner.execute(out, np.arange(out.num_tokens, dtype=np.int32))
+    logits = engine.runner.logits(StepInputs.from_plan(out, np.arange(out.num_tokens)))
     for i in range(len(prompts)):
         engine.abort_request(f"p{i}")
     bounds = out.query_start_loc
@@ -104,15 +105,15 @@ def test_same_tokens_alone_batched_chunked_preempted_and_cached(tiny_model):
     )
     got = small.generate([target, *others], params, use_tqdm=False)
     assert got[0].outputs[0].token_ids == expected
-    assert small.engine.counters["preemptions"] > 0
-    assert small.engine.scheduler.stats().num_free_blocks == small.engine.runner.num_blocks
+    assert small.engine.stats().preemptions > 0
+    assert small.engine.stats().num_free_blocks == small.engine.runner.num_blocks
 
     # Prefix-cache hit: the same prompt again reuses its full blocks.
     cached = LLM(path, dtype="float32", kv_cache_memory="64MiB")
     cached.generate([target], params, use_tqdm=False)
-    hits_before = cached.engine.scheduler.stats().prefix_hits
+    hits_before = cached.engine.stats().prefix_hits
     assert cached.generate([target], params, use_tqdm=False)[0].outputs[0].token_ids == expected
-    assert cached.engine.scheduler.stats().prefix_hits > hits_before
+    assert cached.engine.stats().prefix_hits > hits_before
 
 
 def small_block_bytes(llm):

@@ -198,7 +198,7 @@ def test_engine_rejects_bad_input_and_keeps_working(tiny_model):
         llm.generate([[]], SamplingParams(max_tokens=2), use_tqdm=False)
     out = llm.generate(["The quick"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) >= 1
-    st = llm.engine.scheduler.stats()
+    st = llm.engine.stats()
     assert st.num_free_blocks == st.num_blocks
 
 

@@ -10,8 +10,7 @@ import torch
 from conftest import VOCAB
 from server_utils import ServerProcess
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.llm_engine import WorkerDiedError
-from tokenmill.errors import InvalidParameterError
+from tokenmill.errors import InvalidParameterError, WorkerDiedError
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

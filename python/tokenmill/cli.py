@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun every rank runs this command; ranks above 0 hold model shards.
-        from tokenmill.distributed import worker_main
+        from tokenmill.worker import run_worker
 
-        worker_main(
+        run_worker(
             int(os.environ["RANK"]),
             int(os.environ["WORLD_SIZE"]),
             "env://",

@@ -9,12 +9,17 @@ gathered.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from tokenmill.engine.batch import StepInputs
+from tokenmill.errors import InvalidParameterError, WorkerDiedError
 
 
 @dataclass(frozen=True)
@@ -91,38 +96,6 @@ _FIELDS = (
 )
 
 
-@dataclass
-class StepInputs:
-    """What a forward needs, from a SchedulerOutput on rank 0 or a broadcast elsewhere."""
-
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    seq_lens: np.ndarray
-    query_start_loc: np.ndarray
-    block_tables: np.ndarray  # [num_seqs, max_blocks]
-    copies: np.ndarray  # [num_copies, 2]
-    rows: np.ndarray  # logit rows
-
-    @classmethod
-    def from_output(cls, out, rows) -> StepInputs:
-        copies = np.asarray(out.block_copies, dtype=np.int32).reshape(-1, 2)
-        return cls(
-            out.input_ids,
-            out.positions,
-            out.slot_mapping,
-            out.seq_lens,
-            out.query_start_loc,
-            out.block_tables,
-            copies,
-            np.asarray(rows, dtype=np.int32),
-        )
-
-    @property
-    def block_copies(self) -> list[tuple[int, int]]:
-        return [tuple(c) for c in self.copies.tolist()]
-
-
 def broadcast_step(step: StepInputs | None) -> StepInputs | None:
     """Rank 0 sends a step (None: stop); the other ranks receive it."""
     header = torch.zeros(2 + 2 * len(_FIELDS), dtype=torch.int64)
@@ -158,27 +131,73 @@ def broadcast_step(step: StepInputs | None) -> StepInputs | None:
     return StepInputs(**values)
 
 
-def worker_main(rank: int, world: int, init_method: str, args) -> None:
-    """A non-zero rank: build the shard of the model, then run forwards until told to stop."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))
-    from tokenmill.engine.llm_engine import LLMEngine
+def launched_by_torchrun() -> bool:
+    """torchrun (or another launcher) started one process per rank and set RANK/WORLD_SIZE."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
-    engine = LLMEngine(args, tp_rank=rank, tp_init_method=init_method)
-    try:
-        while True:
-            step = broadcast_step(None)
-            if step is None:
-                break
-            engine.runner.execute_step(step)
-    finally:
+
+class WorkerGroup:
+    """Ranks 1..world-1 as child processes of rank 0."""
+
+    def __init__(self, processes: list[subprocess.Popen]):
+        self.processes = processes
+
+    def check(self) -> None:
+        """Raises WorkerDiedError when a worker process is gone."""
+        for i, p in enumerate(self.processes, start=1):
+            if p.poll() is not None:
+                raise WorkerDiedError(f"tensor-parallel worker {i} exited with code {p.returncode}")
+
+    def stop(self) -> None:
+        """Tells the workers to stop, waits for them (killing any that hang), leaves the group."""
+        try:
+            broadcast_step(None)
+        except Exception:  # noqa: BLE001  (workers may be gone already)
+            pass
+        for p in self.processes:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         shutdown()
+
+
+def start(args, hf_config, device: torch.device, rank: int, init_method: str | None):
+    """Joins (or, on rank 0 without a launcher, creates) the tensor-parallel
+    group. Returns, on rank 0, the WorkerGroup of the other ranks (holding the
+    processes it spawned, none under a launcher); elsewhere None."""
+    world = args.tensor_parallel_size
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", 1)
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % world or (kv % world and world % kv):
+        raise InvalidParameterError(
+            "tensor_parallel_size",
+            f"tensor_parallel_size {world} must divide num_attention_heads ({heads}) and divide or be a "
+            f"multiple of num_key_value_heads ({kv})",
+        )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if init_method is None and launched_by_torchrun():
+        init_method, rank = "env://", int(os.environ["RANK"])
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise InvalidParameterError(
+                "tensor_parallel_size",
+                f"tensor_parallel_size {world} differs from WORLD_SIZE {os.environ['WORLD_SIZE']}",
+            )
+    processes = []
+    if rank == 0 and init_method is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        processes = spawn_workers(world, init_method, args)
+    init(rank, world, init_method, device)
+    return WorkerGroup(processes) if rank == 0 else None
 
 
 def spawn_workers(world: int, init_method: str, args) -> list:
     """Starts ranks 1..world-1 as fresh interpreters (never re-running the caller's main module)."""
     import dataclasses
     import json
-    import subprocess
     import sys
 
     payload = json.dumps(dataclasses.asdict(args))

@@ -28,3 +28,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class KVCacheTooSmallError(TokenmillError, ValueError):
     """The KV-cache budget cannot hold one sequence of max_model_len."""
+
+
+class WorkerDiedError(TokenmillError, RuntimeError):
+    """A tensor-parallel worker process died; the engine cannot continue."""

@@ -105,6 +105,9 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 0 or v > 20):
                 fail(name, f"must be in [0, 20], got {v}")
+        if self.spaces_between_special_tokens is not True:
+            # Text comes from the tokenizer's own decoding, as with Hugging Face fast tokenizers.
+            fail("spaces_between_special_tokens", "other than True is not supported")
         if self.logit_bias is not None:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

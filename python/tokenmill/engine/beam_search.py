@@ -16,8 +16,6 @@ import torch
 
 from tokenmill.sampling_params import BeamSearchParams
 
-NEG = -1.0e9
-
 
 @dataclass
 class Beam:
@@ -50,11 +48,6 @@ class BeamSearchState:
         self.generated = 0
         self._next: list = []  # (parent beam, token, score) chosen by the last step()
         self._stop_heuristic = False
-        # Core bookkeeping of the step in flight: children forked before
-        # update(), keyed (parent seq id, nth use), and sequences the core
-        # forked at the first step beyond the continuations found.
-        self.forks: dict[tuple[int, int], int] = {}
-        self.unused = 0
 
     def _length_score(self, logprob: float, length: int) -> float:
         return logprob / (length**self.params.length_penalty)

@@ -1,75 +1,52 @@
-"""Loads the model, owns the paged KV cache and runs one step's forward."""
+"""ModelRunner: everything between the scheduler's plan and the sampled
+tokens: inputs, graphs, forward, logits processing, sampling."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 
 import numpy as np
 import torch
 
 from tokenmill import distributed
 from tokenmill.config import EngineArgs
-from tokenmill.distributed import StepInputs
+from tokenmill.cpu_policy import (
+    MAX_CPU_GRAPH_BATCH,
+    available_memory_bytes,
+    default_cpu_kv_budget,
+    greedy_head_pays,
+)
+from tokenmill.engine.batch import RunnerOutput, SamplingBatch, StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
-from tokenmill.engine.sampler import argmax_rows
-from tokenmill.errors import KVCacheTooSmallError, ModelLoadError
-from tokenmill.host_memory import move_to_huge_pages
+from tokenmill.engine.sampler import Sampler, argmax_rows
+from tokenmill.errors import KVCacheTooSmallError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
-from tokenmill.layers.linear import Linear, linear, pack_weights
-from tokenmill.loader.hf import iterate_weights
-from tokenmill.models import model_class
+from tokenmill.layers.linear import linear
+from tokenmill.outputs import Logprob
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype, torch.float32)
-    if dtype == torch.float16 and device.type == "cpu":
-        dtype = torch.bfloat16  # float16 matmul is slow on most CPUs
-    return dtype
-
-
-@contextlib.contextmanager
-def _skip_weight_init():
-    """Parameters are overwritten by the checkpoint, so random init is wasted work."""
-    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, lambda t, *a, **k: t)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
-
-
-def available_memory_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
 
 class ModelRunner:
+    """Runs a loaded model over the paged KV cache it owns. On rank 0 of a
+    tensor-parallel group it broadcasts each step to the other ranks' runners."""
+
     def __init__(
-        self, args: EngineArgs, hf_config, model_path: str, device: torch.device, max_model_len: int
+        self,
+        args: EngineArgs,
+        model: torch.nn.Module,
+        device: torch.device,
+        max_model_len: int,
+        workers: distributed.WorkerGroup | None = None,
     ):
         self.args = args
         self.device = device
-        self.config = hf_config
-        self.dtype = resolve_dtype(args.dtype, hf_config, device)
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.max_model_len = max_model_len
-        self.model = self._load_model(model_path)
+        self.workers = workers
+        self.sampler = Sampler(args.seed)
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None
         self.num_blocks = self._num_kv_blocks()
@@ -85,7 +62,9 @@ class ModelRunner:
         if self._use_graphs():
             # On CPUs the Python a graph saves is a fixed cost per step, which
             # matters most for small batches; larger ones would only hold more buffers.
-            top = args.max_graph_batch if device.type == "cuda" else min(args.max_graph_batch, 8)
+            top = args.max_graph_batch
+            if device.type == "cpu":
+                top = min(top, MAX_CPU_GRAPH_BATCH)
             graphs = DecodeGraphs(
                 self.model,
                 device,
@@ -119,9 +98,7 @@ class ModelRunner:
         if weight is None:
             return None
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if weight.numel() * weight.element_size() * 8 < total:
-            return None
-        return GreedyHead(weight)
+        return GreedyHead(weight) if greedy_head_pays(weight, total) else None
 
     def _use_graphs(self) -> bool:
         if self.args.enforce_eager:
@@ -130,32 +107,6 @@ class ModelRunner:
         return self.device.type == "cuda" or (
             self.device.type == "cpu" and distributed.tp().world == 1
         )
-
-    def _load_model(self, path: str):
-        cls = model_class(self.config)
-        max_positions = max(
-            self.max_model_len, getattr(self.config, "max_position_embeddings", 0) or 0
-        )
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with _skip_weight_init(), self.device:
-                model = cls(self.config, max_positions)
-        finally:
-            torch.set_default_dtype(previous)
-        for layer in model.modules():  # rotary tables stay float32
-            for name, buf in list(layer.named_buffers(recurse=False)):
-                if name == "cos_sin_cache":
-                    layer.cos_sin_cache = buf.float()
-        loaded = model.load_weights(iterate_weights(path))
-        missing = set(dict(model.named_parameters())) - loaded
-        if missing:
-            raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
-        if self.device.type == "cpu":
-            move_to_huge_pages(model)
-            weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
-            pack_weights([*weights, getattr(model, "logits_weight", None)])
-        return model.eval()
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -205,7 +156,7 @@ class ModelRunner:
             copies=np.zeros((0, 2), dtype=np.int32),
             rows=np.arange(min(tokens, self.args.max_num_seqs), dtype=np.int32),
         )
-        self.execute_step(step)
+        self.logits(step)
         torch.cuda.synchronize()
         del self.kv_cache
         for layer in self.model.attention_layers:
@@ -218,7 +169,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 budget = self._gpu_kv_budget()
             else:
-                budget = min(4 << 30, available_memory_bytes() // 2)
+                budget = default_cpu_kv_budget()
         elif budget < 1:
             free = (
                 torch.cuda.mem_get_info()[0]
@@ -273,32 +224,73 @@ class ModelRunner:
         return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(
-        self, out, logit_rows: np.ndarray, greedy: bool = False
-    ) -> tuple[torch.Tensor | None, np.ndarray | None]:
-        """Runs the forward for a scheduler output. Returns float32 logits at
-        `logit_rows` and None; or, when the caller wants only each row's argmax
-        (greedy) and this runner can give it (on CPUs: the greedy head for one
-        row, a native argmax of the logits in the model's dtype for more), None
-        and those int32 tokens."""
-        step = StepInputs.from_output(out, logit_rows)
+    def execute(self, plan, batch: SamplingBatch) -> RunnerOutput:
+        """Runs the forward for a scheduler plan and takes from its logits
+        what the batch asks: a token per slot, logprob rows, prompt logprobs."""
+        if self.workers is not None:
+            self.workers.check()
+        step = StepInputs.from_plan(plan, batch.rows)
         if distributed.tp().world > 1:
             distributed.broadcast_step(step)
         hidden = self.hidden_states(step)
-        if greedy and self.greedy_head is not None and len(hidden) == 1:
+        if self._argmax_only(batch):
+            tokens = self._argmax_tokens(hidden)
+            if tokens is not None:
+                return RunnerOutput(tokens)
+        logits = self.model.compute_logits(hidden)
+        num_sample_rows = len(batch.sample_rows)
+        output = RunnerOutput(np.zeros(0, np.int32))
+        if batch.prompt_targets:
+            output.prompt_logprobs = prompt_logprobs(logits[num_sample_rows:], batch.prompt_targets)
+            logits = logits[:num_sample_rows]
+        if batch.logprob_rows:
+            picked = logits[torch.tensor(batch.logprob_rows, device=logits.device)]
+            output.row_logprobs = picked.float().log_softmax(-1).cpu()
+        if batch.slots:
+            rows = [s.row for s in batch.slots]
+            if rows != list(range(len(logits))):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            sampled = self.sampler(logits, batch.slots)
+            output.tokens = sampled.token_ids.cpu().numpy()
+            output.sampled_logprobs, output.top_logprobs = (
+                sampled.sampled_logprobs,
+                sampled.top_logprobs,
+            )
+        return output
+
+    def _argmax_only(self, batch: SamplingBatch) -> bool:
+        """Whether each sample row's token is its plain argmax, one per row."""
+        return (
+            not batch.prompt_targets
+            and not batch.logprob_rows
+            and len(batch.slots) == len(batch.sample_rows)
+            and all(self.sampler.picks_argmax(s) for s in batch.slots)
+        )
+
+    def _argmax_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
+        """Greedy tokens without float32 logits where this runner can: on
+        CPUs, the greedy head for one row, or a native argmax of the logits in
+        the model's dtype; else None."""
+        if self.greedy_head is not None and len(hidden) == 1:
             token = self.greedy_head(hidden)
             if token is not None:
-                return None, np.array([token], dtype=np.int32)
-        if greedy and self.argmax_weight is not None:
+                return np.array([token], dtype=np.int32)
+        if self.argmax_weight is not None:
             # compute_logits is this linear cast to float32, which keeps the order.
-            tokens = argmax_rows(linear(hidden, self.argmax_weight))
-            return None, tokens.numpy().astype(np.int32)
-        return self.model.compute_logits(hidden), None
+            return argmax_rows(linear(hidden, self.argmax_weight)).numpy().astype(np.int32)
+        return None
 
     @torch.inference_mode()
-    def execute_step(self, step: StepInputs) -> torch.Tensor:
-        """Float32 logits at the step's logit rows."""
+    def logits(self, step: StepInputs) -> torch.Tensor:
+        """Float32 logits at the step's logit rows (tensor-parallel workers run
+        this; their logits are gathered on every rank)."""
         return self.model.compute_logits(self.hidden_states(step))
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     def hidden_states(self, step: StepInputs) -> torch.Tensor:
         """The forward's final hidden states at the step's logit rows."""
@@ -325,3 +317,28 @@ class ModelRunner:
 def _all_rows(rows: np.ndarray, n: int) -> bool:
     """Whether rows is 0..n-1, as in a decode step: then no gather is needed."""
     return len(rows) == n and bool((rows == np.arange(n)).all())
+
+
+def prompt_logprobs(logits: torch.Tensor, targets) -> list[list[dict[int, Logprob]]]:
+    """Per target, per prompt position: the logprob and rank of the next
+    prompt token, and the top-k."""
+    logprobs = logits.float().log_softmax(-1)
+    found, row = [], 0
+    for target in targets:
+        lp = logprobs[row : row + len(target.rows)]
+        row += len(target.rows)
+        next_tokens = torch.tensor(target.next_tokens, device=lp.device)
+        chosen = lp.gather(1, next_tokens[:, None]).squeeze(1)
+        ranks = (lp > chosen[:, None]).sum(-1) + 1
+        k = target.k
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        entries = []
+        for j, (t, c, r) in enumerate(
+            zip(target.next_tokens, chosen.tolist(), ranks.tolist(), strict=True)
+        ):
+            entry = {t: Logprob(c, r)}
+            for n in range(k):
+                entry.setdefault(int(top_ids[j, n]), Logprob(float(top_vals[j, n]), n + 1))
+            entries.append(entry)
+        found.append(entries)
+    return found

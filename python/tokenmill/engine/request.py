@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -53,29 +51,37 @@ class SequenceState:
 @dataclass
 class RequestState:
     request_id: str
-    internal_id: int
+    core_id: int
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
     stop_checker: StopChecker
-    generator: torch.Generator | None
+    beam: bool = False  # a beam search, whose outputs come whole at the end
     seqs: list[SequenceState] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     finished: bool = False
-    beam: object | None = None  # BeamSearchState for beam-search requests
+    aborted: bool = False  # the core gave the whole request up
     beam_outputs: list | None = None
 
-    def seq_by_id(self, seq_id: int) -> SequenceState | None:
+    def seq(self, seq_id: int) -> SequenceState | None:
         for s in self.seqs:
             if s.seq_id == seq_id:
                 return s
         return None
 
+    def fork(self, parent: int, child: int) -> None:
+        self.seqs.append(self.seq(parent).fork(child, len(self.seqs)))
+
+    def all_finished(self) -> bool:
+        """Every sequence the request will have exists and has finished."""
+        expected = 1 if self.beam or self.aborted else self.params.num_sequences
+        return len(self.seqs) >= expected and all(s.finished for s in self.seqs)
+
     def to_output(self) -> RequestOutput:
         """A snapshot of everything generated so far."""
-        if self.beam is not None:
+        if self.beam:
             return RequestOutput(
                 self.request_id,
                 self.prompt,

@@ -7,19 +7,10 @@ from dataclasses import dataclass
 import torch
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill.engine.batch import SampleSlot
+from tokenmill.engine.logits_processors import DEFAULT_PROCESSORS, LogitsProcessor
 from tokenmill.outputs import Logprob
 from tokenmill.sampling_params import SamplingParams
-
-
-@dataclass
-class SampleSlot:
-    """One token to draw: which request it serves and what that sequence has generated."""
-
-    params: SamplingParams
-    output_ids: list[int]
-    prompt_ids: list[int]
-    generator: torch.Generator | None
-    eos_token_id: int | None
 
 
 @dataclass
@@ -27,53 +18,6 @@ class SamplerOutput:
     token_ids: torch.Tensor  # int32 [num_slots]
     sampled_logprobs: list[float] | None  # logprob of each sampled token, where asked
     top_logprobs: list[dict[int, Logprob] | None] | None
-
-
-def _needs_processing(p: SamplingParams, n_out: int) -> bool:
-    return bool(
-        p.logit_bias
-        or p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
-        or n_out < p.min_tokens
-    )
-
-
-def picks_argmax(slot: SampleSlot) -> bool:
-    """Whether the slot's token is the plain argmax of its logits: greedy, with
-    no logprobs and no logits processing."""
-    p = slot.params
-    return p.greedy and not p.needs_logprobs and not _needs_processing(p, len(slot.output_ids))
-
-
-def _process(logits: torch.Tensor, slots: list[SampleSlot]) -> None:
-    for i, s in enumerate(slots):
-        p = s.params
-        if not _needs_processing(p, len(s.output_ids)):
-            continue
-        row = logits[i]
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
-            ids = ids[ids < row.numel()]
-            row[ids] += torch.tensor([p.logit_bias[int(t)] for t in ids], device=row.device)
-        if len(s.output_ids) < p.min_tokens:
-            banned = list(p.stop_token_ids)
-            if s.eos_token_id is not None and not p.ignore_eos:
-                banned.append(s.eos_token_id)
-            if banned:
-                row[torch.tensor(banned, device=row.device)] = float("-inf")
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(
-                sorted(set(s.prompt_ids) | set(s.output_ids)), dtype=torch.long, device=row.device
-            )
-            vals = row[seen]
-            row[seen] = torch.where(
-                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
-            out = torch.tensor(s.output_ids, dtype=torch.long, device=row.device)
-            counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -127,16 +71,33 @@ def _draw(
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
+    """Draws tokens after the logits processors; rows follow their own slot's parameters."""
+
+    def __init__(self, seed: int = 0, processors: tuple[LogitsProcessor, ...] = DEFAULT_PROCESSORS):
         self.generator = torch.Generator().manual_seed(seed)
+        self.processors = processors
+
+    def picks_argmax(self, slot: SampleSlot) -> bool:
+        """Whether the slot's token is the plain argmax of its logits: greedy,
+        with no logprobs and no processor that applies."""
+        p = slot.params
+        return (
+            p.greedy
+            and not p.needs_logprobs
+            and not any(proc.applies(slot) for proc in self.processors)
+        )
 
     def __call__(self, logits: torch.Tensor, slots: list[SampleSlot]) -> SamplerOutput:
         """Draws one token per row of float32 logits [len(slots), vocab]."""
         want_logprobs = [s.params.needs_logprobs for s in slots]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-        if any(_needs_processing(s.params, len(s.output_ids)) for s in slots):
+        edits = [(i, [p for p in self.processors if p.applies(s)]) for i, s in enumerate(slots)]
+        edits = [(i, procs) for i, procs in edits if procs]
+        if edits:
             logits = logits.clone()
-            _process(logits, slots)
+            for i, procs in edits:
+                for proc in procs:
+                    proc(logits[i], slots[i])
         greedy = [s.params.greedy for s in slots]
         tokens = argmax_rows(logits)
         random_rows = [i for i, g in enumerate(greedy) if not g]

@@ -113,13 +113,13 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
-                    self.metrics.observe_engine(self.engine)
+                    self.metrics.observe_engine(self.engine.stats())
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
                 for out in self.engine.step():
                     self._deliver(out)
-                self.metrics.observe_engine(self.engine)
+                self.metrics.observe_engine(self.engine.stats())
                 if time.monotonic() - last_log > self.log_interval:
                     last_log = time.monotonic()
                     self._log_stats()
@@ -175,16 +175,14 @@ class AsyncEngine:
         loop.call_soon_threadsafe(stream.put_nowait, out)
 
     def _log_stats(self) -> None:
-        st = self.engine.scheduler.stats()
-        used = 1 - st.num_free_blocks / st.num_blocks
-        c = self.engine.counters
+        st = self.engine.stats()
         logger.info(
             "running %d seqs, waiting %d reqs, KV cache %.1f%% used, %d prompt + %d generated tokens so far",
             st.num_running_seqs,
             st.num_waiting_requests,
-            100 * used,
-            c["prompt_tokens"],
-            c["generation_tokens"],
+            100 * st.kv_cache_usage,
+            st.prompt_tokens,
+            st.generation_tokens,
         )
 
 

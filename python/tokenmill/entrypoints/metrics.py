@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tokenmill.engine.events import EngineStats
 from tokenmill.outputs import RequestOutput
 
 LATENCY_BUCKETS = (
@@ -67,19 +68,18 @@ class EngineMetrics:
         )
         self._seen = {}
 
-    def observe_engine(self, engine) -> None:
-        st = engine.scheduler.stats()
+    def observe_engine(self, st: EngineStats) -> None:
         self.running.set(st.num_running_seqs)
         self.waiting.set(st.num_waiting_requests)
         self.kv_free.set(st.num_free_blocks)
         self.kv_total.set(st.num_blocks)
-        self.kv_usage.set(1 - st.num_free_blocks / st.num_blocks)
+        self.kv_usage.set(st.kv_cache_usage)
         for name, value in (
             ("prefix_queries", st.prefix_queries),
             ("prefix_hits", st.prefix_hits),
-            ("prompt_tokens", engine.counters["prompt_tokens"]),
-            ("generation_tokens", engine.counters["generation_tokens"]),
-            ("preemptions", engine.counters["preemptions"]),
+            ("prompt_tokens", st.prompt_tokens),
+            ("generation_tokens", st.generation_tokens),
+            ("preemptions", st.preemptions),
         ):
             delta = value - self._seen.get(name, 0)
             if delta > 0:

@@ -1,0 +1,135 @@
+"""Start-up: resolve the model, load its weights, size the KV cache, build
+the runner (every rank) and the scheduler and tokenizer (rank 0)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill import _core, distributed
+from tokenmill.config import EngineArgs
+from tokenmill.devices import resolve_device
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.errors import InvalidParameterError, ModelLoadError
+from tokenmill.host_memory import move_to_huge_pages
+from tokenmill.layers.linear import Linear, pack_weights
+from tokenmill.loader.config import ModelConfig, load_config
+from tokenmill.loader.gguf import gguf_to_hf
+from tokenmill.loader.hf import iterate_weights, resolve_model_path
+from tokenmill.models import model_class
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """What start-up resolves about a model before building anything."""
+
+    path: str  # a Hugging Face folder
+    hf_config: ModelConfig
+    max_model_len: int
+    device: torch.device
+
+
+def resolve_model(args: EngineArgs) -> ModelSpec:
+    path = resolve_model_path(args.model, args.revision)
+    if path.endswith(".gguf"):
+        path = gguf_to_hf(path)
+    config = load_config(path)
+    return ModelSpec(path, config, _max_model_len(args, config), resolve_device(args.device))
+
+
+def _max_model_len(args: EngineArgs, cfg) -> int:
+    model_max = (
+        getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    )
+    if args.max_model_len is None:
+        return model_max
+    if args.max_model_len > model_max:
+        raise InvalidParameterError(
+            "max_model_len",
+            f"max_model_len {args.max_model_len} exceeds the model's context of {model_max} tokens",
+        )
+    return args.max_model_len
+
+
+def build_runner(
+    args: EngineArgs, spec: ModelSpec, rank: int = 0, init_method: str | None = None
+) -> ModelRunner:
+    """Joins the tensor-parallel group (if any), loads this rank's shard of
+    the model and allocates its KV cache; on CUDA it captures decode graphs."""
+    torch.manual_seed(args.seed)
+    workers = None
+    if args.tensor_parallel_size > 1:
+        workers = distributed.start(args, spec.hf_config, spec.device, rank, init_method)
+    model = load_model(spec, resolve_dtype(args.dtype, spec.hf_config, spec.device))
+    return ModelRunner(args, model, spec.device, spec.max_model_len, workers)
+
+
+def build_scheduler(args: EngineArgs, spec: ModelSpec, num_blocks: int) -> _core.Scheduler:
+    c = _core.SchedulerConfig()
+    c.num_blocks = num_blocks
+    c.block_size = args.block_size
+    c.max_num_seqs = args.max_num_seqs
+    c.max_num_batched_tokens = max(
+        args.max_num_batched_tokens, 1 if args.enable_chunked_prefill else spec.max_model_len
+    )
+    c.max_model_len = spec.max_model_len
+    c.enable_chunked_prefill = args.enable_chunked_prefill
+    c.enable_prefix_caching = args.enable_prefix_caching
+    c.priority_policy = args.scheduling_policy == "priority"
+    return _core.Scheduler(c)
+
+
+def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32)
+    if dtype == torch.float16 and device.type == "cpu":
+        dtype = torch.bfloat16  # float16 matmul is slow on most CPUs
+    return dtype
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+    """Builds the model on its device and loads the checkpoint into it; on
+    CPUs, weights move to huge pages and gain their packed and coded forms."""
+    config = spec.hf_config
+    max_positions = max(spec.max_model_len, getattr(config, "max_position_embeddings", 0) or 0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _skip_weight_init(), spec.device:
+            model = model_class(config)(config, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in model.modules():  # rotary tables stay float32
+        for name, buf in list(layer.named_buffers(recurse=False)):
+            if name == "cos_sin_cache":
+                layer.cos_sin_cache = buf.float()
+    loaded = model.load_weights(iterate_weights(spec.path))
+    missing = set(dict(model.named_parameters())) - loaded
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
+    if spec.device.type == "cpu":
+        move_to_huge_pages(model)
+        weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+        pack_weights([*weights, getattr(model, "logits_weight", None)])
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Parameters are overwritten by the checkpoint, so random init is wasted work."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)

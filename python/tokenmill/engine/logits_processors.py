@@ -1,0 +1,72 @@
+"""Per-row logits processors: each edits the float32 logits of the slots it applies to.
+
+A new constraint (a token mask, a bias) is one more entry in DEFAULT_PROCESSORS
+or in a runner's list, not a branch in the sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.engine.batch import SampleSlot
+
+
+class LogitsProcessor:
+    def applies(self, slot: SampleSlot) -> bool:
+        """Whether this processor changes the slot's row (False keeps greedy rows on the fast path)."""
+        raise NotImplementedError
+
+    def __call__(self, row: torch.Tensor, slot: SampleSlot) -> None:
+        """Edits one row of logits in place."""
+        raise NotImplementedError
+
+
+class LogitBias(LogitsProcessor):
+    def applies(self, slot):
+        return bool(slot.params.logit_bias)
+
+    def __call__(self, row, slot):
+        bias = slot.params.logit_bias
+        ids = torch.tensor(list(bias), dtype=torch.long, device=row.device)
+        ids = ids[ids < row.numel()]
+        row[ids] += torch.tensor([bias[int(t)] for t in ids], device=row.device)
+
+
+class MinTokens(LogitsProcessor):
+    """Bans the stop ids (and EOS) until min_tokens are generated."""
+
+    def applies(self, slot):
+        return len(slot.output_ids) < slot.params.min_tokens
+
+    def __call__(self, row, slot):
+        banned = list(slot.params.stop_token_ids)
+        if slot.eos_token_id is not None and not slot.params.ignore_eos:
+            banned.append(slot.eos_token_id)
+        if banned:
+            row[torch.tensor(banned, device=row.device)] = float("-inf")
+
+
+class RepetitionPenalty(LogitsProcessor):
+    def applies(self, slot):
+        return slot.params.repetition_penalty != 1.0
+
+    def __call__(self, row, slot):
+        p = slot.params.repetition_penalty
+        seen = sorted(set(slot.prompt_ids) | set(slot.output_ids))
+        seen = torch.tensor(seen, dtype=torch.long, device=row.device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p, vals * p)
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    def applies(self, slot):
+        p = slot.params
+        return bool((p.presence_penalty or p.frequency_penalty) and slot.output_ids)
+
+    def __call__(self, row, slot):
+        p = slot.params
+        out = torch.tensor(slot.output_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+DEFAULT_PROCESSORS = (LogitBias(), MinTokens(), RepetitionPenalty(), PresenceFrequencyPenalty())

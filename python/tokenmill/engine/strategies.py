@@ -1,0 +1,163 @@
+"""Request strategies: how a request's sampled rows become continuations, and
+the bookkeeping each keeps of its sequences in the core.
+
+EngineCore asks each strategy, per step: which rows to read (`schedule`), what
+each sampled sequence continues with (`choose`: one token extends it, more
+fork it, none drops it), and then hands it the core's events (`mirror`) and
+the step's end (`end_step`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenmill import _core
+from tokenmill.engine.batch import PromptLogprobTarget, RunnerOutput, SampleSlot, SamplingBatch
+from tokenmill.engine.beam_search import BeamSearchState
+from tokenmill.engine.events import BeamSearchFinished
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+
+
+class RequestStrategy:
+    request_id: int
+    streams_tokens = True  # whether its tokens are published as they come
+    done = False  # whether it ended the request itself
+
+    def schedule(self, batch: SamplingBatch, plan, i: int, row: int, num_samples: int) -> None:
+        """Adds what scheduled sequence i of the plan needs (row: its sample row, if num_samples)."""
+
+    def choose(self, output: RunnerOutput) -> dict[int, list[int]]:
+        """Per sequence sampled this step, the tokens that continue it."""
+        raise NotImplementedError
+
+    def mirror(self, event) -> None:
+        """Follows one of the core's events (a _core.SeqEvent) about this request."""
+
+    def end_step(self) -> list:
+        """After the step's events; returns engine events of its own."""
+        return []
+
+    def restart(self) -> None:
+        """The core restarted the request from its prompt (a preemption)."""
+
+
+class SamplingStrategy(RequestStrategy):
+    """Independent samples: n (or best_of) sequences forked from the prompt at the first sample."""
+
+    def __init__(
+        self,
+        request_id: int,
+        first_seq: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        eos_token_id: int | None,
+    ):
+        self.request_id = request_id
+        self.first_seq = first_seq
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.eos_token_id = eos_token_id
+        self.generator = (
+            torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        )
+        self.outputs: dict[int, list[int]] = {first_seq: []}  # seq id -> generated tokens
+        self.prompt_recorded = 0  # prompt positions whose logprobs are computed
+        self._slots: dict[int, tuple[int, int]] = {}
+
+    def schedule(self, batch, plan, i, row, num_samples):
+        seq = int(plan.seq_ids[i])
+        if self.params.prompt_logprobs is not None and seq == self.first_seq:
+            self._add_prompt_target(batch, plan, i)
+        if num_samples:
+            self._slots[seq] = (len(batch.slots), num_samples)
+            out = self.outputs[seq]
+            for _ in range(num_samples):
+                batch.slots.append(
+                    SampleSlot(
+                        self.params,
+                        out,
+                        self.prompt_ids,
+                        self.generator,
+                        self.eos_token_id,
+                        row,
+                        seq,
+                    )
+                )
+
+    def _add_prompt_target(self, batch: SamplingBatch, plan, i: int) -> None:
+        start, end = int(plan.query_start_loc[i]), int(plan.query_start_loc[i + 1])
+        pos = plan.positions[start:end]
+        keep = (pos < len(self.prompt_ids) - 1) & (pos >= self.prompt_recorded)
+        if keep.any():
+            pos = pos[keep]
+            rows = np.arange(start, end, dtype=np.int32)[keep]
+            targets = [self.prompt_ids[p + 1] for p in pos.tolist()]
+            batch.prompt_targets.append(
+                PromptLogprobTarget(self.request_id, rows, targets, self.params.prompt_logprobs)
+            )
+            self.prompt_recorded = int(pos[-1]) + 1
+
+    def choose(self, output):
+        chosen = {seq: output.tokens[s : s + k].tolist() for seq, (s, k) in self._slots.items()}
+        self._slots.clear()
+        return chosen
+
+    def mirror(self, event):
+        if event.kind == _core.EventKind.APPENDED:
+            self.outputs[event.seq_id].append(event.token)
+        elif event.kind == _core.EventKind.FORKED:
+            self.outputs[event.seq_id] = list(self.outputs[event.parent])
+
+
+class BeamSearchStrategy(RequestStrategy):
+    """Beam search: each step keeps the best continuations over all beams;
+    continuing beams fork their parent's blocks in the core, dropped ones free theirs."""
+
+    streams_tokens = False
+
+    def __init__(self, request_id: int, first_seq: int, params: BeamSearchParams, eos: set[int]):
+        self.request_id = request_id
+        self.first_seq = first_seq
+        self.params = params
+        self.eos = eos
+        self.restart()
+
+    def restart(self):
+        self.state = BeamSearchState(self.params, self.eos, self.first_seq)
+        self._rows: dict[int, int] = {}  # seq id -> index among the batch's logprob rows
+        self._children: dict[int, list[int]] = {}
+
+    def schedule(self, batch, plan, i, row, num_samples):
+        if num_samples:
+            self._rows[int(plan.seq_ids[i])] = len(batch.logprob_rows)
+            batch.logprob_rows.append(row)
+
+    def choose(self, output):
+        order = [self._rows[b.seq_id] for b in self.state.beams]
+        self._rows.clear()
+        selection = self.state.step(output.row_logprobs[order])
+        return {b.seq_id: selection.continuations.get(b.seq_id, []) for b in self.state.beams}
+
+    def mirror(self, event):
+        if event.kind == _core.EventKind.FORKED:
+            self._children.setdefault(event.parent, []).append(event.seq_id)
+
+    def end_step(self):
+        if self.state.done:
+            found = self.state.results()
+            reasons = [
+                "stop" if h.tokens and h.tokens[-1] in self.state.eos else "length" for h in found
+            ]
+            return [BeamSearchFinished(self.request_id, found, reasons)]
+        ids = {}
+        for b in self.state.beams:
+            ids[(b.seq_id, 0)] = b.seq_id
+            for n, child in enumerate(self._children.get(b.seq_id, []), start=1):
+                ids[(b.seq_id, n)] = child
+        self._children.clear()
+        self.state.commit(ids)
+        return []
+
+    @property
+    def done(self) -> bool:
+        return self.state.done
