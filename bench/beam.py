@@ -1,19 +1,16 @@
 """Beam search at several widths beside transformers' beam search, and KV
 blocks per request against n (parallel sampling) from the same run.
 
-  python bench/beam.py [--num-prompts 64] [--prompt-len 64] [--max-tokens 32]
+  python -m bench.beam [--num-prompts 64] [--prompt-len 64] [--max-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import Timer, load_workload, table  # noqa: E402
+from bench.common import Timer, load_workload, table
 
 
 def peak_blocks(engine, add):

@@ -36,19 +36,19 @@ timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
 tail -3 "$out/tests.txt" | tee -a "$out/summary.txt"
 
 step "end to end on the GPU against transformers"
-timeout 240 python3 bench/gpu_e2e.py "$out/model_path.txt" > "$out/e2e.txt" 2>&1
+timeout 240 python3 -m bench.gpu_e2e "$out/model_path.txt" > "$out/e2e.txt" 2>&1
 grep -E "identical|skipped|Error" "$out/e2e.txt" | tee -a "$out/summary.txt"
 
 step "kernel benchmarks"
-timeout 200 python3 bench/kernels.py --device cuda --dtype bfloat16 > "$out/bench_kernels.txt" 2>&1
+timeout 200 python3 -m bench.kernel_ops --device cuda --dtype bfloat16 > "$out/bench_kernels.txt" 2>&1
 grep -E "bandwidth|attention" "$out/bench_kernels.txt" | tee -a "$out/summary.txt"
-timeout 120 python3 bench/quant.py --device cuda --kernels-only > "$out/bench_int4.txt" 2>&1
+timeout 120 python3 -m bench.quant --device cuda --kernels-only > "$out/bench_int4.txt" 2>&1
 head -12 "$out/bench_int4.txt" >> "$out/summary.txt"
 
 step "offline throughput beside transformers"
 workload=${WORKLOAD:-../shared/bench/workload_main.json}
 if [ -f "$workload" ]; then wl=(--workload "$workload"); else wl=(--synthetic 256,274,128); fi
-timeout 300 python3 bench/throughput.py "${wl[@]}" --device cuda --dtype bfloat16 \
+timeout 300 python3 -m bench.throughput "${wl[@]}" --device cuda --dtype bfloat16 \
   --model "${MODEL:-$(cat "$out/model_path.txt")}" --hf-requests 64 --hf-batch-size 64 > "$out/bench_throughput.txt" 2>&1
 tail -6 "$out/bench_throughput.txt" | tee -a "$out/summary.txt"
 step "done; logs in $out"

@@ -3,7 +3,7 @@ Llama, and SmolLM2-135M-Instruct when its GGUF and the gguf package are
 installed. Writes the folder of the model that the throughput benchmark
 should use (SmolLM2, or a random model of its shape) to argv[1].
 
-  python bench/gpu_e2e.py [MODEL_PATH_FILE]
+  python -m bench.gpu_e2e [MODEL_PATH_FILE]
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import sys
 import tempfile
 
 import torch
+from tokenmill import LLM, SamplingParams
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import build_model, hf_model  # noqa: E402
-from tokenmill import LLM, SamplingParams  # noqa: E402
+from tests.conftest import build_model, hf_model
 
 PROMPTS = [
     "The capital of France is",
@@ -49,7 +48,8 @@ def compare(path: str, prompts: list[list[int]], tokens: int, label: str) -> Non
 def smollm2_shaped(folder: str) -> str:
     """A random model with SmolLM2-135M's shapes, for speed where its weights are absent."""
     import transformers
-    from conftest import build_tokenizer
+
+    from tests.conftest import build_tokenizer
 
     cfg = transformers.LlamaConfig(
         vocab_size=49152,

@@ -2,7 +2,7 @@
 tokens/s, beside transformers generating the same request in the same run,
 and llama.cpp on the same weights when a llama-cpp-python interpreter is given.
 
-  python bench/latency.py [--dtype bfloat16] [--prompt-len 128] [--max-tokens 128]
+  python -m bench.latency [--dtype bfloat16] [--prompt-len 128] [--max-tokens 128]
       [--llama-cpp-python ../peers/llamacpp/bin/python]
 """
 
@@ -12,14 +12,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import load_workload, table  # noqa: E402
+from bench.common import load_workload, table
 
 
 def tokenmill_latency(path, prompt, max_tokens, dtype):

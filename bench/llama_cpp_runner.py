@@ -6,7 +6,7 @@ the same bytes per token as tokenmill does with weights of that dtype. Run as a 
 interpreter of a virtualenv that has llama-cpp-python, it generates one
 request greedily and writes time to first token and decode tokens/s as JSON:
 
-  python bench/llama_cpp_runner.py --gguf M.gguf --prompt 1,2,3 --max-tokens 128 --out r.json
+  python -m bench.llama_cpp_runner --gguf M.gguf --prompt 1,2,3 --max-tokens 128 --out r.json
 """
 
 from __future__ import annotations

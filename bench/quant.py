@@ -2,25 +2,22 @@
 shapes (time and GB/s of weights read), and end-to-end decode tokens/s of a
 4-bit SmolLM2 beside bf16, from the same run.
 
-  python bench/quant.py
+  python -m bench.quant
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
 import tempfile
 import time
 
+import tokenmill.ops  # noqa: F401
 import torch
+from tokenmill.layers.linear import linear
+from tokenmill.layers.quantization import pack_tokenmill
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import tokenmill.ops  # noqa: E402,F401
-from common import table, time_call  # noqa: E402
-from tokenmill.layers.linear import linear  # noqa: E402
-from tokenmill.layers.quantization import pack_tokenmill  # noqa: E402
+from bench.common import table, time_call
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)]
 
@@ -29,11 +26,11 @@ def bench(fn):
     return time_call(fn, device=torch.get_default_device().type)
 
 
-def kernels():
+def kernels(shapes=SHAPES):
     """Decode (M=1) rotates through enough weight copies to miss the caches, as a
     model's layers do; larger M are compute-bound and reuse one copy."""
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         copies = max(1, (256 << 20) // (n * k * 2))
         groups = k // 128
         int4 = [
@@ -101,10 +98,11 @@ def kernels():
 
 
 def end_to_end():
-    from quant_utils import quantize_checkpoint
     from tokenmill import LLM, SamplingParams
     from tokenmill.loader.gguf import gguf_to_hf
     from tokenmill.loader.hf import default_model_path
+
+    from tests.quant_utils import quantize_checkpoint
 
     path = gguf_to_hf(default_model_path())
     rows = []
@@ -136,9 +134,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N kernel shapes")
     args = ap.parse_args()
     torch.set_default_device(args.device)
     print(f"{args.device}, threads {torch.get_num_threads()}, group size 128")
-    kernels()
+    kernels(SHAPES[: args.shapes])
     if not args.kernels_only:
         end_to_end()

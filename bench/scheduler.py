@@ -1,21 +1,18 @@
 """Microseconds per schedule+update step of the native core beside a pure-Python
 scheduler with the same policy, at 64, 256 and 1024 running sequences.
 
-  python bench/scheduler.py
+  python -m bench.scheduler
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
+from tokenmill import _core
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
-from python_scheduler import PyScheduler  # noqa: E402
-from tokenmill import _core  # noqa: E402
+from bench.common import table
+from bench.python_scheduler import PyScheduler
 
 PROMPT, BLOCK = 64, 16
 
@@ -52,8 +49,13 @@ def python(n, steps):
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="64,256,1024", help="running sequences, comma-separated")
+    args = ap.parse_args()
     rows = []
-    for n in (64, 256, 1024):
+    for n in map(int, args.sizes.split(",")):
         steps = max(20, 20000 // n)
         nat, a = native(n, steps)
         py, b = python(n, steps)

@@ -1,8 +1,8 @@
 """Load generator for any OpenAI-compatible server: throughput, TTFT and
 inter-token latency percentiles, from a token-id workload.
 
-  python bench/serve.py --base-url http://127.0.0.1:8000/v1 --workload workload_small.json [--rate 4]
-  python bench/serve.py --launch            # start `tokenmill serve` itself, timing start-up to /health
+  python -m bench.serve --base-url http://127.0.0.1:8000/v1 --workload workload_small.json [--rate 4]
+  python -m bench.serve --launch            # start `tokenmill serve` itself, timing start-up to /health
 
 Requests stream (stream=true); --rate gives Poisson arrivals, otherwise all
 are sent at once.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import subprocess
 import sys
@@ -21,8 +20,7 @@ import time
 
 import httpx
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import load_workload, table  # noqa: E402
+from bench.common import load_workload, table
 
 
 def pct(values, q):

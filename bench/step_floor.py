@@ -9,20 +9,17 @@ Printed: both, their difference (the fixed overhead), a least-squares line
 step = a + b * stream over the pairs, and what the step would take where the
 weights stream at a given bandwidth.
 
-  python bench/step_floor.py [--model M] [--dtype bfloat16] [--pairs 60]
+  python -m bench.step_floor [--model M] [--dtype bfloat16] [--pairs 60]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from bench.common import table
 
 
 def main():

@@ -5,7 +5,7 @@ generate (left-padded) on the same requests, and beside vLLM when given the
 interpreter of a virtualenv holding it (its runner from ../shared/bench/peers
 runs after tokenmill, never at the same time).
 
-  python bench/throughput.py --workload workload_main.json [--dtype bfloat16] [--hf-requests 32]
+  python -m bench.throughput --workload workload_main.json [--dtype bfloat16] [--hf-requests 32]
       [--device cuda] [--vllm-python ../peers/vllm/bin/python --vllm-model HF_FOLDER]
 """
 
@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import Timer, load_workload, synthetic_workload, table, workload_path  # noqa: E402
+from bench.common import Timer, load_workload, synthetic_workload, table, workload_path
 
 
 def run_tokenmill(model, requests, dtype, args):

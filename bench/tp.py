@@ -1,19 +1,18 @@
 """Tensor-parallel throughput on this machine: TP=1 and TP=2 side by side on
 the same requests, and the share of rank 0's step time spent in all-reduce.
 
-  python bench/tp.py [--workload workload_small.json] [--dtype float32]
+  python -m bench.tp [--workload workload_small.json] [--dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import Timer, load_workload, table  # noqa: E402
-from tokenmill import distributed  # noqa: E402
+from tokenmill import distributed
+
+from bench.common import Timer, load_workload, table
 
 
 def build_model(folder: str) -> str:
@@ -82,6 +81,7 @@ def run(path, requests, dtype, tp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="workload_small.json")
+    ap.add_argument("--num-requests", type=int, default=None, help="first N requests")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
         "--model", default=None, help="default: a random model shaped like SmolLM2 with 8 heads"
@@ -90,7 +90,7 @@ def main():
     import tempfile
 
     path = args.model or build_model(tempfile.mkdtemp())
-    requests = load_workload(args.workload)
+    requests = load_workload(args.workload, args.num_requests)
     rows = []
     for tp in (1, 2):
         seconds, tps, share = run(path, requests, args.dtype, tp)

@@ -3,22 +3,19 @@ Llama-3-8B shapes, plus decode attention's achieved memory bandwidth against
 the bandwidth of a large copy measured in the same run, and prefill
 attention's achieved TFLOPS.
 
-  python bench/kernels.py [--dtype bfloat16] [--device cuda]
+  python -m bench.kernel_ops [--dtype bfloat16] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
+import tokenmill.ops as ops
 import torch
 import torch.nn.functional as F
+from tokenmill import ops_composite
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tokenmill.ops as ops  # noqa: E402
-from common import table, time_call  # noqa: E402
-from tokenmill import ops_composite  # noqa: E402
+from bench.common import table, time_call
 
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 576, 1536), "Llama-3-8B": (32, 8, 128, 4096, 14336)}
 
@@ -105,6 +102,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes, comma-separated")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_default_device(args.device)
@@ -118,7 +116,8 @@ def main():
     print(f"{where}, dtype {args.dtype}, large-copy bandwidth {bw:.1f} GB/s\n")
 
     rows = []
-    for name, (h, kvh, d, hidden, inter) in SHAPES.items():
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    for name, (h, kvh, d, hidden, inter) in shapes.items():
         nat, comp, nbytes = decode_attention_case(h, kvh, d, dtype)
         gbs = nbytes / nat / 1e9
         rows.append(
