@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import VOCAB, hf_model
 from tokenmill import LLM, BeamSearchParams, SamplingParams
 from tokenmill.errors import InvalidParameterError
+
+from tests.conftest import VOCAB, hf_model
 
 
 def prompts(lengths, seed=0):
@@ -43,10 +44,10 @@ def test_beam_search_matches_transformers(tiny_model, arch, width, length_penalt
         ref_seqs = [
             s[: s.index(1) + 1] if 1 in s else s for s in ref_seqs
         ]  # drop padding after EOS
-        assert [o.token_ids for o in out.outputs] == ref_seqs
+        assert [s.tokens[len(p) :] for s in out.sequences] == ref_seqs
         if width > 1:  # width 1 is greedy search in transformers, without scores
             torch.testing.assert_close(
-                torch.tensor([o.score for o in out.outputs]),
+                torch.tensor([s.score for s in out.sequences]),
                 ref.sequences_scores.float(),
                 rtol=1e-4,
                 atol=1e-4,
@@ -68,7 +69,8 @@ def test_beam_search_on_smollm2(smollm2_path):
             max_new_tokens=10,
             pad_token_id=2,
         )
-        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+        assert out.sequences[0].tokens == ref[0].tolist()
+        assert out.sequences[0].text == tok.decode(ref[0], skip_special_tokens=True)
 
 
 def test_kv_blocks_shared_by_samples_and_beams(tiny_model):
@@ -105,7 +107,7 @@ def test_beam_search_survives_preemption_and_aborts(tiny_model):
     big = LLM(path, dtype="float32", kv_cache_memory="64MiB", max_model_len=256)
     ps = prompts([40, 60, 50, 45], seed=3)
     expected = [
-        o.outputs[0].token_ids
+        o.sequences[0].tokens
         for o in big.beam_search(
             [{"prompt_token_ids": p} for p in ps],
             BeamSearchParams(4, 20, ignore_eos=True),
@@ -123,7 +125,7 @@ def test_beam_search_survives_preemption_and_aborts(tiny_model):
         BeamSearchParams(4, 20, ignore_eos=True),
         use_tqdm=False,
     )
-    assert [o.outputs[0].token_ids for o in got] == expected
+    assert [o.sequences[0].tokens for o in got] == expected
     assert small.engine.stats().preemptions > 0
     engine = small.engine
     for i in range(6):

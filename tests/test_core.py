@@ -52,8 +52,8 @@ class Driver:
             sampled += [next_token(base) + j for j in range(int(k))]
         result = self.sched.update(out, np.array(sampled, dtype=np.int32))
         children = {}
-        for parent, child in result.forks:
-            children.setdefault(parent, []).append(child)
+        for e in result.of(_core.EventKind.FORKED):
+            children.setdefault(e.parent, []).append(e.seq_id)
         i = 0
         for sid, k in zip(out.seq_ids, out.num_samples, strict=True):
             sid = int(sid)
@@ -65,7 +65,7 @@ class Driver:
             if int(k):
                 self.tokens[sid].append(sampled[i])
             i += int(k)
-        for f in result.finished:
+        for f in result.of(_core.EventKind.FINISHED):
             self.finished[f.seq_id] = list(self.tokens[f.seq_id])
         return out
 

@@ -5,10 +5,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import CUDA_MARKS
 from tokenmill import LLM, SamplingParams
 from tokenmill.devices import arch_runs_on, resolve_device
 from tokenmill.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
+
+from tests.conftest import CUDA_MARKS
 
 PROMPTS = [[5, 9, 2, 7], [3] * 11, [8, 1, 4], list(range(2, 40)), [6, 6]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import hf_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.greedy_head import GreedyHead
 from tokenmill.layers.linear import linear
+
+from tests.conftest import hf_model
 
 
 def full_logits_argmax(hidden, weight) -> int:

@@ -13,8 +13,9 @@ import sys
 import pytest
 import tokenmill.ops as native
 import torch
-from conftest import CUDA_MARKS, EMULATED_GPU_MARKS, emulated_gpu_ops
 from tokenmill import ops_composite as composite
+
+from tests.conftest import CUDA_MARKS, EMULATED_GPU_MARKS, emulated_gpu_ops
 
 BACKENDS = [
     pytest.param((native, "cpu"), id="native-cpu"),

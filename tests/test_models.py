@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS, VOCAB, hf_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.batch import StepInputs
 from tokenmill.errors import UnsupportedModelError
+
+from tests.conftest import TINY_CONFIGS, VOCAB, hf_model
 
 ARCHS = list(TINY_CONFIGS)
 

@@ -4,8 +4,6 @@ import os
 
 import pytest
 import torch
-from conftest import CUDA_MARKS, EMULATED_GPU_MARKS, VOCAB, emulated_gpu_ops, hf_model
-from quant_utils import dequant_awq, dequant_gptq, pack_awq, pack_gptq, quantize_checkpoint
 from tokenmill import LLM, SamplingParams
 from tokenmill import ops_composite as composite
 from tokenmill.errors import UnsupportedModelError
@@ -16,6 +14,9 @@ from tokenmill.layers.quantization import (
     convert_gptq,
     pack_tokenmill,
 )
+
+from tests.conftest import CUDA_MARKS, EMULATED_GPU_MARKS, VOCAB, emulated_gpu_ops, hf_model
+from tests.quant_utils import dequant_awq, dequant_gptq, pack_awq, pack_gptq, quantize_checkpoint
 
 
 def rel(a, b):
@@ -131,9 +132,9 @@ def test_int4_linear_layer_with_shards_and_odd_sizes(m):
     for i, (shard, size) in enumerate([("a", 16), ("b", 24)]):
         t = pack_gptq(torch.randn(size, 96), 32, True, True, seed=i)
         for piece, tensor in t.items():
-            layer.load_piece(shard, piece, tensor)
+            layer.load_shard(piece, shard, tensor)
         refs.append(dequant_gptq(t))
-        layer.load_piece(shard, "bias", torch.randn(size))
+        layer.load_shard("bias", shard, torch.randn(size))
     x = torch.randn(m, 96, dtype=torch.bfloat16)
     ref = x.double() @ torch.cat(refs).t() + layer.bias.double()
     assert rel(layer(x), ref) < 1e-2
@@ -176,7 +177,7 @@ def test_quantized_model_matches_its_dequantized_reference(
             torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=1
         )
         assert ours[0].outputs[0].token_ids == ref[0, n:].tolist()
-        from test_models import prefill_logits
+        from tests.test_models import prefill_logits
 
         got = prefill_logits(llm, [p])[0]
         with torch.no_grad():

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.engine.sampler import Sampler, SampleSlot
 from tokenmill.errors import InvalidParameterError
+
+from tests.conftest import VOCAB
 
 
 def slot(params, out=(), prompt=(1, 2), gen=None):

@@ -7,10 +7,11 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import VOCAB
-from server_utils import ServerProcess
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidParameterError, WorkerDiedError
+
+from tests.conftest import VOCAB
+from tests.server_utils import ServerProcess
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -9,7 +9,7 @@ from tokenmill.errors import (
     UnsupportedModelError,
 )
 from tokenmill.llm import LLM
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
@@ -20,6 +20,8 @@ __all__ = [
     "BeamSearchParams",
     "RequestOutput",
     "CompletionOutput",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "TokenmillError",
     "InvalidParameterError",
     "ModelLoadError",

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
-        from tokenmill.entrypoints.api_server import run_server
+        from tokenmill.entrypoints.app import run_server
 
         return run_server(args)
     return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from tokenmill.config import EngineArgs
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.errors import InvalidParameterError
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -22,11 +22,15 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
 
+    @property
+    def engine(self) -> LLMEngine:
+        return self.llm_engine
+
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.llm_engine.tokenizer
 
     def generate(
         self,
@@ -51,10 +55,11 @@ class LLM:
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
-        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Applies the chat template to each conversation, then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -69,18 +74,29 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         params: BeamSearchParams,
         use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
-        """Beam search for each prompt; each output lists the hypotheses, best score first."""
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt; each output lists its hypotheses, best score first."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
-        return self._run([(p, params) for p in prompts], use_tqdm)
+        decode = self.llm_engine.tokenizer.decode
+        results = []
+        for out in self._run([(p, params) for p in prompts], use_tqdm):
+            sequences = []
+            for c in out.outputs:
+                tokens = [*out.prompt_token_ids, *c.token_ids]
+                text = decode(tokens, skip_special_tokens=True)
+                sequences.append(
+                    BeamSearchSequence(tokens, c.cumulative_logprob, text, c.finish_reason, c.score)
+                )
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def apply_chat_template(
         self, messages, chat_template=None, add_generation_prompt=True
     ) -> list[int]:
-        tok = self.engine.tokenizer
+        tok = self.llm_engine.tokenizer
         ids = tok.apply_chat_template(
             messages,
             chat_template=chat_template,
@@ -90,7 +106,7 @@ class LLM:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.engine
+        engine = self.llm_engine
         ids = []
         try:
             for prompt, params in requests:

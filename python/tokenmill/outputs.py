@@ -51,3 +51,21 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam-search hypothesis, shaped like vLLM's: tokens and text include the prompt."""
+
+    tokens: list[int]
+    cum_logprob: float
+    text: str
+    finish_reason: str | None = None  # "stop" (ended in EOS) or "length"
+    score: float | None = None  # cum_logprob / generated_length ** length_penalty
+
+
+@dataclass
+class BeamSearchOutput:
+    """The hypotheses of one beam search, best score first."""
+
+    sequences: list[BeamSearchSequence]

@@ -3,52 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 
-import tokenmill
-from tokenmill.entrypoints.async_engine import AsyncEngine, EngineDeadError
+from tokenmill.entrypoints.async_engine import AsyncEngine
 from tokenmill.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from tokenmill.entrypoints.responses import (
+    APIError,
+    chat_logprobs,
+    completion_logprobs,
+    model_card,
+    response_body,
+    usage_body,
+)
 from tokenmill.errors import InvalidParameterError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
-
-MAX_BODY_BYTES = 4 << 20
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-
-def error_response(
-    status: int, message: str, type_: str = "BadRequestError", param=None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": status}},
-        status_code=status,
-    )
 
 
 class Server:
@@ -137,7 +121,7 @@ class Server:
         outs = await asyncio.gather(
             *(self._run(raw, f"{rid}-{i}", p, params, req.priority) for i, p in enumerate(prompts))
         )
-        choices, usage = [], _usage(outs)
+        choices, usage = [], usage_body(outs)
         for i, out in enumerate(outs):
             for c in out.outputs:
                 text = c.text
@@ -151,20 +135,21 @@ class Server:
                     {
                         "index": i * params.n + c.index,
                         "text": text,
-                        "logprobs": self.completion_logprobs(
+                        "logprobs": completion_logprobs(
+                            self.token_text,
                             out.prompt_token_ids + c.token_ids,
                             (out.prompt_logprobs or []) + (c.logprobs or []),
                             0,
                         )
                         if req.echo and params.logprobs is not None
-                        else self.completion_logprobs(c.token_ids, c.logprobs, 0)
+                        else completion_logprobs(self.token_text, c.token_ids, c.logprobs, 0)
                         if params.logprobs is not None
                         else None,
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
                     }
                 )
-        return _response(rid, "text_completion", model, choices, usage)
+        return response_body(rid, "text_completion", model, choices, usage)
 
     async def beam_completions(
         self, req: CompletionRequest, raw: Request, model: str, prompts: list
@@ -198,46 +183,13 @@ class Server:
                         "stop_reason": None,
                     }
                 )
-        usage = _usage(
+        usage = usage_body(
             [
                 RequestOutput(o.request_id, o.prompt, o.prompt_token_ids, o.outputs[: req.n], True)
                 for o in outs
             ]
         )
-        return _response(rid, "text_completion", model, choices, usage)
-
-    def completion_logprobs(self, token_ids, logprobs, offset: int) -> dict:
-        tokens, token_logprobs, tops, offsets = [], [], [], []
-        for tid, entry in zip(token_ids, logprobs or [], strict=False):
-            text = self.token_text(tid)
-            offsets.append(offset)
-            offset += len(text)
-            tokens.append(text)
-            token_logprobs.append(entry[tid].logprob if entry else None)
-            tops.append(
-                {self.token_text(t): lp.logprob for t, lp in entry.items()} if entry else None
-            )
-        return {
-            "text_offset": offsets,
-            "token_logprobs": token_logprobs,
-            "tokens": tokens,
-            "top_logprobs": tops,
-        }
-
-    def chat_logprobs(self, token_ids, logprobs, top_n: int) -> dict:
-        content = []
-        for tid, entry in zip(token_ids, logprobs or [], strict=False):
-
-            def item(t, lp):
-                text = self.token_text(t)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
-            top = [
-                item(t, lp.logprob) for t, lp in top if lp.rank is not None and lp.rank <= top_n
-            ][:top_n]
-            content.append({**item(tid, entry[tid].logprob), "top_logprobs": top})
-        return {"content": content}
+        return response_body(rid, "text_completion", model, choices, usage)
 
     # ------------------------------------------------------------------ chat
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -272,7 +224,7 @@ class Server:
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, top or 0)
+                "logprobs": chat_logprobs(self.token_text, c.token_ids, c.logprobs, top or 0)
                 if req.logprobs
                 else None,
                 "finish_reason": c.finish_reason,
@@ -280,7 +232,7 @@ class Server:
             }
             for c in out.outputs
         ]
-        return _response(rid, "chat.completion", model, choices, _usage([out]))
+        return response_body(rid, "chat.completion", model, choices, usage_body([out]))
 
     # ------------------------------------------------------------- streaming
     async def _stream(self, raw: Request, rid: str, model: str, prompts, params, req, chat: bool):
@@ -382,9 +334,9 @@ class Server:
                         if c.logprobs is not None and params.logprobs is not None:
                             new_lp = c.logprobs[tstart:]
                             lp = (
-                                self.chat_logprobs(new_ids, new_lp, params.logprobs)
+                                chat_logprobs(self.token_text, new_ids, new_lp, params.logprobs)
                                 if chat
-                                else self.completion_logprobs(new_ids, new_lp, start)
+                                else completion_logprobs(self.token_text, new_ids, new_lp, start)
                             )
                         choice = {"index": key, "logprobs": lp, "finish_reason": c.finish_reason}
                         if chat:
@@ -400,7 +352,7 @@ class Server:
                     return
                 item = await queue.get()
             if include_usage:
-                yield chunk([], usage=_usage(list(last.values())))
+                yield chunk([], usage=usage_body(list(last.values())))
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
@@ -445,191 +397,4 @@ class Server:
         return {"object": "list", "data": [self.model_card(n) for n in self.model_names]}
 
     def model_card(self, name: str) -> dict:
-        return {
-            "id": name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "tokenmill",
-            "root": name,
-            "parent": None,
-            "max_model_len": self.engine.max_model_len,
-        }
-
-
-def _response(rid: str, obj: str, model: str, choices: list, usage: dict) -> dict:
-    """The body of a non-streamed completion or chat completion."""
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-        "system_fingerprint": f"tokenmill-{tokenmill.__version__}",
-    }
-
-
-def _usage(outs: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def build_app(server: Server) -> FastAPI:
-    engine = server.engine
-
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        engine.shutdown()
-
-    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(
-                413, f"request body larger than {MAX_BODY_BYTES} bytes", "RequestTooLarge"
-            )
-        if server.api_key and request.url.path not in ("/health", "/metrics"):
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return error_response(401, "invalid or missing API key", "AuthenticationError")
-        t0 = time.monotonic()
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            logger.info(
-                "%s %s -> %d in %.3f s",
-                request.method,
-                request.url.path,
-                response.status_code,
-                time.monotonic() - t0,
-            )
-        return response
-
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param)
-
-    @app.exception_handler(InvalidParameterError)
-    async def invalid(_, e: InvalidParameterError):
-        return error_response(400, e.message, "BadRequestError", e.param)
-
-    @app.exception_handler(EngineDeadError)
-    async def dead(_, e: EngineDeadError):
-        return error_response(503, str(e), "ServiceUnavailableError")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation(_, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        msg = "; ".join(
-            f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in errors
-        )
-        return error_response(400, msg or "invalid request", "BadRequestError", param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        if e.status_code == 404:
-            return JSONResponse({"detail": "Not Found"}, status_code=404)
-        return error_response(e.status_code, str(e.detail), "HTTPError")
-
-    @app.get("/health")
-    async def health():
-        return Response(status_code=200 if engine.alive else 503)
-
-    @app.get("/version")
-    async def version():
-        return {"version": tokenmill.__version__}
-
-    @app.get("/metrics")
-    async def metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models():
-        return server.models()
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        return server.model_card(server.check_model(model_id))
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
-        return await server.completions(req, raw)
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, raw: Request):
-        return await server.chat(req, raw)
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        return server.tokenize(req)
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        return server.detokenize(req)
-
-    return app
-
-
-def run_server(args) -> int:
-    import uvicorn
-
-    from tokenmill.config import EngineArgs
-    from tokenmill.engine.llm_engine import LLMEngine
-
-    t0 = time.monotonic()
-    engine_args = EngineArgs.from_cli_args(args)
-    llm_engine = LLMEngine(engine_args)
-    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
-    engine = AsyncEngine(llm_engine, name, args.log_stats_interval)
-    server = Server(engine, [name], api_key=args.api_key, max_n=args.max_n)
-    app = build_app(server)
-    logger.info(
-        "serving %s on http://%s:%d (ready in %.1f s)",
-        name,
-        args.host,
-        args.port,
-        time.monotonic() - t0,
-    )
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
-    _graceful_server_class()(config).run()
-    return 0
-
-
-def _graceful_server_class():
-    import signal
-
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """SIGTERM drains in-flight requests, then the process exits 0."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            previous = {
-                s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)
-            }
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-    return GracefulServer
+        return model_card(name, self.created, self.engine.max_model_len)

@@ -134,30 +134,20 @@ class MergedLinear(Linear):
 
     def __init__(self, in_features: int, out_sizes: dict, bias: bool):
         super().__init__(in_features, sum(out_sizes.values()), bias=bias)
-        self.shards = {}
-        offset = 0
-        for shard, size in out_sizes.items():
-            self.shards[shard] = (offset, size)
-            offset += size
+        self.shards = shard_offsets(out_sizes)
 
-    def load_shard(self, name: str, shard, tensor: torch.Tensor) -> None:
+    def load_shard(self, name: str, shard, tensor: torch.Tensor) -> bool:
+        """Copies one checkpoint tensor (weight or bias) of a shard into its rows."""
         offset, size = self.shards[shard]
         target = self.weight if name == "weight" else self.bias
         target.data[offset : offset + size].copy_(tensor)
+        return True
 
 
-def make_linear(in_features: int, out_features: int, bias: bool, quant=None) -> nn.Module:
-    """A plain or a 4-bit linear layer, as the checkpoint's quantization config says."""
-    if quant is None:
-        return Linear(in_features, out_features, bias=bias)
-    from tokenmill.layers.quantization import Int4Linear
-
-    return Int4Linear(in_features, {None: out_features}, bias, quant)
-
-
-def make_merged_linear(in_features: int, out_sizes: dict, bias: bool, quant=None) -> nn.Module:
-    if quant is None:
-        return MergedLinear(in_features, out_sizes, bias=bias)
-    from tokenmill.layers.quantization import Int4Linear
-
-    return Int4Linear(in_features, out_sizes, bias, quant)
+def shard_offsets(out_sizes: dict) -> dict:
+    """shard id -> (offset, size) of consecutive shards in the output dimension."""
+    offsets, offset = {}, 0
+    for shard, size in out_sizes.items():
+        offsets[shard] = (offset, size)
+        offset += size
+    return offsets

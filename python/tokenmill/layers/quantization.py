@@ -35,6 +35,7 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.cpu_policy import INT4_SMALL_M, TILE_ROWS
 from tokenmill.errors import UnsupportedModelError
+from tokenmill.layers.linear import Linear, MergedLinear, shard_offsets
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -166,16 +167,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.zeros(self.out_features, groups, dtype=torch.float32))
         self.register_buffer("zeros", torch.zeros(self.out_features, groups, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
-        self.shards = {}
-        offset = 0
-        for shard, size in out_sizes.items():
-            self.shards[shard] = (offset, size)
-            offset += size
+        self.shards = shard_offsets(out_sizes)
         self.perms: dict = {}  # shard -> input permutation (desc_act)
         self._pending: dict = {}
         self.loaded_shards: set = set()
 
-    def load_piece(self, shard, name: str, tensor: torch.Tensor) -> bool:
+    def load_shard(self, name: str, shard, tensor: torch.Tensor) -> bool:
         """Buffers checkpoint tensors of one shard; converts once all are there. True when done."""
         if name == "bias":
             offset, size = self.shards[shard]
@@ -292,3 +289,16 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).contiguous()
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, quant=None) -> nn.Module:
+    """A plain or a 4-bit linear layer, as the checkpoint's quantization config says."""
+    if quant is None:
+        return Linear(in_features, out_features, bias=bias)
+    return Int4Linear(in_features, {None: out_features}, bias, quant)
+
+
+def make_merged_linear(in_features: int, out_sizes: dict, bias: bool, quant=None) -> nn.Module:
+    if quant is None:
+        return MergedLinear(in_features, out_sizes, bias=bias)
+    return Int4Linear(in_features, out_sizes, bias, quant)

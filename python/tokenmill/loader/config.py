@@ -99,9 +99,6 @@ DEFAULTS = {
 class ModelConfig(SimpleNamespace):
     """Attribute access to a config.json with its model type's defaults filled in."""
 
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
 
 def load_config(path: str) -> ModelConfig:
     file = os.path.join(path, "config.json")

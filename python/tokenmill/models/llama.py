@@ -11,9 +11,8 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill import distributed
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
-from tokenmill.layers.linear import make_linear, make_merged_linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.quantization import Int4Linear, QuantConfig
+from tokenmill.layers.quantization import Int4Linear, QuantConfig, make_linear, make_merged_linear
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.layers.vocab_parallel import VocabParallelEmbedding
 
@@ -225,7 +224,7 @@ class LlamaForCausalLM(nn.Module):
             module = self.get_submodule(module_name)
             tensor = self._shard(module_name, piece, shard, tensor)
             if isinstance(module, Int4Linear):
-                module.load_piece(shard, piece, tensor)
+                module.load_shard(piece, shard, tensor)
                 if piece == "bias":
                     loaded.add(f"{module_name}.bias")
             elif shard is not None:
