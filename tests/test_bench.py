@@ -19,7 +19,7 @@ NEEDS_SMOLLM2 = pytest.mark.skipif(
 
 # name -> (arguments, what the output must contain)
 BENCHES = {
-    "scheduler": (["--sizes", "16"], "native speed-up"),
+    "scheduler": (["--sizes", "64"], "native speed-up"),
     "kernel_ops": (["--shapes", "SmolLM2-135M", "--dtype", "float32"], "rms_norm"),
     "latency": (["--prompt-len", "12", "--max-tokens", "4"], "transformers"),
     "step_floor": (["--pairs", "2", "--steps-per-pair", "2"], "median step"),
