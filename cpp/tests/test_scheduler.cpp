@@ -191,9 +191,10 @@ TEST(Scheduler, CountsForkAndDropSequences) {
   EXPECT_EQ(finished[0].reason, FinishReason::kAbort);
   EXPECT_EQ(r.of(EventKind::kForked).size(), 2u);
   EXPECT_EQ(s.sequence(a)->tokens.back(), 5);
-  const int32_t bad[] = {1, 0};
   out = s.schedule();
-  EXPECT_THROW(s.update(*out, next, 2, bad), std::invalid_argument);
+  std::vector<int32_t> bad(out->num_seqs(), 0);  // one per scheduled sequence
+  bad[0] = 1;
+  EXPECT_THROW(s.update(*out, next, 2, bad.data()), std::invalid_argument);
   s.abort_request(1);
   EXPECT_EQ(s.stats().num_free_blocks, 32);
 }
