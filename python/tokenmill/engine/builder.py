@@ -98,7 +98,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
     """Builds the model on its device and loads the checkpoint into it; on
     CPUs, weights move to huge pages and gain their packed and coded forms."""
     config = spec.hf_config
-    max_positions = max(spec.max_model_len, getattr(config, "max_position_embeddings", 0) or 0)
+    max_positions = spec.max_model_len  # no position reaches it
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill import distributed
 from tokenmill.cpu_policy import (
     CODED_M,
     PACK_ROWS_HINT,
@@ -151,3 +152,29 @@ def shard_offsets(out_sizes: dict) -> dict:
         offsets[shard] = (offset, size)
         offset += size
     return offsets
+
+
+def column_parallel(module: nn.Module) -> nn.Module:
+    """Marks a linear whose output rows are split across tensor-parallel ranks."""
+    module.tp_shard = _column_shard
+    return module
+
+
+def row_parallel(module: nn.Module) -> nn.Module:
+    """Marks a linear whose inputs are split across ranks; the partial outputs are summed."""
+    module.tp_shard = _row_shard
+    return module
+
+
+def _column_shard(piece: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+    group = distributed.tp()
+    n = tensor.shape[0] // group.world
+    return tensor[group.rank * n : (group.rank + 1) * n]
+
+
+def _row_shard(piece: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+    group = distributed.tp()
+    if piece == "bias":  # added once, by rank 0, before the sum
+        return tensor if group.rank == 0 else torch.zeros_like(tensor)
+    n = tensor.shape[1] // group.world
+    return tensor[:, group.rank * n : (group.rank + 1) * n]

@@ -8,10 +8,15 @@ import torch
 from torch import nn
 
 
-def rope_parameters(config) -> dict:
-    """Rope settings of a transformers config, old-style or new-style."""
+def rope_parameters(config, layer_type: str | None = None) -> dict:
+    """Rope settings of a transformers config, old-style or new-style; models
+    with a rope per layer type (Gemma 3: sliding and full attention) key them
+    by `layer_type`."""
     params = dict(getattr(config, "rope_scaling", None) or {})
-    params.update(getattr(config, "rope_parameters", None) or {})
+    new_style = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and layer_type in new_style:
+        new_style = new_style[layer_type]
+    params.update(new_style)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
@@ -52,9 +57,28 @@ def _llama3_inv_freq(p: dict, base: float, dim: int) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
 
 
-def build_cos_sin_cache(config, rot_dim: int, max_positions: int) -> torch.Tensor:
+def _longrope_inv_freq(p: dict, config, base: float, dim: int, max_positions: int):
+    """LongRoPE (Phi-3): the short factors where sequences stay within the
+    original context, else the long ones, for every position. transformers
+    switches a sequence to the long factors once it outgrows the original
+    context and recomputes all of its keys; a paged cache keeps keys, so the
+    choice is made once, by the longest sequence the engine will hold
+    (max_model_len): a request's keys never change, and prefix-cache hits
+    stay exact."""
+    orig = p["original_max_position_embeddings"]
+    factor = p.get("factor") or config.max_position_embeddings / orig
+    mscale = p.get("attention_factor") or (
+        math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+    )
+    ext = p["long_factor"] if max_positions > orig else p["short_factor"]
+    return _inv_freq(base, dim) / torch.tensor(ext, dtype=torch.float64), mscale
+
+
+def build_cos_sin_cache(
+    config, rot_dim: int, max_positions: int, layer_type: str | None = None
+) -> torch.Tensor:
     """float32 [max_positions, rot_dim]: cos of each frequency, then sin."""
-    p = rope_parameters(config)
+    p = rope_parameters(config, layer_type)
     base, kind = float(p["rope_theta"]), p["rope_type"]
     orig_max = p.get("original_max_position_embeddings") or getattr(
         config, "max_position_embeddings", max_positions
@@ -75,22 +99,43 @@ def build_cos_sin_cache(config, rot_dim: int, max_positions: int) -> torch.Tenso
         inv, mscale = _yarn_inv_freq(p, base, rot_dim, orig_max)
     elif kind == "llama3":
         inv = _llama3_inv_freq(p, base, rot_dim)
+    elif kind == "longrope":
+        inv, mscale = _longrope_inv_freq(p, config, base, rot_dim, max_positions)
     else:
         raise ValueError(f"unsupported rope_type {kind!r}")
     freqs = torch.outer(positions, inv)
     return torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1).float()
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotates query and key in place at the given positions."""
+_tables: dict[tuple, torch.Tensor] = {}
 
-    def __init__(self, config, head_size: int, max_positions: int, is_neox: bool = True):
+
+def rotary_dim(config, head_size: int, layer_type: str | None = None) -> int:
+    factor = rope_parameters(config, layer_type).get("partial_rotary_factor")
+    return int(head_size * (factor or getattr(config, "partial_rotary_factor", None) or 1.0))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates query and key in place at the given positions. Layers with the
+    same rope share one table."""
+
+    def __init__(
+        self,
+        config,
+        head_size: int,
+        max_positions: int,
+        is_neox: bool = True,
+        layer_type: str | None = None,
+    ):
         super().__init__()
         self.head_size = head_size
-        rot_dim = int(head_size * getattr(config, "partial_rotary_factor", 1.0))
-        self.register_buffer(
-            "cos_sin_cache", build_cos_sin_cache(config, rot_dim, max_positions), persistent=False
-        )
+        rot_dim = rotary_dim(config, head_size, layer_type)
+        key = (id(config), repr(rope_parameters(config, layer_type)), rot_dim, max_positions)
+        if key not in _tables:
+            if any(k[0] != id(config) for k in _tables):
+                _tables.clear()  # an earlier model's
+            _tables[key] = build_cos_sin_cache(config, rot_dim, max_positions, layer_type)
+        self.register_buffer("cos_sin_cache", _tables[key], persistent=False)
         self.is_neox = is_neox
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:

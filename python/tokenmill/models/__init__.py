@@ -9,6 +9,12 @@ _REGISTRY = {
     "MistralForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("tokenmill.models.llama", "Phi3ForCausalLM"),
+    "GraniteForCausalLM": ("tokenmill.models.llama", "GraniteForCausalLM"),
+    "GemmaForCausalLM": ("tokenmill.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("tokenmill.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("tokenmill.models.gemma", "GemmaForCausalLM"),
+    "Olmo2ForCausalLM": ("tokenmill.models.olmo2", "Olmo2ForCausalLM"),
     "GPT2LMHeadModel": ("tokenmill.models.gpt2", "GPT2LMHeadModel"),
 }
 
