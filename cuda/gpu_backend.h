@@ -53,6 +53,11 @@ struct Backend {
   static void int4_linear(const Tensor& t, A... a) {
     check(gpu::int4_linear(a..., stream_of(t)), "int4_linear");
   }
+  static void fused_moe(const Tensor& x, const MoeParams& p) {
+    const Tensor workspace = torch::stable::new_empty(x, {fused_moe_workspace_floats(p)},
+                                                      torch::headeronly::ScalarType::Float);
+    check(gpu::fused_moe(p, static_cast<float*>(workspace.data_ptr()), stream_of(x)), "fused_moe");
+  }
   template <class... A>
   static void int4_dequantize(const Tensor& t, A... a) {
     check(gpu::int4_dequantize(a..., stream_of(t)), "int4_dequantize");
@@ -72,6 +77,7 @@ void impl_gpu_ops(torch::stable::detail::StableLibrary& m) {
   m.impl("gelu_and_mul", TORCH_BOX(&ops::gelu_and_mul<B>));
   m.impl("int4_linear", TORCH_BOX(&ops::int4_linear<B>));
   m.impl("int4_dequantize", TORCH_BOX(&ops::int4_dequantize<B>));
+  m.impl("fused_moe", TORCH_BOX(&ops::fused_moe<B>));
 }
 
 }  // namespace tokenmill::gpu

@@ -49,4 +49,9 @@ const char* int4_dequantize(float* out, const uint8_t* qweight, const float* sca
                             const float* zeros, int64_t k_padded, int64_t group_size, int64_t n0,
                             int64_t n1, void* stream);
 
+// The MoE MLP (kernel_params.h); the workspace holds
+// fused_moe_workspace_floats(p) floats.
+int64_t fused_moe_workspace_floats(const MoeParams& p);
+const char* fused_moe(const MoeParams& p, float* workspace, void* stream);
+
 }  // namespace tokenmill::gpu

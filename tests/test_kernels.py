@@ -327,6 +327,99 @@ def test_act_and_mul(backend, dtype, act):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def ref_moe(x, w13, w2, weights, ids, act, b13=None, b2=None, alpha=0.0, limit=0.0):
+    x, w13, w2 = x.double().cpu(), w13.double().cpu(), w2.double().cpu()
+    inter = w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate_up = w13[e] @ x[t] + (0 if b13 is None else b13[e].double().cpu())
+            gate, up = gate_up[:inter], gate_up[inter:]
+            if act == 2:
+                gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+                h = (up + 1) * gate * torch.sigmoid(alpha * gate)
+            elif act == 0:
+                h = gate * torch.sigmoid(gate) * up
+            else:
+                h = torch.nn.functional.gelu(gate, approximate="tanh") * up
+            y = w2[e] @ h + (0 if b2 is None else b2[e].double().cpu())
+            out[t] += float(weights[t, j]) * y
+    return out
+
+
+MOE_CASES = {
+    "decode": (1, 8, 2, 64, 96),
+    "all-experts": (5, 8, 8, 128, 64),
+    "one-expert-each": (16, 16, 1, 64, 32),
+    "batch": (24, 8, 2, 96, 48),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(MOE_CASES))
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "gelu_tanh", "swiglu_oai"])
+def test_fused_moe(backend, dtype, case, act):
+    impl, device = needs(backend, "fused_moe")
+    if impl is native and device == "cpu" and dtype == torch.float16:
+        pytest.skip(
+            "the CPU MoE kernel takes float32 or bfloat16 weights (float16 runs the composite)"
+        )
+    tokens, experts, top_k, hidden, inter = MOE_CASES[case]
+    g = torch.Generator().manual_seed(tokens * 31 + act)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    if case == "one-expert-each":
+        ids = torch.randperm(experts, generator=g)[:tokens, None]
+    else:
+        ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    biases = {}
+    if act == 2:
+        biases = dict(
+            w13_bias=torch.randn(experts, 2 * inter, generator=g).to(device),
+            w2_bias=torch.randn(experts, hidden, generator=g).to(device),
+            swiglu_alpha=1.702,
+            swiglu_limit=1.5,
+        )
+    out = poisoned((tokens, hidden), dtype, device)
+    impl.fused_moe(
+        out,
+        x,
+        w13.to(device),
+        w2.to(device),
+        weights.to(device),
+        ids.to(torch.int32).to(device),
+        act,
+        **biases,
+    )
+    ref = ref_moe(
+        x,
+        w13,
+        w2,
+        weights,
+        ids,
+        act,
+        biases.get("w13_bias"),
+        biases.get("w2_bias"),
+        biases.get("swiglu_alpha", 0.0),
+        biases.get("swiglu_limit", 0.0),
+    )
+    assert rel_err(out, ref) < TOL[dtype] * 2
+
+
+def test_fused_moe_rejects_bad_routing():
+    x = torch.randn(2, 64)
+    w13, w2 = torch.randn(4, 64, 64), torch.randn(4, 64, 32)
+    ids = torch.tensor([[0], [4]], dtype=torch.int32)
+    with pytest.raises(Exception, match="expert id"):
+        native.fused_moe(torch.empty_like(x), x, w13, w2, torch.ones(2, 1), ids, 0)
+    with pytest.raises(Exception, match="topk_ids"):
+        native.fused_moe(torch.empty_like(x), x, w13, w2, torch.ones(2, 1), ids.long(), 0)
+
+
 def test_ops_reject_bad_dtypes():
     x = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
@@ -532,7 +625,8 @@ def test_fallback_paths_give_the_same_results(switch):
         pytest.skip("this CPU has no AVX-512 bfloat16 paths to turn off")
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
     tests = (
-        "(paged_attention or linear or coded or int4_kernels or rms_norm or argmax or act_and_mul)"
+        "(paged_attention or linear or coded or int4_kernels or rms_norm or argmax or act_and_mul"
+        " or fused_moe)"
     )
     tests += " and not emulated"
     env = dict(os.environ, **{switch: "1"})

@@ -271,6 +271,60 @@ void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, in
       group_size, row_start, row_start + out.size(0));
 }
 
+// out, x [tokens, hidden]; w13 [experts, 2 * inter, hidden]; w2 [experts,
+// hidden, inter]; topk_weights float32 and topk_ids int32 [tokens, top_k];
+// activation: 0 SiLU, 1 GELU-tanh, 2 GPT-OSS's clamped SwiGLU (alpha, limit).
+template <class B>
+void fused_moe(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids,
+               int64_t activation, std::optional<Tensor> w13_bias, std::optional<Tensor> w2_bias,
+               double swiglu_alpha, double swiglu_limit) {
+  STD_TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
+                  "fused_moe: x and out must be 2-D with contiguous rows");
+  check_same_dtype(x, out, "out");
+  STD_TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
+                  "fused_moe: w13 and w2 must be contiguous 3-D tensors");
+  STD_TORCH_CHECK(w13.scalar_type() == w2.scalar_type(), "fused_moe: w13 and w2 dtypes differ");
+  const int64_t tokens = x.size(0), hidden = x.size(1), experts = w13.size(0);
+  const int64_t inter = w13.size(1) / 2;
+  STD_TORCH_CHECK(w13.size(2) == hidden && w13.size(1) == 2 * inter && w2.size(0) == experts &&
+                      w2.size(1) == hidden && w2.size(2) == inter && out.size(0) == tokens &&
+                      out.size(1) == hidden,
+                  "fused_moe: shape mismatch");
+  check_int32(topk_ids, "topk_ids");
+  STD_TORCH_CHECK(topk_weights.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      topk_weights.is_contiguous() && topk_weights.dim() == 2 &&
+                      topk_ids.dim() == 2 && topk_weights.size(0) == tokens &&
+                      topk_ids.size(0) == tokens && topk_ids.size(1) == topk_weights.size(1),
+                  "fused_moe: topk_weights (float32) and topk_ids must be [tokens, top_k]");
+  STD_TORCH_CHECK(activation >= 0 && activation <= 2, "fused_moe: unknown activation");
+  auto bias = [](const std::optional<Tensor>& b, int64_t n) -> const float* {
+    if (!b.has_value()) return nullptr;
+    STD_TORCH_CHECK(b->scalar_type() == torch::headeronly::ScalarType::Float &&
+                        b->is_contiguous() && b->numel() == n,
+                    "fused_moe: biases must be contiguous float32 [experts, outputs]");
+    return static_cast<const float*>(b->data_ptr());
+  };
+  tokenmill::MoeParams p{dtype_of(x), dtype_of(w13), out.data_ptr(), x.data_ptr(), out.stride(0),
+                         x.stride(0), w13.data_ptr(), w2.data_ptr()};
+  p.b13 = bias(w13_bias, experts * 2 * inter);
+  p.b2 = bias(w2_bias, experts * hidden);
+  p.topk_weights = static_cast<const float*>(topk_weights.data_ptr());
+  p.topk_ids = static_cast<const int32_t*>(topk_ids.data_ptr());
+  p.num_tokens = tokens;
+  p.top_k = topk_ids.size(1);
+  p.num_experts = experts;
+  p.hidden = hidden;
+  p.inter = inter;
+  p.act = activation == 1 ? tokenmill::Activation::kGeluTanh : tokenmill::Activation::kSilu;
+  if (activation == 2) {
+    p.swiglu_alpha = static_cast<float>(swiglu_alpha);
+    p.swiglu_limit = static_cast<float>(swiglu_limit);
+    STD_TORCH_CHECK(p.swiglu_limit > 0.f, "fused_moe: the clamped SwiGLU needs a limit > 0");
+  }
+  if (tokens == 0) return;
+  B::fused_moe(x, p);
+}
+
 // The schemas of every op; a library defines them once per namespace.
 inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def(
@@ -298,6 +352,10 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def(
       "coded_linear(Tensor(a!) out, Tensor x, Tensor low, Tensor codes, Tensor table, "
       "Tensor escape_offsets, Tensor escape_cols, Tensor escape_values, Tensor? bias=None) -> ()");
+  m.def(
+      "fused_moe(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
+      "Tensor topk_ids, int activation, Tensor? w13_bias=None, Tensor? w2_bias=None, "
+      "float swiglu_alpha=0.0, float swiglu_limit=0.0) -> ()");
   m.def(
       "code_bf16(Tensor weight, Tensor table, Tensor(a!) low, Tensor(b!) codes, "
       "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "

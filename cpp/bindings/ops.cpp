@@ -58,6 +58,7 @@ struct Cpu {
   static void int4_dequantize(const Tensor&, A... a) {
     cpu::int4_dequantize(a...);
   }
+  static void fused_moe(const Tensor&, const tokenmill::MoeParams& p) { cpu::fused_moe(p); }
 };
 
 // The ops a program runs, numbered as OP_NAMES in python/tokenmill/ops.py.
@@ -341,6 +342,7 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("linear", TORCH_BOX(&tokenmill::ops::linear<Cpu>));
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
+  m.impl("fused_moe", TORCH_BOX(&tokenmill::ops::fused_moe<Cpu>));
   m.impl("coded_linear", TORCH_BOX(&coded_linear));
   m.impl("code_bf16", TORCH_BOX(&code_bf16));
   m.impl("load_program", TORCH_BOX(&load_program));

@@ -30,10 +30,13 @@ OP_NAMES = (
     "coded_linear",
 )
 
+# Ops that programs do not run.
+OTHER_OPS = ("fused_moe",)
+
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)
 
-for _name in (*OP_NAMES, "run_loaded_program"):
+for _name in (*OP_NAMES, *OTHER_OPS, "run_loaded_program"):
     torch.library.register_fake(f"tokenmill::{_name}")(lambda *args, **kwargs: None)
     # Devices without a native kernel for an op run its torch composite.
     for _key in ("CUDA", "XPU"):
@@ -49,3 +52,4 @@ fused_add_rms_norm = ops.fused_add_rms_norm
 rotary_embedding = ops.rotary_embedding
 silu_and_mul = ops.silu_and_mul
 gelu_and_mul = ops.gelu_and_mul
+fused_moe = ops.fused_moe

@@ -125,3 +125,40 @@ def int4_linear(out, x, qweight, scales, zeros, group_size):
     w = torch.empty(qweight.shape[0], qweight.shape[1] * 2, device=x.device)
     int4_dequantize(w, qweight, scales, zeros, group_size, 0)
     out.copy_(x.float() @ w[:, : x.shape[1]].t())
+
+
+def _swiglu_oai(gate, up, alpha, limit):
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+def fused_moe(
+    out,
+    x,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    activation,
+    w13_bias=None,
+    w2_bias=None,
+    swiglu_alpha=0.0,
+    swiglu_limit=0.0,
+):
+    inter = w13.shape[1] // 2
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in topk_ids.unique().tolist():
+        token, slot = (topk_ids == e).nonzero(as_tuple=True)
+        gate_up = x[token].float() @ w13[e].float().t()
+        if w13_bias is not None:
+            gate_up += w13_bias[e]
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if activation == 2:
+            h = _swiglu_oai(gate, up, swiglu_alpha, swiglu_limit)
+        else:
+            h = (F.silu(gate) if activation == 0 else F.gelu(gate, approximate="tanh")) * up
+        y = h @ w2[e].float().t()
+        if w2_bias is not None:
+            y += w2_bias[e]
+        total.index_add_(0, token, y * topk_weights[token, slot, None])
+    out.copy_(total.to(out.dtype))

@@ -39,4 +39,27 @@ struct PagedAttentionParams {
 
 enum class Activation { kSilu, kGeluExact, kGeluTanh };
 
+// A mixture-of-experts MLP: out[t] = sum_j topk_weights[t, j] *
+// (w2[e] act(w13[e] x[t] + b13[e]) + b2[e]) with e = topk_ids[t, j]. w13 is
+// [num_experts, 2 * inter, hidden] (gate rows, then up rows), w2 [num_experts,
+// hidden, inter], both contiguous; x and out are [num_tokens, hidden] rows at
+// their strides; the optional biases are float32.
+struct MoeParams {
+  DType x_dtype, w_dtype;
+  void* out;
+  const void* x;
+  int64_t out_stride, x_stride;
+  const void* w13;
+  const void* w2;
+  const float* b13 = nullptr;  // [num_experts, 2 * inter] or null
+  const float* b2 = nullptr;   // [num_experts, hidden] or null
+  const float* topk_weights;   // [num_tokens, top_k]
+  const int32_t* topk_ids;     // [num_tokens, top_k]
+  int64_t num_tokens, top_k, num_experts, hidden, inter;
+  Activation act;
+  // GPT-OSS's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g)
+  // with g = min(gate, limit), in place of act when limit > 0.
+  float swiglu_alpha = 0.f, swiglu_limit = 0.f;
+};
+
 }  // namespace tokenmill

@@ -86,6 +86,11 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
 // a NaN counting as larger than any number, as torch.argmax has it.
 void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
 
+// The MoE MLP of kernel_params.h for float32 or bfloat16 weights. Tokens are
+// grouped by expert and each routed expert's weights are read once for all of
+// its tokens; experts no token routes to are not read.
+void fused_moe(const MoeParams& p);
+
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
                    int64_t src_stride, int64_t dst_stride);

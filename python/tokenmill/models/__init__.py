@@ -15,6 +15,9 @@ _REGISTRY = {
     "Gemma2ForCausalLM": ("tokenmill.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("tokenmill.models.gemma", "GemmaForCausalLM"),
     "Olmo2ForCausalLM": ("tokenmill.models.olmo2", "Olmo2ForCausalLM"),
+    "MixtralForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
     "GPT2LMHeadModel": ("tokenmill.models.gpt2", "GPT2LMHeadModel"),
 }
 

@@ -13,6 +13,7 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill import distributed
 from tokenmill.layers.attention import Attention, AttentionMetadata, PagedAttention
+from tokenmill.layers.moe import EXPERT_TENSOR
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.quantization import Int4Linear
 from tokenmill.layers.vocab_parallel import VocabParallelEmbedding
@@ -150,6 +151,13 @@ class CausalLM(nn.Module):
                 continue
             for old, new in self.renames.items():
                 name = name.replace(old, new)
+            expert = EXPERT_TENSOR.match(name)
+            if expert:  # one expert's projection, into the layer's stacked weights
+                experts, index, projection, piece = expert.groups()
+                module = self.get_submodule(experts)
+                names = module.load_expert(int(index), projection, piece, tensor)
+                loaded |= {f"{experts}.{n}" for n in names}
+                continue
             module_name, piece = name.rsplit(".", 1)
             shard = None
             for fragment, (merged, shard_id) in self.stacked.items():
@@ -160,8 +168,8 @@ class CausalLM(nn.Module):
                 module = self.get_submodule(module_name)
             except AttributeError:
                 raise KeyError(f"unexpected checkpoint tensor {name}") from None
-            if hasattr(module, "load_tensor"):  # layers with their own layout (experts)
-                loaded |= module.load_tensor(module_name, piece, tensor)
+            if hasattr(module, "load_tensor"):  # stacked expert tensors (GPT-OSS)
+                loaded |= {f"{module_name}.{n}" for n in module.load_tensor(piece, tensor)}
                 continue
             pieces = [(shard, tensor)]
             if (

@@ -13,7 +13,9 @@ from tokenmill.models.decoder import CausalLM, DecoderLayer, DecoderModel
 
 def llama_attention(config, layer_idx: int, max_positions: int, **overrides) -> Attention:
     opts = AttentionOptions(
-        qkv_bias=getattr(config, "attention_bias", False) or config.model_type == "qwen2",
+        qkv_bias=getattr(config, "attention_bias", False)
+        or getattr(config, "qkv_bias", False)
+        or config.model_type == "qwen2",
         o_bias=getattr(config, "attention_bias", False),
         qk_norm="head" if config.model_type in ("qwen3", "qwen3_moe") else None,
         norm=RMSNorm,
@@ -23,9 +25,12 @@ def llama_attention(config, layer_idx: int, max_positions: int, **overrides) -> 
     return Attention(config, layer_idx, max_positions, opts)
 
 
-def llama_mlp(config) -> GatedMLP:
+def llama_mlp(config, intermediate_size: int | None = None) -> GatedMLP:
     return GatedMLP(
-        config, config.intermediate_size, hidden_act(config), getattr(config, "mlp_bias", False)
+        config,
+        intermediate_size or config.intermediate_size,
+        hidden_act(config),
+        getattr(config, "mlp_bias", False),
     )
 
 
