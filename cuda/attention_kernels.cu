@@ -42,6 +42,17 @@ __device__ int sequence_of(const int32_t* query_start_loc, int num_seqs, int tok
 }
 
 // E: head elements per lane (head_size <= E * kWarpSize).
+// Joins head h's sink to a softmax with running max mx, denominator total and numerator value.
+__device__ __forceinline__ void add_sink(const PagedAttentionParams& p, int h, float& mx,
+                                         float& total, float& value) {
+  if (p.sinks == nullptr) return;
+  const float m = fmaxf(mx, p.sinks[h]);
+  const float f = mx == -INFINITY ? 0.f : __expf(mx - m);
+  total = total * f + __expf(p.sinks[h] - m);
+  value *= f;
+  mx = m;
+}
+
 template <typename T, int E>
 __global__ void __launch_bounds__(kThreads)
     attention_kernel(PagedAttentionParams p, int chunks, Split split) {
@@ -139,6 +150,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int h = h0 + g;
     if (split.count == 1) {
+      add_sink(p, h, mx, total, value);
       out[h * p.out.head_stride + d] = from_float<T>(value / total);
     } else {
       const int64_t at = (static_cast<int64_t>(token) * p.num_heads + h) * split.count + part;
@@ -166,7 +178,9 @@ __global__ void merge_splits_kernel(PagedAttentionParams p, Split split) {
     for (int s = 0; s < split.count; ++s)
       if (split.max[at + s] != -INFINITY)
         value += split.acc[(at + s) * D + d] * __expf(split.max[at + s] - mx);
-    out[d] = from_float<T>(value / total);
+    float m = mx, sum = total;
+    add_sink(p, h, m, sum, value);
+    out[d] = from_float<T>(value / sum);
   }
 }
 

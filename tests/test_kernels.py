@@ -59,6 +59,7 @@ def ref_attention(
     window=0,
     softcap=0.0,
     alibi=None,
+    sinks=None,
 ):
     q = query.double().cpu()
     kc, vc = key_cache.double().cpu(), value_cache.double().cpu()
@@ -87,7 +88,11 @@ def ref_attention(
                     sc = sc + alibi[h].double() * (
                         torch.arange(lo, pos + 1, dtype=torch.float64) - pos
                     )
-                out[t, h] = torch.softmax(sc, 0) @ v
+                if sinks is not None:
+                    sc = torch.cat([sc, sinks[h].double().reshape(1)])
+                    out[t, h] = torch.softmax(sc, 0)[:-1] @ v
+                else:
+                    out[t, h] = torch.softmax(sc, 0) @ v
     return out
 
 
@@ -200,7 +205,7 @@ def test_paged_attention(backend, dtype, block_size, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["window", "softcap", "alibi"])
+@pytest.mark.parametrize("variant", ["window", "softcap", "alibi", "sinks", "sinks-window"])
 def test_paged_attention_variants(backend, dtype, variant):
     impl, device = needs(backend, "paged_attention")
     num_heads, num_kv, head_size, block_size = 4, 2, 64, 16
@@ -215,11 +220,14 @@ def test_paged_attention_variants(backend, dtype, variant):
         "window": dict(window=19),
         "softcap": dict(softcap=2.0),
         "alibi": dict(alibi=torch.rand(num_heads)),
+        "sinks": dict(sinks=torch.randn(num_heads) * 3),
+        "sinks-window": dict(sinks=torch.randn(num_heads) * 3, window=19),
     }[variant]
     call = dict(
         sliding_window=kw.get("window", 0),
         softcap=kw.get("softcap", 0.0),
         alibi_slopes=kw.get("alibi"),
+        sinks=None if "sinks" not in kw else kw["sinks"].to(device),
     )
     args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
     impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.125, **call)
@@ -231,7 +239,8 @@ def test_paged_attention_variants(backend, dtype, variant):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128)])
 @pytest.mark.parametrize("window", [0, 300])
-def test_paged_attention_one_long_decode(backend, dtype, heads, window):
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
+def test_paged_attention_one_long_decode(backend, dtype, heads, window, with_sinks):
     """A lone decode sequence over a long context: threads split its context (parts wholly
     outside the sliding window included) and merge the parts."""
     impl, device = needs(backend, "paged_attention")
@@ -243,8 +252,12 @@ def test_paged_attention_one_long_decode(backend, dtype, heads, window):
     query = torch.randn(1, num_heads, head_size, dtype=dtype, device=device)
     out = poisoned(query.shape, dtype, device)
     args = [torch.tensor(x, dtype=torch.int32, device=device) for x in ([context], [0, 1])]
-    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.1, sliding_window=window)
-    ref = ref_attention(query, kc, vc, tables, [context], [0, 1], 0.1, window=window)
+    sinks = torch.randn(num_heads) * 3 if with_sinks else None
+    impl.paged_attention(
+        out, query, kc, vc, tables.to(device), *args, 0.1, sliding_window=window,
+        sinks=None if sinks is None else sinks.to(device),
+    )  # fmt: skip
+    ref = ref_attention(query, kc, vc, tables, [context], [0, 1], 0.1, window=window, sinks=sinks)
     assert rel_err(out, ref) < TOL[dtype]
 
 

@@ -81,7 +81,8 @@ void reshape_and_cache(Tensor key, Tensor value, Tensor key_cache, Tensor value_
 template <class B>
 void paged_attention(Tensor out, Tensor query, Tensor key_cache, Tensor value_cache,
                      Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, double scale,
-                     int64_t sliding_window, double softcap, std::optional<Tensor> alibi_slopes) {
+                     int64_t sliding_window, double softcap, std::optional<Tensor> alibi_slopes,
+                     std::optional<Tensor> sinks) {
   check_int32(block_tables, "block_tables");
   check_int32(seq_lens, "seq_lens");
   check_int32(query_start_loc, "query_start_loc");
@@ -115,6 +116,12 @@ void paged_attention(Tensor out, Tensor query, Tensor key_cache, Tensor value_ca
                         alibi_slopes->numel() == p.num_heads,
                     "alibi_slopes must be float32 [num_heads]");
     p.alibi_slopes = static_cast<const float*>(alibi_slopes->data_ptr());
+  }
+  if (sinks.has_value()) {
+    STD_TORCH_CHECK(sinks->scalar_type() == torch::headeronly::ScalarType::Float &&
+                        sinks->is_contiguous() && sinks->numel() == p.num_heads,
+                    "sinks must be contiguous float32 [num_heads]");
+    p.sinks = static_cast<const float*>(sinks->data_ptr());
   }
   B::paged_attention(query, p);
 }
@@ -333,7 +340,8 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
-      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) -> ()");
+      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> "
+      "()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def(

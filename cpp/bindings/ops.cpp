@@ -109,8 +109,9 @@ void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64
         const double scale = real();
         const int64_t window = integer();
         const double softcap = real();
+        std::optional<Tensor> alibi = maybe();
         ops::paged_attention<Cpu>(out, q, kc, vc, tables, lens, starts, scale, window, softcap,
-                                  maybe());
+                                  alibi, maybe());
         break;
       }
       case ProgramOp::kRmsNorm: {

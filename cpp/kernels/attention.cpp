@@ -61,6 +61,11 @@ TM_INLINE void attend_tile(const PagedAttentionParams& p, int seq, int kvh, int 
   w.acc.assign(static_cast<size_t>(rows) * D, 0.f);
   w.m.assign(rows, kNegInf);
   w.l.assign(rows, 0.f);
+  if (p.sinks)  // the sink's term: exp(sink - m) = 1 with m = sink
+    for (int r = 0; r < rows; ++r) {
+      w.m[r] = p.sinks[kvh * group + r % group];
+      w.l[r] = 1.f;
+    }
   w.k.resize(static_cast<size_t>(bs) * D);
   w.v.resize(static_cast<size_t>(bs) * D);
   w.s.resize(static_cast<size_t>(rows) * bs);

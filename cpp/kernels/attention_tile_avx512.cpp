@@ -178,7 +178,8 @@ TM_AVX512_FN void score_block(const Bf16TileScratch& w, int lanes, int groups, i
 
 bool prefill_tile_bf16_supported(const PagedAttentionParams& p) {
   return cpu_has_avx512_bf16() && p.dtype == DType::kBFloat16 && p.head_size % 32 == 0 &&
-         p.block_size % 8 == 0 && p.softcap == 0.f && p.alibi_slopes == nullptr;
+         p.block_size % 8 == 0 && p.softcap == 0.f && p.alibi_slopes == nullptr &&
+         p.sinks == nullptr;
 }
 
 TM_AVX512_FN void prefill_tile_bf16(const PagedAttentionParams& p, int seq, int kvh, int q_begin,

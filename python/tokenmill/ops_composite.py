@@ -33,6 +33,7 @@ def paged_attention(
     sliding_window=0,
     softcap=0.0,
     alibi_slopes=None,
+    sinks=None,
 ):
     num_kv_heads, block_size, head_size = key_cache.shape[1:]
     q_all = query.reshape(query.shape[0], -1, head_size)
@@ -59,7 +60,12 @@ def paged_attention(
         if sliding_window > 0:
             mask |= qpos - kpos >= sliding_window
         scores = scores.masked_fill(mask, float("-inf"))
-        out_all[start:end] = (torch.softmax(scores, -1) @ v).transpose(0, 1).to(out.dtype)
+        if sinks is not None:  # a column that joins the softmax and carries no value
+            sink = sinks.float()[:, None, None].expand(-1, scores.shape[1], 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, -1)
+        out_all[start:end] = (probs @ v).transpose(0, 1).to(out.dtype)
 
 
 def rms_norm(out, x, weight, eps):

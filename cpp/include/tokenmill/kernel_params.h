@@ -35,6 +35,9 @@ struct PagedAttentionParams {
   int sliding_window = 0;               // 0: attend to the whole context
   float softcap = 0.f;                  // 0: none
   const float* alibi_slopes = nullptr;  // [num_heads] or null
+  // [num_heads] or null: a learned logit per head that joins each softmax's
+  // denominator without a value (GPT-OSS's attention sinks).
+  const float* sinks = nullptr;
 };
 
 enum class Activation { kSilu, kGeluExact, kGeluTanh };

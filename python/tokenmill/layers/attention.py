@@ -37,6 +37,7 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale, self.sliding_window, self.softcap = scale, sliding_window or 0, softcap or 0.0
+        self.sinks: torch.Tensor | None = None
         self.key_cache: torch.Tensor | None = None  # set by the model runner
         self.value_cache: torch.Tensor | None = None
 
@@ -61,6 +62,7 @@ class PagedAttention(nn.Module):
             self.sliding_window,
             self.softcap,
             None,
+            None if self.sinks is None else self.sinks.float(),
         )
         return out
 
@@ -106,6 +108,7 @@ class AttentionOptions:
     scale: float | None = None  # default: head_dim ** -0.5
     softcap: float = 0.0
     rope_per_layer_type: bool = False  # a rope table for each layer type (Gemma 3)
+    sinks: bool = False  # a learned softmax sink per head (GPT-OSS)
 
 
 class Attention(nn.Module):
@@ -147,6 +150,10 @@ class Attention(nn.Module):
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, d, scale, window, opts.softcap or 0.0
         )
+        if opts.sinks:
+            if distributed.tp().world > 1:
+                raise ValueError("attention sinks do not support tensor parallelism yet")
+            self.attn.sinks = nn.Parameter(torch.empty(self.num_heads))
 
     def _qkv_shard(self, piece: str, shard, tensor: torch.Tensor) -> torch.Tensor:
         group, d = distributed.tp(), self.head_dim

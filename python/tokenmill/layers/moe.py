@@ -90,6 +90,23 @@ class FusedMoE(nn.Module):
         done = sum(1 for n, *_ in self._loaded if n == name) == needed
         return {name} if done else set()
 
+    def load_tensor(self, piece: str, tensor: torch.Tensor) -> set[str]:
+        """GPT-OSS's stacked tensors: gate_up_proj [experts, hidden, 2 * inter]
+        with gate and up interleaved, down_proj [experts, inter, hidden], and
+        their biases."""
+        if piece in ("gate_up_proj", "gate_up_proj_bias"):
+            gate_up = tensor.transpose(1, 2) if piece == "gate_up_proj" else tensor
+            target = self.w13 if piece == "gate_up_proj" else self.w13_bias
+            target.data.copy_(torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1))
+            return {"w13" if piece == "gate_up_proj" else "w13_bias"}
+        if piece == "down_proj":
+            self.w2.data.copy_(tensor.transpose(1, 2))
+            return {"w2"}
+        if piece == "down_proj_bias":
+            self.w2_bias.data.copy_(tensor)
+            return {"w2_bias"}
+        raise KeyError(f"unexpected expert tensor {piece}")
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
         native = x.shape[0] <= NATIVE_MAX_TOKENS.get(x.device.type, 0) and not (

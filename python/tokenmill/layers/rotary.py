@@ -33,16 +33,24 @@ def _yarn_inv_freq(p: dict, base: float, dim: int, orig_max: int) -> tuple[torch
     def correction_dim(rotations):
         return dim * math.log(orig_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):  # GPT-OSS keeps the exact range
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolation = _inv_freq(base, dim)
     interpolation = extrapolation / factor
     inv = interpolation * ramp + extrapolation * (1 - ramp)
-    mscale = p.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-    return inv, mscale
+
+    def yarn_mscale(scale=1.0):
+        return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    mscale = p.get("attention_factor")
+    if mscale is None and p.get("mscale") and p.get("mscale_all_dim"):
+        mscale = yarn_mscale(p["mscale"]) / yarn_mscale(p["mscale_all_dim"])
+    return inv, mscale if mscale is not None else yarn_mscale()
 
 
 def _llama3_inv_freq(p: dict, base: float, dim: int) -> torch.Tensor:

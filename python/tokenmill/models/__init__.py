@@ -18,6 +18,7 @@ _REGISTRY = {
     "MixtralForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
     "Qwen2MoeForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("tokenmill.models.moe", "MoeForCausalLM"),
+    "GptOssForCausalLM": ("tokenmill.models.gpt_oss", "GptOssForCausalLM"),
     "GPT2LMHeadModel": ("tokenmill.models.gpt2", "GPT2LMHeadModel"),
 }
 
