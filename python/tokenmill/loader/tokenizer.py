@@ -102,7 +102,10 @@ class FastTokenizer:
     ):
         template = chat_template or self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat template; pass one with --chat-template")
+            raise ValueError(
+                "this model has no chat template: pass one as chat_template (LLM.chat, "
+                "or the request's chat_template field) or with tokenmill serve --chat-template"
+            )
         text = _compile_template(template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
