@@ -29,6 +29,11 @@ BENCHES = {
         "width",
     ),
     "quant": (["--shapes", "1"], "int4"),
+    "moe": (
+        ["--layers", "1", "--experts", "8", "--top-k", "2", "--hidden", "128"]
+        + ["--expert-width", "64", "--batch", "1", "2", "--steps", "3"],
+        "MoE / dense",
+    ),
     "tp": (["--num-requests", "2"], "TP"),
     "serve": (["--launch", "--num-requests", "3", "--workload", "workload_small.json"], "TTFT"),
 }

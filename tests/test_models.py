@@ -103,8 +103,9 @@ def test_longrope_long_context_matches_transformers(tiny_model):
     assert out.outputs[0].token_ids == ref.tolist()
 
 
-def test_same_tokens_alone_batched_chunked_preempted_and_cached(tiny_model):
-    path = tiny_model("llama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_tokens_alone_batched_chunked_preempted_and_cached(tiny_model, arch):
+    path = tiny_model("phi3_long" if arch == "phi3" else arch)  # phi3's context is 64
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     target = prompts_of([70], seed=5)[0]
     others = prompts_of([30 + i for i in range(63)], seed=6)
