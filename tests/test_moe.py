@@ -85,3 +85,28 @@ def test_route_renormalizes_and_orders():
     w2, _ = route(logits, 2, renormalize=False)
     probs = torch.softmax(logits, -1)[0]
     assert w2[0].tolist() == pytest.approx([probs[1].item(), probs[2].item()])
+
+
+def test_tensor_parallel_moe_is_refused(monkeypatch):
+    from tokenmill import distributed
+    from tokenmill.errors import UnsupportedModelError
+
+    monkeypatch.setattr(distributed, "_group", distributed.TPGroup(rank=0, world=2))
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        FusedMoE(8, 64, 48)
+
+
+def test_mxfp4_gpt_oss_is_refused(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from tokenmill import LLM
+    from tokenmill.errors import UnsupportedModelError
+
+    path = tmp_path / "mxfp4"
+    shutil.copytree(tiny_model("gpt_oss"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="MXFP4"):
+        LLM(str(path))
