@@ -103,7 +103,6 @@ class CausalLM(nn.Module):
     }
     renames: dict[str, str] = {}
     ignored: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    supports_tp_quantized = False
 
     def __init__(self, config, logit_softcap: float = 0.0, logit_scale: float = 1.0):
         super().__init__()
@@ -171,18 +170,8 @@ class CausalLM(nn.Module):
             if hasattr(module, "load_tensor"):  # stacked expert tensors (GPT-OSS)
                 loaded |= {f"{module_name}.{n}" for n in module.load_tensor(piece, tensor)}
                 continue
-            pieces = [(shard, tensor)]
-            if (
-                shard is None
-                and hasattr(module, "checkpoint_sizes")
-                and piece in ("weight", "bias")
-            ):
-                if isinstance(module, Int4Linear):
-                    raise KeyError(f"fused quantized projection {name} is not supported")
-                # stored fused (Phi-3's qkv_proj, gate_up_proj)
-                ids = list(module.shards)
-                pieces = list(zip(ids, tensor.split(module.checkpoint_sizes), strict=True))
-            for shard_id, part in pieces:
+            pieces = _fused_pieces(module, name, piece, tensor) if shard is None else None
+            for shard_id, part in pieces or [(shard, tensor)]:
                 loaded |= self._load_piece(module, module_name, piece, shard_id, part, params)
         for module_name, module in self.named_modules():
             if isinstance(module, Int4Linear) and module.loaded_shards != set(module.shards):
@@ -206,6 +195,16 @@ class CausalLM(nn.Module):
         param = params[target]
         getattr(param, "weight_loader", _copy)(param, tensor)
         return {target}
+
+
+def _fused_pieces(module, name: str, piece: str, tensor: torch.Tensor):
+    """[(shard, tensor)] of a checkpoint tensor that holds a merged layer's
+    shards fused (Phi-3's qkv_proj, gate_up_proj), or None."""
+    if not hasattr(module, "checkpoint_sizes") or piece not in ("weight", "bias"):
+        return None
+    if isinstance(module, Int4Linear):
+        raise KeyError(f"fused quantized projection {name} is not supported")
+    return list(zip(module.shards, tensor.split(module.checkpoint_sizes), strict=True))
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
