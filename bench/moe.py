@@ -79,7 +79,13 @@ def tokenmill_step(path: str, batch: int, steps: int, dtype: str) -> float:
     from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
 
-    args = EngineArgs(model=path, dtype=dtype, max_model_len=512, tokenizer=default_tokenizer())
+    args = EngineArgs(
+        model=path,
+        dtype=dtype,
+        max_model_len=512,
+        kv_cache_memory="256MiB",
+        tokenizer=default_tokenizer(),
+    )
     engine = LLMEngine(args)
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     times = []
@@ -93,6 +99,8 @@ def tokenmill_step(path: str, batch: int, steps: int, dtype: str) -> float:
             engine.step()
             times.append(time.perf_counter() - t)
     engine.shutdown()
+    del engine
+    gc.collect()
     return sorted(times)[len(times) // 2]
 
 
@@ -118,6 +126,8 @@ def hf_step(path: str, batch: int, steps: int, dtype: str) -> float:
         generate(2)
         first = generate(1)
         total = generate(steps + 1)
+    del model
+    gc.collect()
     return (total - first) / steps
 
 
@@ -142,6 +152,9 @@ def main():
             t_moe = tokenmill_step(moe, batch, args.steps, args.dtype)
             t_dense = tokenmill_step(dense, batch, args.steps, args.dtype)
             row = [batch, t_moe * 1e3, t_dense * 1e3, t_moe / t_dense]
+            print(
+                f"batch {batch}: MoE {t_moe * 1e3:.2f} ms, dense {t_dense * 1e3:.2f} ms", flush=True
+            )
             if not args.no_hf:
                 t_hf = hf_step(moe, batch, args.steps, args.dtype)
                 row += [t_hf * 1e3, t_hf / t_moe]

@@ -61,12 +61,23 @@ def test_guard_catches_a_read_of_an_unrouted_expert():
     assert run.returncode != 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "coded"])
 def test_native_and_grouped_paths_agree(dtype):
+    """Decode-sized steps (the native kernel, over coded bfloat16 copies of
+    the weights where packed) against one prefill-sized step (per-expert
+    products on the dense path)."""
+    coded, dtype = dtype == "coded", torch.bfloat16 if dtype == "coded" else dtype
     torch.manual_seed(0)
-    layer = FusedMoE(8, 64, 48).to(dtype)
+    layer = FusedMoE(8, 64, 64).to(dtype)
     layer.w13.data.normal_(0, 0.1)
     layer.w2.data.normal_(0, 0.1)
+    if coded:
+        from tokenmill.cpu_policy import cpu_has_avx2
+
+        if not cpu_has_avx2():
+            pytest.skip("coded weights need AVX2")
+        layer.pack()
+        assert layer._coded is not None
     x = torch.randn(40, 64, dtype=dtype)
     weights, ids = route(torch.randn(40, 8), 2, renormalize=True)
     native = torch.cat(

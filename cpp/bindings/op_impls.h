@@ -281,10 +281,11 @@ void int4_dequantize(Tensor out, Tensor qweight, Tensor scales, Tensor zeros, in
 // out, x [tokens, hidden]; w13 [experts, 2 * inter, hidden]; w2 [experts,
 // hidden, inter]; topk_weights float32 and topk_ids int32 [tokens, top_k];
 // activation: 0 SiLU, 1 GELU-tanh, 2 GPT-OSS's clamped SwiGLU (alpha, limit).
-template <class B>
-void fused_moe(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids,
-               int64_t activation, std::optional<Tensor> w13_bias, std::optional<Tensor> w2_bias,
-               double swiglu_alpha, double swiglu_limit) {
+inline tokenmill::MoeParams moe_params(Tensor out, Tensor x, Tensor w13, Tensor w2,
+                                       Tensor topk_weights, Tensor topk_ids, int64_t activation,
+                                       std::optional<Tensor> w13_bias,
+                                       std::optional<Tensor> w2_bias, double swiglu_alpha,
+                                       double swiglu_limit) {
   STD_TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
                   "fused_moe: x and out must be 2-D with contiguous rows");
   check_same_dtype(x, out, "out");
@@ -328,8 +329,16 @@ void fused_moe(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights,
     p.swiglu_limit = static_cast<float>(swiglu_limit);
     STD_TORCH_CHECK(p.swiglu_limit > 0.f, "fused_moe: the clamped SwiGLU needs a limit > 0");
   }
-  if (tokens == 0) return;
-  B::fused_moe(x, p);
+  return p;
+}
+
+template <class B>
+void fused_moe(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids,
+               int64_t activation, std::optional<Tensor> w13_bias, std::optional<Tensor> w2_bias,
+               double swiglu_alpha, double swiglu_limit) {
+  const tokenmill::MoeParams p = moe_params(out, x, w13, w2, topk_weights, topk_ids, activation,
+                                            w13_bias, w2_bias, swiglu_alpha, swiglu_limit);
+  if (p.num_tokens > 0) B::fused_moe(x, p);
 }
 
 // The schemas of every op; a library defines them once per namespace.
@@ -369,6 +378,13 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "
       "-> ()");
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
+  m.def(
+      "fused_moe_coded(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
+      "Tensor topk_ids, int activation, Tensor? w13_bias, Tensor? w2_bias, float swiglu_alpha, "
+      "float swiglu_limit, Tensor w13_low, Tensor w13_codes, Tensor w13_table, "
+      "Tensor w13_escape_offsets, Tensor w13_escape_cols, Tensor w13_escape_values, "
+      "Tensor w2_low, Tensor w2_codes, Tensor w2_table, Tensor w2_escape_offsets, "
+      "Tensor w2_escape_cols, Tensor w2_escape_values) -> ()");
   m.def("run_loaded_program(int program, Tensor(a!)[] bound, int[] slots) -> ()");
   m.def("unload_program(int program) -> ()");
   m.def(

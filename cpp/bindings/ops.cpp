@@ -272,12 +272,11 @@ void code_bf16(Tensor weight, Tensor table, Tensor low, Tensor codes, Tensor esc
                  static_cast<int32_t*>(escape_offsets.data_ptr()), cols, values);
 }
 
-// out [m, n] = x [m, k] . w^T (+ bias) over a coded bfloat16 weight w
-// (layout in tokenmill/kernels.h; made by python/tokenmill/layers/coded.py).
-void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
-                  Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
-                  std::optional<Tensor> bias) {
-  using tokenmill::ops::dtype_of;
+// A coded bfloat16 weight [n, k] (layout in tokenmill/kernels.h; made by
+// python/tokenmill/layers/coded.py), checked.
+cpu::CodedBf16 coded_weight(const Tensor& low, const Tensor& codes, const Tensor& table,
+                            const Tensor& escape_offsets, const Tensor& escape_cols,
+                            const Tensor& escape_values) {
   using torch::headeronly::ScalarType;
   const int64_t n = low.size(0), k = low.size(1);
   STD_TORCH_CHECK(
@@ -295,6 +294,24 @@ void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                       escape_cols.numel() == escape_values.numel(),
                   "coded_linear: escapes must be int32 offsets [n + 1], int32 columns and "
                   "float32 values");
+  return {static_cast<const uint8_t*>(low.data_ptr()),
+          static_cast<const uint8_t*>(codes.data_ptr()),
+          static_cast<const uint8_t*>(table.data_ptr()),
+          static_cast<const int32_t*>(escape_offsets.data_ptr()),
+          static_cast<const int32_t*>(escape_cols.data_ptr()),
+          static_cast<const float*>(escape_values.data_ptr()),
+          n,
+          k};
+}
+
+// out [m, n] = x [m, k] . w^T (+ bias) over a coded bfloat16 weight w.
+void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
+                  Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
+                  std::optional<Tensor> bias) {
+  using tokenmill::ops::dtype_of;
+  const cpu::CodedBf16 w =
+      coded_weight(low, codes, table, escape_offsets, escape_cols, escape_values);
+  const int64_t n = w.n, k = w.k;
   STD_TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.stride(1) == 1,
                   "coded_linear: x must be [m, k] with unit stride");
   STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n &&
@@ -304,16 +321,30 @@ void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
     STD_TORCH_CHECK(
         bias->numel() == n && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
         "coded_linear: bias must be contiguous [n] of x's dtype");
-  const cpu::CodedBf16 w{static_cast<const uint8_t*>(low.data_ptr()),
-                         static_cast<const uint8_t*>(codes.data_ptr()),
-                         static_cast<const uint8_t*>(table.data_ptr()),
-                         static_cast<const int32_t*>(escape_offsets.data_ptr()),
-                         static_cast<const int32_t*>(escape_cols.data_ptr()),
-                         static_cast<const float*>(escape_values.data_ptr()),
-                         n,
-                         k};
   cpu::coded_linear(dtype_of(x), out.data_ptr(), x.data_ptr(), w, bias ? bias->data_ptr() : nullptr,
                     x.size(0), x.stride(0), out.stride(0));
+}
+
+// fused_moe over coded copies of w13 viewed as [experts * 2 * inter, hidden]
+// and w2 as [experts * hidden, inter] (w13 and w2 themselves give the shapes).
+void fused_moe_coded(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights,
+                     Tensor topk_ids, int64_t activation, std::optional<Tensor> w13_bias,
+                     std::optional<Tensor> w2_bias, double swiglu_alpha, double swiglu_limit,
+                     Tensor w13_low, Tensor w13_codes, Tensor w13_table, Tensor w13_escape_offsets,
+                     Tensor w13_escape_cols, Tensor w13_escape_values, Tensor w2_low,
+                     Tensor w2_codes, Tensor w2_table, Tensor w2_escape_offsets,
+                     Tensor w2_escape_cols, Tensor w2_escape_values) {
+  const tokenmill::MoeParams p = tokenmill::ops::moe_params(
+      out, x, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, swiglu_alpha,
+      swiglu_limit);
+  const cpu::CodedBf16 c13 = coded_weight(w13_low, w13_codes, w13_table, w13_escape_offsets,
+                                          w13_escape_cols, w13_escape_values);
+  const cpu::CodedBf16 c2 = coded_weight(w2_low, w2_codes, w2_table, w2_escape_offsets,
+                                         w2_escape_cols, w2_escape_values);
+  STD_TORCH_CHECK(c13.n == p.num_experts * 2 * p.inter && c13.k == p.hidden &&
+                      c2.n == p.num_experts * p.hidden && c2.k == p.inter,
+                  "fused_moe_coded: coded weights do not match w13 and w2");
+  if (p.num_tokens > 0) cpu::fused_moe(p, &c13, &c2);
 }
 
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].
@@ -344,6 +375,7 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int4_linear", TORCH_BOX(&tokenmill::ops::int4_linear<Cpu>));
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
   m.impl("fused_moe", TORCH_BOX(&tokenmill::ops::fused_moe<Cpu>));
+  m.impl("fused_moe_coded", TORCH_BOX(&fused_moe_coded));
   m.impl("coded_linear", TORCH_BOX(&coded_linear));
   m.impl("code_bf16", TORCH_BOX(&code_bf16));
   m.impl("load_program", TORCH_BOX(&load_program));

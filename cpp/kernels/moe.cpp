@@ -50,9 +50,15 @@ void add_bias(float* rows, const float* bias, int64_t m, int64_t n) {
     for (int64_t j = 0; j < n; ++j) rows[r * n + j] += bias[j];
 }
 
+// Rows [row0, row0 + n) of a coded weight, as a weight of their own.
+CodedBf16 coded_rows(const CodedBf16& w, int64_t row0, int64_t n) {
+  return {w.low + row0 * w.k, w.codes + row0 * (w.k / 2), w.table, w.escape_offsets + row0,
+          w.escape_cols, w.escape_values, n, w.k};
+}
+
 }  // namespace
 
-void fused_moe(const MoeParams& p) {
+void fused_moe(const MoeParams& p, const CodedBf16* w13_coded, const CodedBf16* w2_coded) {
   if (p.w_dtype == DType::kFloat16)
     throw std::invalid_argument("fused_moe takes float32 or bfloat16 weights");
   const int64_t rows = p.num_tokens * p.top_k, H = p.hidden, I = p.inter, E = p.num_experts;
@@ -85,12 +91,20 @@ void fused_moe(const MoeParams& p) {
     const int64_t r0 = start[e], m = start[e + 1] - r0;
     if (m == 0) continue;
     float* gu = &gate_up[r0 * 2 * I];
-    linear(DType::kFloat32, p.w_dtype, gu, &xs[r0 * H], w13 + e * 2 * I * H * elt, nullptr, m, H,
-           2 * I, H, 2 * I);
+    if (w13_coded)
+      coded_linear(DType::kFloat32, gu, &xs[r0 * H], coded_rows(*w13_coded, e * 2 * I, 2 * I),
+                   nullptr, m, H, 2 * I);
+    else
+      linear(DType::kFloat32, p.w_dtype, gu, &xs[r0 * H], w13 + e * 2 * I * H * elt, nullptr, m,
+             H, 2 * I, H, 2 * I);
     add_bias(gu, p.b13 ? p.b13 + e * 2 * I : nullptr, m, 2 * I);
     gate_rows(p, &h[r0 * I], gu, m);
-    linear(DType::kFloat32, p.w_dtype, &y[r0 * H], &h[r0 * I], w2 + e * H * I * elt, nullptr, m, I,
-           H, I, H);
+    if (w2_coded)
+      coded_linear(DType::kFloat32, &y[r0 * H], &h[r0 * I], coded_rows(*w2_coded, e * H, H),
+                   nullptr, m, I, H);
+    else
+      linear(DType::kFloat32, p.w_dtype, &y[r0 * H], &h[r0 * I], w2 + e * H * I * elt, nullptr, m,
+             I, H, I, H);
     add_bias(&y[r0 * H], p.b2 ? p.b2 + e * H : nullptr, m, H);
   }
   std::vector<float> sum(static_cast<size_t>(H));

@@ -31,7 +31,7 @@ OP_NAMES = (
 )
 
 # Ops that programs do not run.
-OTHER_OPS = ("fused_moe",)
+OTHER_OPS = ("fused_moe", "fused_moe_coded")
 
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)

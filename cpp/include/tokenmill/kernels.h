@@ -71,6 +71,14 @@ void code_bf16(const uint16_t* w, int64_t n, int64_t k, const uint8_t* table, ui
 void coded_linear(DType x_dtype, void* out, const void* x, const CodedBf16& w, const void* bias,
                   int64_t m, int64_t x_stride, int64_t out_stride);
 
+// The MoE MLP of kernel_params.h for float32 or bfloat16 weights. Tokens are
+// grouped by expert and each routed expert's weights are read once for all of
+// its tokens; experts no token routes to are not read. With coded copies of
+// the bfloat16 weights (w13 as [experts * 2 * inter, hidden], w2 as [experts *
+// hidden, inter]) it reads those instead.
+void fused_moe(const MoeParams& p, const CodedBf16* w13_coded = nullptr,
+               const CodedBf16* w2_coded = nullptr);
+
 // The greedy token of one hidden state x[k] over an LM head weight[v, k]
 // (bfloat16 or float32): the first index of the largest x . weight[r]
 // rounded to x_dtype, exactly as linear() and an argmax would pick it, while
@@ -86,10 +94,6 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
 // a NaN counting as larger than any number, as torch.argmax has it.
 void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
 
-// The MoE MLP of kernel_params.h for float32 or bfloat16 weights. Tokens are
-// grouped by expert and each routed expert's weights are read once for all of
-// its tokens; experts no token routes to are not read.
-void fused_moe(const MoeParams& p);
 
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,

@@ -15,6 +15,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.errors import InvalidParameterError, ModelLoadError
 from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.linear import Linear, pack_weights
+from tokenmill.layers.moe import FusedMoE
 from tokenmill.loader.config import ModelConfig, load_config
 from tokenmill.loader.gguf import gguf_to_hf
 from tokenmill.loader.hf import iterate_weights, resolve_model_path
@@ -118,6 +119,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
         move_to_huge_pages(model)
         weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
         pack_weights([*weights, getattr(model, "logits_weight", None)])
+        for module in model.modules():
+            if isinstance(module, FusedMoE):
+                module.pack()
     return model.eval()
 
 

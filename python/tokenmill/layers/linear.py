@@ -44,6 +44,18 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
     _pack_for_onednn([w for w in todo if not hasattr(w, _PACKED)], budget)
 
 
+def code_weights(weights: list[torch.Tensor]) -> None:
+    """Coded copies of bfloat16 CPU weights (see pack_weights) beside them,
+    for layers that call the coded kernels themselves (experts)."""
+    todo = [w for w in weights if w.device.type == "cpu" and can_code(w) and not hasattr(w, _CODED)]
+    if todo:
+        _code(todo, available_memory_bytes() // 2)
+
+
+def coded_form(weight: torch.Tensor) -> CodedWeight | None:
+    return getattr(weight, _CODED, None)
+
+
 def _code(weights: list[torch.Tensor], budget: int) -> int:
     """Codes bfloat16 weights on CPUs with the coded kernel; returns the bytes taken."""
     # Coding holds a copy of each result until all move to huge pages together.

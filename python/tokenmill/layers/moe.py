@@ -11,7 +11,8 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill import distributed
 from tokenmill.errors import UnsupportedModelError
-from tokenmill.layers.linear import linear
+from tokenmill.layers.coded import CodedWeight
+from tokenmill.layers.linear import code_weights, coded_form, linear
 
 # Up to this many tokens a step runs the native kernel, which reads each
 # routed expert once for all of its tokens; more tokens (prefill) multiply
@@ -73,6 +74,16 @@ class FusedMoE(nn.Module):
         self.activation = _ACTIVATIONS[act]
         self.swiglu_alpha, self.swiglu_limit = swiglu or (0.0, 0.0)
         self._loaded: set[tuple] = set()
+        self._coded: tuple[CodedWeight, CodedWeight] | None = None
+
+    def pack(self) -> None:
+        """Coded copies of bfloat16 expert weights for CPU decode steps: w13
+        as [experts * 2 * inter, hidden] rows and w2 as [experts * hidden,
+        inter], three quarters of their bytes (layers/coded.py)."""
+        rows = [self.w13.data.view(-1, self.w13.shape[2]), self.w2.data.view(-1, self.inter)]
+        code_weights(rows)
+        coded = [coded_form(w) for w in rows]
+        self._coded = None if None in coded else tuple(coded)
 
     def load_expert(
         self, expert: int, projection: str, piece: str, tensor: torch.Tensor
@@ -113,11 +124,17 @@ class FusedMoE(nn.Module):
             x.device.type == "cpu" and self.w13.dtype == torch.float16
         )
         if native or _capturing(x):
-            torch.ops.tokenmill.fused_moe(
+            args = (
                 out, x, self.w13, self.w2, weights, ids, self.activation,
                 self._bias(self.w13_bias), self._bias(self.w2_bias),
                 self.swiglu_alpha, self.swiglu_limit,
             )  # fmt: skip
+            if self._coded is not None and x.device.type == "cpu":
+                torch.ops.tokenmill.fused_moe_coded(
+                    *args, *_fields(self._coded[0]), *_fields(self._coded[1])
+                )
+            else:
+                torch.ops.tokenmill.fused_moe(*args)
             return out
         return self._grouped(x, weights, ids)
 
@@ -158,6 +175,17 @@ class FusedMoE(nn.Module):
     @staticmethod
     def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
         return None if bias is None else bias.float()
+
+
+def _fields(coded: CodedWeight) -> list[torch.Tensor]:
+    return [
+        coded.low,
+        coded.codes,
+        coded.table,
+        coded.escape_offsets,
+        coded.escape_cols,
+        coded.escape_values,
+    ]
 
 
 def _opt(bias, e, dtype):
