@@ -71,7 +71,7 @@ def hf_latency(path, prompt, max_tokens, dtype):
 
 def llama_cpp_latency(python, gguf_path, prompt, max_tokens, dtype):
     """llama.cpp on `gguf_path` dequantized to `dtype`, through bench/llama_cpp_runner.py."""
-    from llama_cpp_runner import dequantized_gguf
+    from bench.llama_cpp_runner import dequantized_gguf
 
     runner = os.path.join(os.path.dirname(__file__), "llama_cpp_runner.py")
     with tempfile.TemporaryDirectory() as d:
