@@ -237,7 +237,7 @@ def test_paged_attention_variants(backend, dtype, variant):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128)])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128), (4, 1, 256)])
 @pytest.mark.parametrize("window", [0, 300])
 @pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
 def test_paged_attention_one_long_decode(backend, dtype, heads, window, with_sinks):

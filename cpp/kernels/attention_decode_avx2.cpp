@@ -1,5 +1,5 @@
 // Decode attention (one query token per sequence) with AVX2 + FMA intrinsics,
-// for head sizes 64 and 128 and up to 8 query heads per KV head. Each key and
+// for head sizes 64, 128 and 256 and up to 8 query heads per KV head. Each key and
 // value row is loaded and widened once and used by every head of the group;
 // per-head accumulators live in registers. A long context may be split into
 // parts that threads attend separately and decode_merge then combines.
@@ -301,6 +301,8 @@ bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh0, int kvh1, i
       return dispatch_group<T, 64>(p, seq, kvh0, kvh1, b0, b1, w, partial);
     case 128:
       return dispatch_group<T, 128>(p, seq, kvh0, kvh1, b0, b1, w, partial);
+    case 256:
+      return dispatch_group<T, 256>(p, seq, kvh0, kvh1, b0, b1, w, partial);
     default:
       return false;
   }
@@ -312,7 +314,7 @@ bool decode_fast_path_supported(const PagedAttentionParams& p) {
   const int group = p.num_heads / p.num_kv_heads;
   return cpu_has_avx2_fma() && p.softcap == 0.f && p.alibi_slopes == nullptr &&
          p.sinks == nullptr && group >= 1 &&
-         group <= 8 && (p.head_size == 64 || p.head_size == 128) &&
+         group <= 8 && (p.head_size == 64 || p.head_size == 128 || p.head_size == 256) &&
          p.block_size <= kMaxDecodeBlock &&
          (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16);
 }
