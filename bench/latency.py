@@ -99,9 +99,9 @@ def main():
     gguf_path = resolve_model_path(args.model)
     if args.llama_cpp_python and not gguf_path.endswith(".gguf"):
         ap.error("llama.cpp needs a GGUF model (the default model is one)")
-    path = gguf_to_hf(gguf_path) if gguf_path.endswith(".gguf") else gguf_path
+    path = gguf_to_hf(gguf_path) if gguf_path.endswith(".gguf") else gguf_path  # transformers'
     prompt = load_workload("workload_main.json", 1)[0]["prompt_token_ids"][: args.prompt_len]
-    ttft, tps, step = tokenmill_latency(path, prompt, args.max_tokens, args.dtype)
+    ttft, tps, step = tokenmill_latency(gguf_path, prompt, args.max_tokens, args.dtype)
     rows = [["tokenmill", ttft * 1e3, tps, step * 1e3, 1.0]]
     if not args.no_hf:
         hf_ttft, hf_tps = hf_latency(path, prompt, args.max_tokens, args.dtype)

@@ -35,11 +35,9 @@ def main():
     from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.host_memory import huge_page_empty
-    from tokenmill.loader.gguf import gguf_to_hf
     from tokenmill.loader.hf import resolve_model_path
 
     path = resolve_model_path(args.model)
-    path = gguf_to_hf(path) if path.endswith(".gguf") else path
     engine = LLMEngine(EngineArgs(model=path, dtype=args.dtype, max_model_len=2048))
     steps = args.pairs * args.steps_per_pair + 20
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)

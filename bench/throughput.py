@@ -123,8 +123,8 @@ def main():
     from tokenmill.loader.gguf import gguf_to_hf
     from tokenmill.loader.hf import resolve_model_path
 
-    path = resolve_model_path(args.model)
-    path = gguf_to_hf(path) if path.endswith(".gguf") else path
+    path = resolve_model_path(args.model)  # tokenmill reads GGUF files themselves
+    ref_path = gguf_to_hf(path) if path.endswith(".gguf") else path  # the peers' folder
 
     rows = []
     seconds, out_tokens = run_tokenmill(path, requests, args.dtype, args)
@@ -133,7 +133,7 @@ def main():
     rows.append(["tokenmill", len(requests), seconds, ours, total / seconds, 1.0])
     if args.hf_requests:
         sub = requests[: args.hf_requests]
-        hs, hout = run_hf(path, sub, args.dtype, args.hf_batch_size, args.device)
+        hs, hout = run_hf(ref_path, sub, args.dtype, args.hf_batch_size, args.device)
         htotal = hout + sum(len(r["prompt_token_ids"]) for r in sub)
         rows.append(
             [
@@ -148,7 +148,7 @@ def main():
     if args.vllm_python and not args.synthetic:
         workload = workload_path(args.workload)
         r = run_vllm(
-            args.vllm_python, args.vllm_model or path, workload, args.num_requests, args.dtype
+            args.vllm_python, args.vllm_model or ref_path, workload, args.num_requests, args.dtype
         )
         vout, vs = r["output_tokens"], r["elapsed_s"]
         rows.append(

@@ -101,3 +101,32 @@ def test_fast_tokenizer_matches_transformers(which, tiny_model, request):
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert ours.apply_chat_template(messages, add_generation_prompt=gen) == list(expected)
     assert (ours.eos_token_id, ours.bos_token_id) == (ref.eos_token_id, ref.bos_token_id)
+
+
+@pytest.mark.slow
+def test_gguf_tensors_read_natively_match_transformers(smollm2_path):
+    """The engine reads a GGUF file's tensors itself (names mapped, Llama's
+    q/k permutation undone): exactly the tensors transformers dequantizes."""
+    from safetensors import safe_open
+    from tokenmill.loader.gguf import gguf_metadata
+    from tokenmill.loader.gguf_tensors import GGUFTensors
+    from tokenmill.loader.hf import default_model_path
+
+    gguf_file = default_model_path()
+    ours = dict(GGUFTensors(gguf_file).iterate(load_config(gguf_metadata(gguf_file))))
+    with safe_open(f"{smollm2_path}/model.safetensors", "pt") as ref:
+        assert set(ref.keys()) == set(ours)
+        for name in ref.keys():
+            assert torch.equal(ours[name].float(), ref.get_tensor(name)), name
+
+
+def test_gguf_tensor_without_a_counterpart_is_named(tmp_path):
+    from tokenmill.errors import ModelLoadError
+    from tokenmill.loader.gguf_tensors import GGUFTensors
+
+    tensors = GGUFTensors.__new__(GGUFTensors)
+    tensors.arch = "llama"
+    assert tensors.hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert tensors.hf_name("blk.0.ffn_gate_exps.weight") == "model.layers.0.mlp.experts.gate_exps"
+    with pytest.raises(ModelLoadError, match="blk.0.ssm_conv1d.weight"):
+        tensors.hf_name("blk.0.ssm_conv1d.weight")

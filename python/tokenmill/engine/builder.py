@@ -17,7 +17,8 @@ from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.linear import Linear, pack_weights
 from tokenmill.layers.moe import FusedMoE
 from tokenmill.loader.config import ModelConfig, load_config
-from tokenmill.loader.gguf import gguf_to_hf
+from tokenmill.loader.gguf import gguf_metadata
+from tokenmill.loader.gguf_tensors import GGUFTensors
 from tokenmill.loader.hf import iterate_weights, resolve_model_path
 from tokenmill.models import model_class
 
@@ -28,18 +29,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelSpec:
     """What start-up resolves about a model before building anything."""
 
-    path: str  # a Hugging Face folder
+    path: str  # a Hugging Face folder (for GGUF files: their config and tokenizer)
     hf_config: ModelConfig
     max_model_len: int
     device: torch.device
+    gguf_file: str | None = None  # the weights, where they are a GGUF file's
 
 
 def resolve_model(args: EngineArgs) -> ModelSpec:
     path = resolve_model_path(args.model, args.revision)
+    gguf_file = None
     if path.endswith(".gguf"):
-        path = gguf_to_hf(path)
+        gguf_file, path = path, gguf_metadata(path)
     config = load_config(path)
-    return ModelSpec(path, config, _max_model_len(args, config), resolve_device(args.device))
+    device = resolve_device(args.device)
+    return ModelSpec(path, config, _max_model_len(args, config), device, gguf_file)
 
 
 def _max_model_len(args: EngineArgs, cfg) -> int:
@@ -111,7 +115,12 @@ def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
         for name, buf in list(layer.named_buffers(recurse=False)):
             if name == "cos_sin_cache":
                 layer.cos_sin_cache = buf.float()
-    loaded = model.load_weights(iterate_weights(spec.path))
+    weights = (
+        GGUFTensors(spec.gguf_file).iterate(config)
+        if spec.gguf_file
+        else iterate_weights(spec.path)
+    )
+    loaded = model.load_weights(weights)
     missing = set(dict(model.named_parameters())) - loaded
     if missing:
         raise ModelLoadError(f"checkpoint lacks weights: {sorted(missing)[:8]}")

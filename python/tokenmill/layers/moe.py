@@ -28,6 +28,7 @@ _PROJECTIONS = {
     "w2": ("w2", None),
     "down_proj": ("w2", None),
 }
+_STACKED = {"gate_exps": ("w13", 0), "up_exps": ("w13", 1), "down_exps": ("w2", None)}
 EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -102,9 +103,19 @@ class FusedMoE(nn.Module):
         return {name} if done else set()
 
     def load_tensor(self, piece: str, tensor: torch.Tensor) -> set[str]:
-        """GPT-OSS's stacked tensors: gate_up_proj [experts, hidden, 2 * inter]
-        with gate and up interleaved, down_proj [experts, inter, hidden], and
-        their biases."""
+        """Stacked expert tensors: GGUF's gate_exps and up_exps [experts,
+        inter, hidden] and down_exps [experts, hidden, inter]; GPT-OSS's
+        gate_up_proj [experts, hidden, 2 * inter] with gate and up
+        interleaved, down_proj [experts, inter, hidden], and their biases."""
+        if piece in _STACKED:
+            name, shard = _STACKED[piece]
+            target = getattr(self, name).data
+            if shard is not None:
+                target = target[:, shard * self.inter : (shard + 1) * self.inter]
+            target.copy_(tensor)
+            self._loaded.add((name, "stacked", shard))
+            w13_done = {(n, s) for n, e, s in self._loaded if n == "w13" and e == "stacked"}
+            return {name} if name == "w2" or len(w13_done) == 2 else set()
         if piece in ("gate_up_proj", "gate_up_proj_bias"):
             gate_up = tensor.transpose(1, 2) if piece == "gate_up_proj" else tensor
             target = self.w13 if piece == "gate_up_proj" else self.w13_bias

@@ -1,8 +1,10 @@
-"""GGUF checkpoints, dequantized once into a cached Hugging Face folder.
+"""GGUF checkpoints. The engine reads a GGUF file's tensors in place
+(memory-mapped, `loader/gguf_tensors.py`); its config, tokenizer and chat
+template, which transformers takes tens of seconds to parse from the file's
+metadata, are kept once in a small folder under the tokenmill cache.
 
-Reading a GGUF file's tokenizer and dequantizing its weights takes tens of
-seconds, so the converted folder (config, tokenizer, safetensors) is kept
-under the tokenmill cache and later loads read it directly.
+`gguf_to_hf` writes a full Hugging Face folder, weights dequantized by
+transformers: the reference that tests and peers read.
 """
 
 from __future__ import annotations
@@ -25,37 +27,93 @@ def cache_root() -> str:
     return os.path.join(base, "gguf")
 
 
-def converted_path(gguf_file: str) -> str:
+def _cache_path(gguf_file: str, kind: str) -> str:
     st = os.stat(gguf_file)
     key = hashlib.sha256(
         f"{os.path.abspath(gguf_file)}:{st.st_size}:{st.st_mtime_ns}".encode()
     ).hexdigest()[:16]
     name = os.path.basename(gguf_file).removesuffix(".gguf")
-    return os.path.join(cache_root(), f"{name}-{key}")
+    return os.path.join(cache_root(), f"{name}-{key}{kind}")
 
 
-def gguf_to_hf(gguf_file: str) -> str:
-    """A Hugging Face folder holding the dequantized GGUF checkpoint."""
-    out = converted_path(gguf_file)
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    logger.info("converting %s (first load only)", gguf_file)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def converted_path(gguf_file: str) -> str:
+    return _cache_path(gguf_file, "")
+
+
+def metadata_path(gguf_file: str) -> str:
+    return _cache_path(gguf_file, "-meta")
+
+
+def _hf_config_and_tokenizer(gguf_file: str):
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder, name = os.path.split(os.path.abspath(gguf_file))
     try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF file {gguf_file}: {e}") from e
-    config = model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    config.architectures = [type(model).__name__]
+    if not config.architectures:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")]
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
+    return config, tokenizer
+
+
+def _publish(out: str, write) -> str:
+    """Writes a cache folder through a temporary one, so that readers see it whole."""
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_root())
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(out):
+            raise
+    return out
+
+
+def gguf_metadata(gguf_file: str) -> str:
+    """A folder with the GGUF file's config and tokenizer (no weights)."""
+    out = metadata_path(gguf_file)
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    logger.info("reading the config and tokenizer of %s (first load only)", gguf_file)
+    import torch
+
+    from tokenmill.loader.gguf_tensors import GGUFTensors
+
+    config, tokenizer = _hf_config_and_tokenizer(gguf_file)
+    config.tie_word_embeddings = not GGUFTensors(gguf_file).has("output.weight")
+    config.dtype = torch.float32
+
+    def write(tmp):
+        tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+
+    return _publish(out, write)
+
+
+def gguf_to_hf(gguf_file: str) -> str:
+    """A Hugging Face folder holding the checkpoint as transformers dequantizes it."""
+    out = converted_path(gguf_file)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    logger.info("converting %s with transformers", gguf_file)
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer = _hf_config_and_tokenizer(gguf_file)
+    folder, name = os.path.split(os.path.abspath(gguf_file))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config.architectures = [type(model).__name__]
+    config.tie_word_embeddings = model.config.tie_word_embeddings
     config.dtype = torch.float32
     state = {
         k: v.contiguous()
@@ -63,17 +121,9 @@ def gguf_to_hf(gguf_file: str) -> str:
         if k != "lm_head.weight" or not config.tie_word_embeddings
     }
 
-    os.makedirs(cache_root(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_root())
-    try:
-        from safetensors.torch import save_file
-
+    def write(tmp):
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(out, "model.safetensors")):
-            raise
-    return out
+
+    return _publish(out, write)
