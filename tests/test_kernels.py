@@ -433,6 +433,35 @@ def test_fused_moe_rejects_bad_routing():
         native.fused_moe(torch.empty_like(x), x, w13, w2, torch.ones(2, 1), ids.long(), 0)
 
 
+GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", list(GGUF_TYPES))
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_blocks(backend, qtype, m, dtype):
+    """GGUF block weights as stored: dequantized exactly as the gguf package
+    does, and products against its dequantized weights in float64."""
+    gguf = pytest.importorskip("gguf.quants")
+    if backend[0] == "emulated-gpu" or backend == (native, "cuda"):
+        pytest.skip("GGUF blocks have CPU kernels and the torch composite; no GPU kernel yet")
+    impl, device = backend
+    rng = torch.Generator().manual_seed(m)
+    w = (torch.randn(96, 320, generator=rng) * 0.05).numpy()
+    ggml = GGUF_TYPES[qtype]
+    blocks = gguf.quantize(w, ggml)
+    ref_w = torch.from_numpy(gguf.dequantize(blocks, ggml)).double()
+    q = torch.from_numpy(blocks.copy()).to(device)
+    rows = poisoned((40, 320), torch.float32, device)
+    impl.gguf_dequantize(rows, q, ggml, 50)
+    assert torch.equal(rows.cpu().double(), ref_w[50:90])
+    x = torch.randn(m, 320, generator=rng).to(dtype).to(device)
+    out = poisoned((m, 96), dtype, device)
+    impl.gguf_linear(out, x, q, ggml)
+    assert rel_err(out, x.double().cpu() @ ref_w.t()) < TOL[dtype]
+
+
 def test_ops_reject_bad_dtypes():
     x = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):

@@ -378,6 +378,8 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "
       "-> ()");
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
+  m.def("gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type) -> ()");
+  m.def("gguf_dequantize(Tensor(a!) out, Tensor qweight, int ggml_type, int row_start) -> ()");
   m.def(
       "fused_moe_coded(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
       "Tensor topk_ids, int activation, Tensor? w13_bias, Tensor? w2_bias, float swiglu_alpha, "

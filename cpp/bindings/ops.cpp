@@ -347,6 +347,46 @@ void fused_moe_coded(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_we
   if (p.num_tokens > 0) cpu::fused_moe(p, &c13, &c2);
 }
 
+cpu::GgufWeight gguf_weight(const Tensor& qweight, int64_t ggml_type, int64_t k) {
+  STD_TORCH_CHECK(cpu::gguf_type_supported(ggml_type), "GGUF block type ", ggml_type,
+                  " is not supported");
+  const auto type = static_cast<cpu::GgufType>(ggml_type);
+  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
+                      qweight.dim() == 2 && qweight.is_contiguous() && k % 32 == 0 &&
+                      qweight.size(1) == k / 32 * cpu::gguf_block_bytes(type),
+                  "qweight must be contiguous uint8 [n, k / 32 * block bytes]");
+  return {type, static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1),
+          qweight.size(0), k};
+}
+
+// out float32 [rows, k] = rows row_start.. of a GGUF block weight, dequantized.
+void gguf_dequantize(Tensor out, Tensor qweight, int64_t ggml_type, int64_t row_start) {
+  STD_TORCH_CHECK(out.scalar_type() == torch::headeronly::ScalarType::Float &&
+                      out.is_contiguous() && out.dim() == 2,
+                  "gguf_dequantize: out must be contiguous float32 [rows, k]");
+  const cpu::GgufWeight w = gguf_weight(qweight, ggml_type, out.size(1));
+  STD_TORCH_CHECK(row_start >= 0 && row_start + out.size(0) <= w.n,
+                  "gguf_dequantize: rows outside the weight");
+  cpu::gguf_dequantize(w, static_cast<float*>(out.data_ptr()), row_start,
+                       row_start + out.size(0));
+}
+
+// out [m, n] = x [m, k] . dequant(qweight)^T for up to 16 rows; x and out of one float dtype.
+void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type) {
+  using tokenmill::ops::dtype_of;
+  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= 16,
+                  "gguf_linear: x must be [m <= 16, k] with unit stride");
+  const cpu::GgufWeight w = gguf_weight(qweight, ggml_type, x.size(1));
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.n &&
+                      out.stride(1) == 1 && out.scalar_type() == x.scalar_type(),
+                  "gguf_linear: out must be [m, n] of x's dtype with unit stride");
+  const int64_t m = x.size(0);
+  std::vector<float> xf(static_cast<size_t>(m * w.k)), of(static_cast<size_t>(m * w.n));
+  cpu::rows_to_float(dtype_of(x), xf.data(), x.data_ptr(), m, w.k, x.stride(0), w.k);
+  cpu::gguf_linear(w, xf.data(), m, of.data());
+  cpu::rows_from_float(dtype_of(out), out.data_ptr(), of.data(), m, w.n, out.stride(0), w.n);
+}
+
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].
 void argmax_rows(Tensor out, Tensor x) {
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
@@ -376,6 +416,8 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("int4_dequantize", TORCH_BOX(&tokenmill::ops::int4_dequantize<Cpu>));
   m.impl("fused_moe", TORCH_BOX(&tokenmill::ops::fused_moe<Cpu>));
   m.impl("fused_moe_coded", TORCH_BOX(&fused_moe_coded));
+  m.impl("gguf_linear", TORCH_BOX(&gguf_linear));
+  m.impl("gguf_dequantize", TORCH_BOX(&gguf_dequantize));
   m.impl("coded_linear", TORCH_BOX(&coded_linear));
   m.impl("code_bf16", TORCH_BOX(&code_bf16));
   m.impl("load_program", TORCH_BOX(&load_program));

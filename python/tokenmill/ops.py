@@ -31,7 +31,7 @@ OP_NAMES = (
 )
 
 # Ops that programs do not run.
-OTHER_OPS = ("fused_moe", "fused_moe_coded")
+OTHER_OPS = ("fused_moe", "fused_moe_coded", "gguf_linear", "gguf_dequantize")
 
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)
@@ -53,3 +53,5 @@ rotary_embedding = ops.rotary_embedding
 silu_and_mul = ops.silu_and_mul
 gelu_and_mul = ops.gelu_and_mul
 fused_moe = ops.fused_moe
+gguf_linear = ops.gguf_linear
+gguf_dequantize = ops.gguf_dequantize

@@ -168,3 +168,38 @@ def fused_moe(
             y += w2_bias[e]
         total.index_add_(0, token, y * topk_weights[token, slot, None])
     out.copy_(total.to(out.dtype))
+
+
+# GGUF block formats (ggml type -> (bytes per 32 weights, has a minimum, high bits))
+GGUF_BLOCKS = {2: (18, False, False), 3: (20, True, False), 6: (22, False, True), 7: (24, True, True)}
+GGUF_BLOCKS[8] = (34, False, False)
+
+
+def _gguf_rows(qweight, ggml_type):
+    """float32 [n, k] of GGUF block rows qweight uint8 [n, k / 32 * bytes]."""
+    size, has_min, high_bits = GGUF_BLOCKS[ggml_type]
+    b = qweight.view(qweight.shape[0], -1, size)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()
+    if ggml_type == 8:
+        q = b[..., 2:].contiguous().view(torch.int8).float()
+        return (q * d).flatten(1)
+    m = b[..., 2:4].contiguous().view(torch.float16).float() if has_min else None
+    start = 4 if has_min else 2
+    if high_bits:
+        h = b[..., start : start + 4].contiguous().view(torch.int32)
+        start += 4
+    nib = b[..., start : start + 16].int()
+    q = torch.cat([nib & 15, nib >> 4], dim=-1)
+    if high_bits:
+        shifts = torch.arange(32, device=qweight.device, dtype=torch.int32)
+        q = q | (((h >> shifts) & 1) << 4)
+    offset = m if has_min else -(16.0 if high_bits else 8.0) * d
+    return (q.float() * d + offset).flatten(1)
+
+
+def gguf_dequantize(out, qweight, ggml_type, row_start):
+    out.copy_(_gguf_rows(qweight[row_start : row_start + out.shape[0]], ggml_type))
+
+
+def gguf_linear(out, x, qweight, ggml_type):
+    out.copy_((x.float() @ _gguf_rows(qweight, ggml_type).t()).to(out.dtype))

@@ -95,6 +95,21 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
 void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
 
 
+// GGUF block formats (ggml's type numbers): a weight [n, k] stored as n rows
+// of k / 32 blocks of row_bytes / (k / 32) bytes each.
+enum class GgufType { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
+struct GgufWeight {
+  GgufType type;
+  const uint8_t* data;
+  int64_t row_bytes, n, k;
+};
+bool gguf_type_supported(int64_t ggml_type);
+int64_t gguf_block_bytes(GgufType t);
+// Rows r0..r1 of the weight dequantized into out, float32 [r1 - r0, k].
+void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
+// out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once.
+void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out);
+
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
                    int64_t src_stride, int64_t dst_stride);
