@@ -457,9 +457,17 @@ def test_gguf_blocks(backend, qtype, m, dtype):
     impl.gguf_dequantize(rows, q, ggml, 50)
     assert torch.equal(rows.cpu().double(), ref_w[50:90])
     x = torch.randn(m, 320, generator=rng).to(dtype).to(device)
+    ref = x.double().cpu() @ ref_w.t()
     out = poisoned((m, 96), dtype, device)
     impl.gguf_linear(out, x, q, ggml)
-    assert rel_err(out, x.double().cpu() @ ref_w.t()) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
+    # 8-bit activations (where the CPU has the path): llama.cpp's rounding, ~0.5% per product
+    exact = out.clone()
+    impl.gguf_linear(out, x, q, ggml, True)
+    assert rel_err(out, ref) < 2e-2
+    integer_path = impl is native and qtype in ("Q4_0", "Q4_1", "Q8_0") and "avx2" in _cpu_flags()
+    if integer_path and not os.environ.get("TOKENMILL_DISABLE_AVX2"):
+        assert not torch.equal(out, exact), "the 8-bit path was not taken"
 
 
 def test_ops_reject_bad_dtypes():

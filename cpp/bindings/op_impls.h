@@ -378,7 +378,9 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "
       "-> ()");
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
-  m.def("gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type) -> ()");
+  m.def(
+      "gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type, bool int8_x=False) "
+      "-> ()");
   m.def("gguf_dequantize(Tensor(a!) out, Tensor qweight, int ggml_type, int row_start) -> ()");
   m.def(
       "fused_moe_coded(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "

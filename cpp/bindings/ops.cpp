@@ -372,7 +372,7 @@ void gguf_dequantize(Tensor out, Tensor qweight, int64_t ggml_type, int64_t row_
 }
 
 // out [m, n] = x [m, k] . dequant(qweight)^T for up to 16 rows; x and out of one float dtype.
-void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type) {
+void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type, bool int8_x) {
   using tokenmill::ops::dtype_of;
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= 16,
                   "gguf_linear: x must be [m <= 16, k] with unit stride");
@@ -383,7 +383,7 @@ void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type) {
   const int64_t m = x.size(0);
   std::vector<float> xf(static_cast<size_t>(m * w.k)), of(static_cast<size_t>(m * w.n));
   cpu::rows_to_float(dtype_of(x), xf.data(), x.data_ptr(), m, w.k, x.stride(0), w.k);
-  cpu::gguf_linear(w, xf.data(), m, of.data());
+  cpu::gguf_linear(w, xf.data(), m, of.data(), int8_x);
   cpu::rows_from_float(dtype_of(out), out.data_ptr(), of.data(), m, w.n, out.stride(0), w.n);
 }
 

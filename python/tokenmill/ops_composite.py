@@ -171,7 +171,12 @@ def fused_moe(
 
 
 # GGUF block formats (ggml type -> (bytes per 32 weights, has a minimum, high bits))
-GGUF_BLOCKS = {2: (18, False, False), 3: (20, True, False), 6: (22, False, True), 7: (24, True, True)}
+GGUF_BLOCKS = {
+    2: (18, False, False),
+    3: (20, True, False),
+    6: (22, False, True),
+    7: (24, True, True),
+}
 GGUF_BLOCKS[8] = (34, False, False)
 
 
@@ -201,5 +206,5 @@ def gguf_dequantize(out, qweight, ggml_type, row_start):
     out.copy_(_gguf_rows(qweight[row_start : row_start + out.shape[0]], ggml_type))
 
 
-def gguf_linear(out, x, qweight, ggml_type):
+def gguf_linear(out, x, qweight, ggml_type, int8_x=False):
     out.copy_((x.float() @ _gguf_rows(qweight, ggml_type).t()).to(out.dtype))

@@ -107,8 +107,10 @@ bool gguf_type_supported(int64_t ggml_type);
 int64_t gguf_block_bytes(GgufType t);
 // Rows r0..r1 of the weight dequantized into out, float32 [r1 - r0, k].
 void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
-// out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once.
-void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out);
+// out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once:
+// exactly, or (int8_x, where this CPU has the path) with x quantized to int8 per 32
+// values and integer dot products, as llama.cpp computes them.
+void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out, bool int8_x);
 
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
