@@ -31,7 +31,8 @@ __global__ void moe_gate_up_kernel(MoeParams p, float* __restrict__ h) {
   if (i >= p.inter) return;
   const int e = p.topk_ids[row];
   const TX* x = static_cast<const TX*>(p.x) + (row / p.top_k) * p.x_stride;
-  const TW* wg = static_cast<const TW*>(p.w13) + (static_cast<int64_t>(e) * 2 * p.inter + i) * p.hidden;
+  const TW* wg =
+      static_cast<const TW*>(p.w13) + (static_cast<int64_t>(e) * 2 * p.inter + i) * p.hidden;
   const TW* wu = wg + p.inter * p.hidden;
   float gate = 0.f, up = 0.f;
   for (int64_t k = lane; k < p.hidden; k += kWarpSize) {
@@ -74,17 +75,14 @@ __global__ void moe_down_kernel(MoeParams p, const float* __restrict__ h) {
 template <class F>
 const char* dispatch_pair(DType x, DType w, F&& f) {
   const char* err = nullptr;
-  const char* inner = dispatch_dtype(x, [&](auto xt) {
-    err = dispatch_dtype(w, [&](auto wt) { f(xt, wt); });
-  });
+  const char* inner =
+      dispatch_dtype(x, [&](auto xt) { err = dispatch_dtype(w, [&](auto wt) { f(xt, wt); }); });
   return inner ? inner : err;
 }
 
 }  // namespace
 
-int64_t fused_moe_workspace_floats(const MoeParams& p) {
-  return p.num_tokens * p.top_k * p.inter;
-}
+int64_t fused_moe_workspace_floats(const MoeParams& p) { return p.num_tokens * p.top_k * p.inter; }
 
 const char* fused_moe(const MoeParams& p, float* workspace, void* stream) {
   if (p.num_tokens == 0) return nullptr;

@@ -212,9 +212,8 @@ void launch(const PagedAttentionParams& p, int64_t num_tokens, tmStream_t stream
 bool prefill_attention_fits(const PagedAttentionParams& p, int64_t num_tokens) {
   // Attention sinks take the general kernel.
   return num_tokens > p.num_seqs && device_has_tensor_cores() && p.dtype != DType::kFloat32 &&
-         p.sinks == nullptr &&
-         p.head_size % 16 == 0 && p.head_size <= kMaxHead && p.num_kv_heads > 0 &&
-         p.num_heads % p.num_kv_heads == 0;
+         p.sinks == nullptr && p.head_size % 16 == 0 && p.head_size <= kMaxHead &&
+         p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0;
 }
 
 const char* prefill_attention(const PagedAttentionParams& p, int64_t num_tokens, void* stream) {

@@ -312,8 +312,8 @@ inline tokenmill::MoeParams moe_params(Tensor out, Tensor x, Tensor w13, Tensor 
                     "fused_moe: biases must be contiguous float32 [experts, outputs]");
     return static_cast<const float*>(b->data_ptr());
   };
-  tokenmill::MoeParams p{dtype_of(x), dtype_of(w13), out.data_ptr(), x.data_ptr(), out.stride(0),
-                         x.stride(0), w13.data_ptr(), w2.data_ptr()};
+  tokenmill::MoeParams p{dtype_of(x),   dtype_of(w13), out.data_ptr(), x.data_ptr(),
+                         out.stride(0), x.stride(0),   w13.data_ptr(), w2.data_ptr()};
   p.b13 = bias(w13_bias, experts * 2 * inter);
   p.b2 = bias(w2_bias, experts * hidden);
   p.topk_weights = static_cast<const float*>(topk_weights.data_ptr());

@@ -334,13 +334,13 @@ void fused_moe_coded(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_we
                      Tensor w13_escape_cols, Tensor w13_escape_values, Tensor w2_low,
                      Tensor w2_codes, Tensor w2_table, Tensor w2_escape_offsets,
                      Tensor w2_escape_cols, Tensor w2_escape_values) {
-  const tokenmill::MoeParams p = tokenmill::ops::moe_params(
-      out, x, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, swiglu_alpha,
-      swiglu_limit);
+  const tokenmill::MoeParams p =
+      tokenmill::ops::moe_params(out, x, w13, w2, topk_weights, topk_ids, activation, w13_bias,
+                                 w2_bias, swiglu_alpha, swiglu_limit);
   const cpu::CodedBf16 c13 = coded_weight(w13_low, w13_codes, w13_table, w13_escape_offsets,
                                           w13_escape_cols, w13_escape_values);
-  const cpu::CodedBf16 c2 = coded_weight(w2_low, w2_codes, w2_table, w2_escape_offsets,
-                                         w2_escape_cols, w2_escape_values);
+  const cpu::CodedBf16 c2 =
+      coded_weight(w2_low, w2_codes, w2_table, w2_escape_offsets, w2_escape_cols, w2_escape_values);
   STD_TORCH_CHECK(c13.n == p.num_experts * 2 * p.inter && c13.k == p.hidden &&
                       c2.n == p.num_experts * p.hidden && c2.k == p.inter,
                   "fused_moe_coded: coded weights do not match w13 and w2");
@@ -355,8 +355,8 @@ cpu::GgufWeight gguf_weight(const Tensor& qweight, int64_t ggml_type, int64_t k)
                       qweight.dim() == 2 && qweight.is_contiguous() && k % 32 == 0 &&
                       qweight.size(1) == k / 32 * cpu::gguf_block_bytes(type),
                   "qweight must be contiguous uint8 [n, k / 32 * block bytes]");
-  return {type, static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1),
-          qweight.size(0), k};
+  return {type, static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1), qweight.size(0),
+          k};
 }
 
 // out float32 [rows, k] = rows row_start.. of a GGUF block weight, dequantized.
@@ -367,8 +367,7 @@ void gguf_dequantize(Tensor out, Tensor qweight, int64_t ggml_type, int64_t row_
   const cpu::GgufWeight w = gguf_weight(qweight, ggml_type, out.size(1));
   STD_TORCH_CHECK(row_start >= 0 && row_start + out.size(0) <= w.n,
                   "gguf_dequantize: rows outside the weight");
-  cpu::gguf_dequantize(w, static_cast<float*>(out.data_ptr()), row_start,
-                       row_start + out.size(0));
+  cpu::gguf_dequantize(w, static_cast<float*>(out.data_ptr()), row_start, row_start + out.size(0));
 }
 
 // out [m, n] = x [m, k] . dequant(qweight)^T for up to 16 rows; x and out of one float dtype.

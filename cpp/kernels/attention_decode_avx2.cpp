@@ -313,8 +313,8 @@ bool dispatch_head(const PagedAttentionParams& p, int seq, int kvh0, int kvh1, i
 bool decode_fast_path_supported(const PagedAttentionParams& p) {
   const int group = p.num_heads / p.num_kv_heads;
   return cpu_has_avx2_fma() && p.softcap == 0.f && p.alibi_slopes == nullptr &&
-         p.sinks == nullptr && group >= 1 &&
-         group <= 8 && (p.head_size == 64 || p.head_size == 128 || p.head_size == 256) &&
+         p.sinks == nullptr && group >= 1 && group <= 8 &&
+         (p.head_size == 64 || p.head_size == 128 || p.head_size == 256) &&
          p.block_size <= kMaxDecodeBlock &&
          (p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16);
 }

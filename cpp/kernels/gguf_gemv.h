@@ -10,9 +10,9 @@ namespace tokenmill::cpu {
 
 // Activation rows quantized per 32 values: q = round(x / d) with d = max|x| / 127.
 struct Q8Rows {
-  std::vector<int8_t> q;    // [m, k]
-  std::vector<float> d;     // [m, k / 32]
-  std::vector<int32_t> s;   // [m, k / 32]: the sum of each block's q
+  std::vector<int8_t> q;   // [m, k]
+  std::vector<float> d;    // [m, k / 32]
+  std::vector<int32_t> s;  // [m, k / 32]: the sum of each block's q
   int64_t m = 0, blocks = 0;
 };
 

@@ -52,8 +52,14 @@ void add_bias(float* rows, const float* bias, int64_t m, int64_t n) {
 
 // Rows [row0, row0 + n) of a coded weight, as a weight of their own.
 CodedBf16 coded_rows(const CodedBf16& w, int64_t row0, int64_t n) {
-  return {w.low + row0 * w.k, w.codes + row0 * (w.k / 2), w.table, w.escape_offsets + row0,
-          w.escape_cols, w.escape_values, n, w.k};
+  return {w.low + row0 * w.k,
+          w.codes + row0 * (w.k / 2),
+          w.table,
+          w.escape_offsets + row0,
+          w.escape_cols,
+          w.escape_values,
+          n,
+          w.k};
 }
 
 }  // namespace
@@ -95,8 +101,8 @@ void fused_moe(const MoeParams& p, const CodedBf16* w13_coded, const CodedBf16* 
       coded_linear(DType::kFloat32, gu, &xs[r0 * H], coded_rows(*w13_coded, e * 2 * I, 2 * I),
                    nullptr, m, H, 2 * I);
     else
-      linear(DType::kFloat32, p.w_dtype, gu, &xs[r0 * H], w13 + e * 2 * I * H * elt, nullptr, m,
-             H, 2 * I, H, 2 * I);
+      linear(DType::kFloat32, p.w_dtype, gu, &xs[r0 * H], w13 + e * 2 * I * H * elt, nullptr, m, H,
+             2 * I, H, 2 * I);
     add_bias(gu, p.b13 ? p.b13 + e * 2 * I : nullptr, m, 2 * I);
     gate_rows(p, &h[r0 * I], gu, m);
     if (w2_coded)
