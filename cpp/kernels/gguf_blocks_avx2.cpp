@@ -36,25 +36,25 @@ TM_GGUF inline __m256 dot_us(__m256i u, __m256i s) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// Block b of a row against activation row i: the product's 8 float lanes
-// (scaled) and, for offset formats, the offset's share (a scalar).
+// acc + block b of a row against activation row i, in 8 float lanes; for
+// offset formats, the offset's share goes to `extra`.
 template <GgufType T>
-TM_GGUF inline __m256 block_dot(const uint8_t* blk, const Q8Rows& x, int64_t i, int64_t b,
-                                int64_t k, float& extra) {
+TM_GGUF inline __m256 block_dot(__m256 acc, const uint8_t* blk, const Q8Rows& x, int64_t i,
+                                int64_t b, int64_t k, float& extra) {
   const float d = half_at(blk), dx = x.d[i * x.blocks + b];
   const __m256i xs =
       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + i * k + b * 32));
   if constexpr (T == GgufType::kQ8_0) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    return _mm256_mul_ps(dot_us(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xs, q)),
-                         _mm256_set1_ps(d * dx));
+    return _mm256_fmadd_ps(dot_us(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xs, q)),
+                           _mm256_set1_ps(d * dx), acc);
   } else {
     constexpr bool kMin = T == GgufType::kQ4_1;
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kMin ? 4 : 2)));
     const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
                                        _mm256_set1_epi8(0x0f));  // weights 0-15, then 16-31
     extra += (kMin ? half_at(blk + 2) : -8.f * d) * dx * static_cast<float>(x.s[i * x.blocks + b]);
-    return _mm256_mul_ps(dot_us(q, xs), _mm256_set1_ps(d * dx));
+    return _mm256_fmadd_ps(dot_us(q, xs), _mm256_set1_ps(d * dx), acc);
   }
 }
 
@@ -72,10 +72,9 @@ TM_GGUF void rows_typed(const GgufWeight& w, const Q8Rows& x, float* out, int64_
       int64_t b = 0;
       for (; b + 4 <= blocks; b += 4)
         for (int u = 0; u < 4; ++u)
-          acc[u] = _mm256_add_ps(acc[u],
-                                 block_dot<T>(row + (b + u) * bytes, x, i, b + u, w.k, extra[u]));
+          acc[u] = block_dot<T>(acc[u], row + (b + u) * bytes, x, i, b + u, w.k, extra[u]);
       for (; b < blocks; ++b)
-        acc[0] = _mm256_add_ps(acc[0], block_dot<T>(row + b * bytes, x, i, b, w.k, extra[0]));
+        acc[0] = block_dot<T>(acc[0], row + b * bytes, x, i, b, w.k, extra[0]);
       const __m256 sum =
           _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
       out[i * w.n + j] = hsum(sum) + (extra[0] + extra[1]) + (extra[2] + extra[3]);
