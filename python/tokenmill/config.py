@@ -38,7 +38,16 @@ class EngineArgs:
     )
     tokenizer: str | None = _arg("tokenizer id or folder, if not the model's", default=None)
     revision: str | None = _arg("model revision on the hub", default=None)
-    dtype: str = _arg("auto, float32, bfloat16 or float16", default="auto")
+    dtype: str = _arg(
+        "auto, float32, bfloat16 or float16 (for GGUF files: of the activations and unquantized tensors)",
+        default="auto",
+    )
+    gguf_blocks: bool = _arg(
+        "run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensors as stored (8-bit activations, as "
+        "llama.cpp): a third of bfloat16's weight memory, decode on par, prefill slower for now; "
+        "by default they load dequantized to dtype",
+        default=False,
+    )
     device: str = _arg("auto, cpu, cuda or xpu", default="auto")
     max_model_len: int | None = _arg("context length (default: the model's)", default=None)
     max_num_seqs: int = _arg("most sequences in one step", default=256)

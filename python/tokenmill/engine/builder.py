@@ -42,6 +42,8 @@ def resolve_model(args: EngineArgs) -> ModelSpec:
     if path.endswith(".gguf"):
         gguf_file, path = path, gguf_metadata(path)
     config = load_config(path)
+    if gguf_file and args.gguf_blocks:
+        config.quantization_config = {"quant_method": "gguf"}
     device = resolve_device(args.device)
     return ModelSpec(path, config, _max_model_len(args, config), device, gguf_file)
 
@@ -115,8 +117,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
         for name, buf in list(layer.named_buffers(recurse=False)):
             if name == "cos_sin_cache":
                 layer.cos_sin_cache = buf.float()
+    blocks = getattr(config, "quantization_config", None) == {"quant_method": "gguf"}
     weights = (
-        GGUFTensors(spec.gguf_file).iterate(config)
+        GGUFTensors(spec.gguf_file).iterate(config, blocks)
         if spec.gguf_file
         else iterate_weights(spec.path)
     )

@@ -35,6 +35,7 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.cpu_policy import INT4_SMALL_M, TILE_ROWS
 from tokenmill.errors import UnsupportedModelError
+from tokenmill.layers.gguf_linear import GGUFLinear
 from tokenmill.layers.linear import Linear, MergedLinear, shard_offsets
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -53,6 +54,8 @@ class QuantConfig:
         if not qc:
             return None
         method = str(qc.get("quant_method", "")).lower()
+        if method == "gguf":  # GGUF files: block types per tensor, known as they load
+            return cls("gguf", 0, 0)
         supported = (
             "GPTQ and AWQ (GEMM) checkpoints with bits=4 and group_size -1 or a multiple of 32"
         )
@@ -295,10 +298,14 @@ def make_linear(in_features: int, out_features: int, bias: bool, quant=None) -> 
     """A plain or a 4-bit linear layer, as the checkpoint's quantization config says."""
     if quant is None:
         return Linear(in_features, out_features, bias=bias)
+    if quant.method == "gguf":
+        return GGUFLinear(in_features, {None: out_features}, bias)
     return Int4Linear(in_features, {None: out_features}, bias, quant)
 
 
 def make_merged_linear(in_features: int, out_sizes: dict, bias: bool, quant=None) -> nn.Module:
     if quant is None:
         return MergedLinear(in_features, out_sizes, bias=bias)
+    if quant.method == "gguf":
+        return GGUFLinear(in_features, out_sizes, bias)
     return Int4Linear(in_features, out_sizes, bias, quant)

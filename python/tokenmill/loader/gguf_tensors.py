@@ -12,10 +12,12 @@ import re
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.gguf_linear import GGUFBlocks
 from tokenmill.loader.gguf_file import GGUFFile
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -87,8 +89,9 @@ class GGUFTensors:
             return f"model.layers.{layer}.{target}" + ("" if piece == "weight" else "_bias")
         return f"model.layers.{layer}.{target}.{piece}"
 
-    def iterate(self, config) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, float32 or 16-bit tensor) for every tensor of the file."""
+    def iterate(self, config, blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor) for every tensor of the file: float32 or
+        float16, or with `blocks` quantized tensors as GGUFBlocks."""
         from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
@@ -98,6 +101,10 @@ class GGUFTensors:
                 continue
             qtype = Q(t.qtype)
             array = self.file.data(t)
+            if blocks and qtype not in (Q.F32, Q.F16) and len(t.shape) == 2:
+                data = GGUFBlocks(_tensor(array), int(qtype), t.shape[1])
+                yield name, self._undo_conversion(t.name, data, config)
+                continue
             if qtype not in (Q.F32, Q.F16):
                 try:
                     array = dequantize(array, qtype).reshape(t.shape)
@@ -105,22 +112,27 @@ class GGUFTensors:
                     raise ModelLoadError(
                         f"GGUF tensor {t.name} has type {qtype.name}, which tokenmill cannot read"
                     ) from e
-            with warnings.catch_warnings():  # read-only mapped data, only ever read
-                warnings.simplefilter("ignore", UserWarning)
-                tensor = torch.from_numpy(array)
-            yield name, self._undo_conversion(t.name, tensor, config)
+            yield name, self._undo_conversion(t.name, _tensor(array), config)
 
-    def _undo_conversion(self, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    def _undo_conversion(self, name: str, tensor, config):
         if self.arch in _GEMMA and name.endswith("norm.weight"):
             return tensor - 1
         if self.arch in ("llama", "granite") and re.search(r"\.attn_[qk]\.weight$", name):
             heads = config.num_attention_heads
             if ".attn_k." in name:
                 heads = getattr(config, "num_key_value_heads", None) or heads
+            if isinstance(tensor, GGUFBlocks):  # whole rows of blocks move
+                return GGUFBlocks(_unpermute(tensor.data, heads), tensor.ggml_type, tensor.k)
             return _unpermute(tensor, heads)
         if name.endswith("ffn_gate_inp_shexp.weight"):
             return tensor.reshape(1, -1)
         return tensor
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only mapped data, only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

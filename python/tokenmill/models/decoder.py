@@ -13,6 +13,7 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill import distributed
 from tokenmill.layers.attention import Attention, AttentionMetadata, PagedAttention
+from tokenmill.layers.gguf_linear import GGUFBlocks, GGUFLinear
 from tokenmill.layers.moe import EXPERT_TENSOR
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.quantization import Int4Linear
@@ -151,6 +152,8 @@ class CausalLM(nn.Module):
             for old, new in self.renames.items():
                 name = name.replace(old, new)
             expert = EXPERT_TENSOR.match(name)
+            if expert and isinstance(tensor, GGUFBlocks):
+                tensor = tensor.dequantize()
             if expert:  # one expert's projection, into the layer's stacked weights
                 experts, index, projection, piece = expert.groups()
                 module = self.get_submodule(experts)
@@ -167,6 +170,8 @@ class CausalLM(nn.Module):
                 module = self.get_submodule(module_name)
             except AttributeError:
                 raise KeyError(f"unexpected checkpoint tensor {name}") from None
+            if isinstance(tensor, GGUFBlocks) and not isinstance(module, GGUFLinear):
+                tensor = tensor.dequantize()  # layers that keep floats (embeddings, routers)
             if hasattr(module, "load_tensor"):  # stacked expert tensors (GPT-OSS)
                 loaded |= {f"{module_name}.{n}" for n in module.load_tensor(piece, tensor)}
                 continue
@@ -174,7 +179,9 @@ class CausalLM(nn.Module):
             for shard_id, part in pieces or [(shard, tensor)]:
                 loaded |= self._load_piece(module, module_name, piece, shard_id, part, params)
         for module_name, module in self.named_modules():
-            if isinstance(module, Int4Linear) and module.loaded_shards != set(module.shards):
+            if isinstance(module, (Int4Linear, GGUFLinear)) and module.loaded_shards != set(
+                module.shards
+            ):
                 raise KeyError(f"quantized weights of {module_name} are incomplete")
         # A tied weight is loaded under either name; report the one named_parameters() gives.
         canonical = {id(p): n for n, p in self.named_parameters()}
@@ -184,6 +191,9 @@ class CausalLM(nn.Module):
         if distributed.tp().world > 1 and hasattr(module, "tp_shard"):
             tensor = module.tp_shard(piece, shard, tensor)
         target = f"{module_name}.{piece}"
+        if isinstance(module, GGUFLinear):
+            module.load_shard(piece, shard, tensor)
+            return {target}
         if isinstance(module, Int4Linear):
             module.load_shard(piece, shard, tensor)
             return {target} if piece == "bias" else set()
@@ -204,6 +214,8 @@ def _fused_pieces(module, name: str, piece: str, tensor: torch.Tensor):
         return None
     if isinstance(module, Int4Linear):
         raise KeyError(f"fused quantized projection {name} is not supported")
+    if isinstance(tensor, GGUFBlocks):
+        return list(zip(module.shards, tensor.split(module.checkpoint_sizes), strict=True))
     return list(zip(module.shards, tensor.split(module.checkpoint_sizes), strict=True))
 
 

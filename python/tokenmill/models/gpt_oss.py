@@ -39,7 +39,8 @@ class GptOssForCausalLM(CausalLM):
     renames = {".self_attn.sinks": ".self_attn.attn.sinks"}
 
     def __init__(self, config, max_positions: int):
-        if getattr(config, "quantization_config", None):
+        quant = getattr(config, "quantization_config", None) or {}
+        if quant.get("quant_method") == "mxfp4":
             raise UnsupportedModelError(
                 "GPT-OSS's MXFP4 checkpoints are not supported yet; use its bfloat16 weights"
             )

@@ -1,0 +1,111 @@
+"""Linear layers over GGUF block weights, kept as the file stores them.
+
+Decode-sized batches (up to 16 rows) multiply the blocks directly
+(`gguf_linear`, with activations quantized to int8 per 32 values as
+llama.cpp does); larger ones dequantize tiles of rows into a reused buffer
+for the BLAS. Block types without a kernel, and merged layers whose shards
+differ in type, are dequantized once at load into the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
+from tokenmill.cpu_policy import TILE_ROWS
+from tokenmill.layers.linear import linear, shard_offsets
+
+KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+DECODE_ROWS = 16
+
+
+@dataclass
+class GGUFBlocks:
+    """A quantized GGUF tensor [n, k] as stored: n rows of k / 32 blocks."""
+
+    data: torch.Tensor  # uint8 [n, row bytes]
+    ggml_type: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.k)
+
+    def rows(self, start: int, end: int) -> GGUFBlocks:
+        return GGUFBlocks(self.data[start:end], self.ggml_type, self.k)
+
+    def split(self, sizes: list[int]) -> list[GGUFBlocks]:
+        return [GGUFBlocks(d, self.ggml_type, self.k) for d in self.data.split(sizes)]
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(self.data.numpy(), self.ggml_type).reshape(self.shape))
+
+
+class GGUFLinear(nn.Module):
+    """x @ W.T (+ bias) for W given in shards (one for a plain projection,
+    several for merged ones) of GGUF blocks or float tensors."""
+
+    def __init__(self, in_features: int, out_sizes: dict, bias: bool):
+        super().__init__()
+        self.in_features = in_features
+        self.shards = shard_offsets(out_sizes)
+        self.out_features = sum(out_sizes.values())
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        self.dtype = torch.get_default_dtype()  # of a dequantized fallback
+        self.pending: dict = {}
+        self.loaded_shards: set = set()
+        self.qweight: torch.Tensor | None = None
+        self.ggml_type = 0
+        self.weight: torch.Tensor | None = None
+
+    def load_shard(self, piece: str, shard, tensor) -> None:
+        offset, size = self.shards[shard]
+        if piece == "bias":
+            self.bias.data[offset : offset + size].copy_(tensor)
+            return
+        if tuple(tensor.shape) != (size, self.in_features):
+            raise ValueError(
+                f"GGUF tensor of shape {tuple(tensor.shape)} for a [{size}, {self.in_features}] shard"
+            )
+        self.pending[shard] = tensor
+        self.loaded_shards.add(shard)
+        if self.loaded_shards == set(self.shards):
+            self._finish()
+
+    def _finish(self) -> None:
+        parts = [self.pending[s] for s in self.shards]
+        types = {p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts}
+        if len(types) == 1 and types <= KERNEL_TYPES:
+            self.qweight = torch.cat([p.data for p in parts]).contiguous()
+            self.ggml_type = types.pop()
+        else:
+            floats = [p.dequantize() if isinstance(p, GGUFBlocks) else p for p in parts]
+            self.weight = torch.cat(floats).to(self.dtype).contiguous()
+        self.pending = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            return linear(x, self.weight, self.bias)
+        if x.shape[0] <= DECODE_ROWS:
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+            torch.ops.tokenmill.gguf_linear(out, x.contiguous(), self.qweight, self.ggml_type, True)
+        else:
+            out = self._tiled(x)
+        return out if self.bias is None else out.add_(self.bias.to(out.dtype))
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles of dequantized rows, each multiplied by the BLAS as it is made."""
+        xf = x.float()
+        out = torch.empty(x.shape[0], self.out_features)
+        tile = torch.empty(min(TILE_ROWS, self.out_features), self.in_features)
+        for n0 in range(0, self.out_features, TILE_ROWS):
+            n1 = min(self.out_features, n0 + TILE_ROWS)
+            rows = tile[: n1 - n0]
+            torch.ops.tokenmill.gguf_dequantize(rows, self.qweight, self.ggml_type, n0)
+            torch.mm(xf, rows.t(), out=out[:, n0:n1])
+        return out.to(x.dtype)
