@@ -22,10 +22,10 @@ VOCAB = 49152  # the default model's tokenizer detokenizes the outputs
 
 
 def default_tokenizer() -> str:
-    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.gguf import gguf_metadata
     from tokenmill.loader.hf import default_model_path
 
-    return gguf_to_hf(default_model_path())
+    return gguf_metadata(default_model_path())
 
 
 def build(path: str, args, moe: bool) -> str:

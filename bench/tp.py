@@ -20,7 +20,7 @@ def build_model(folder: str) -> str:
     import shutil
 
     import torch
-    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.gguf import gguf_metadata
     from tokenmill.loader.hf import default_model_path
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +36,7 @@ def build_model(folder: str) -> str:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    tok = gguf_to_hf(default_model_path())
+    tok = gguf_metadata(default_model_path())  # the default model's tokenizer
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok, f), folder)
     return folder

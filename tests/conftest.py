@@ -72,6 +72,19 @@ _BASE = dict(
     max_position_embeddings=512,
 )
 
+
+def _longrope(original_max_position_embeddings: int) -> dict:
+    """Phi-3's LongRoPE over 6 frequencies (partial rotary 0.75 of 16)."""
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+        "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
+        "original_max_position_embeddings": original_max_position_embeddings,
+        "partial_rotary_factor": 0.75,
+    }
+
+
 TINY_CONFIGS = {
     "llama": dict(
         _BASE,
@@ -142,28 +155,14 @@ TINY_CONFIGS = {
         max_position_embeddings=64,
         original_max_position_embeddings=64,
         partial_rotary_factor=0.75,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
-            "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
-            "original_max_position_embeddings": 64,
-            "partial_rotary_factor": 0.75,
-        },
+        rope_parameters=_longrope(original_max_position_embeddings=64),
     ),
     # Long context (max_model_len past the original context): the long factors throughout.
     "phi3_long": dict(
         _BASE,
         cls="Phi3Config",
         partial_rotary_factor=0.75,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
-            "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
-            "original_max_position_embeddings": 16,
-            "partial_rotary_factor": 0.75,
-        },
+        rope_parameters=_longrope(original_max_position_embeddings=16),
     ),
     "granite": dict(
         _BASE,

@@ -16,6 +16,7 @@ from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.cpu_policy import TILE_ROWS
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import linear, shard_offsets
 
 KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
@@ -41,9 +42,19 @@ class GGUFBlocks:
         return [GGUFBlocks(d, self.ggml_type, self.k) for d in self.data.split(sizes)]
 
     def dequantize(self) -> torch.Tensor:
-        from gguf.quants import dequantize
+        return dequantize_gguf(self.data.numpy(), self.ggml_type, self.shape)
 
-        return torch.from_numpy(dequantize(self.data.numpy(), self.ggml_type).reshape(self.shape))
+
+def dequantize_gguf(data, ggml_type: int, shape, name: str = "a tensor") -> torch.Tensor:
+    """float32 values of GGUF blocks (any type the gguf package reads)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        return torch.from_numpy(dequantize(data, ggml_type).reshape(shape))
+    except NotImplementedError as e:
+        kind = GGMLQuantizationType(ggml_type).name
+        raise ModelLoadError(f"GGUF {name} has type {kind}, which tokenmill cannot read") from e
 
 
 class GGUFLinear(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill import distributed
 from tokenmill.errors import UnsupportedModelError
+from tokenmill.layers.activation import GatedActivation
 from tokenmill.layers.coded import CodedWeight
 from tokenmill.layers.linear import code_weights, coded_form, linear
 
@@ -73,6 +74,7 @@ class FusedMoE(nn.Module):
         self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * inter)) if bias else None
         self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None
         self.activation = _ACTIVATIONS[act]
+        self.gated = None if act == "swiglu_oai" else GatedActivation(act)
         self.swiglu_alpha, self.swiglu_limit = swiglu or (0.0, 0.0)
         self._loaded: set[tuple] = set()
         self._coded: tuple[CodedWeight, CodedWeight] | None = None
@@ -169,19 +171,14 @@ class FusedMoE(nn.Module):
         return total.to(x.dtype)
 
     def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up[:, : self.inter], gate_up[:, self.inter :]
-        if self.activation == 2:
-            gate = gate.float().clamp(max=self.swiglu_limit)
-            up = up.float().clamp(-self.swiglu_limit, self.swiglu_limit)
-            return ((up + 1) * gate * torch.sigmoid(self.swiglu_alpha * gate)).to(gate_up.dtype)
-        out = torch.empty_like(up)
-        op = (
-            torch.ops.tokenmill.silu_and_mul
-            if self.activation == 0
-            else torch.ops.tokenmill.gelu_and_mul
+        if self.gated is not None:
+            return self.gated(gate_up)
+        gate, up = gate_up[:, : self.inter].float(), gate_up[:, self.inter :].float()
+        gate, up = (
+            gate.clamp(max=self.swiglu_limit),
+            up.clamp(-self.swiglu_limit, self.swiglu_limit),
         )
-        op(out, gate_up, *(() if self.activation == 0 else (True,)))
-        return out
+        return ((up + 1) * gate * torch.sigmoid(self.swiglu_alpha * gate)).to(gate_up.dtype)
 
     @staticmethod
     def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:

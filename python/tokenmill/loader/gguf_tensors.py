@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.gguf_linear import GGUFBlocks
+from tokenmill.layers.gguf_linear import GGUFBlocks, dequantize_gguf
 from tokenmill.loader.gguf_file import GGUFFile
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -93,7 +93,6 @@ class GGUFTensors:
         """(Hugging Face name, tensor) for every tensor of the file: float32 or
         float16, or with `blocks` quantized tensors as GGUFBlocks."""
         from gguf import GGMLQuantizationType as Q
-        from gguf.quants import dequantize
 
         for t in tqdm(self.file.tensors, desc="Loading GGUF tensors", unit="tensor", leave=False):
             name = self.hf_name(t.name)
@@ -105,14 +104,12 @@ class GGUFTensors:
                 data = GGUFBlocks(_tensor(array), int(qtype), t.shape[1])
                 yield name, self._undo_conversion(t.name, data, config)
                 continue
-            if qtype not in (Q.F32, Q.F16):
-                try:
-                    array = dequantize(array, qtype).reshape(t.shape)
-                except NotImplementedError as e:
-                    raise ModelLoadError(
-                        f"GGUF tensor {t.name} has type {qtype.name}, which tokenmill cannot read"
-                    ) from e
-            yield name, self._undo_conversion(t.name, _tensor(array), config)
+            tensor = (
+                _tensor(array)
+                if qtype in (Q.F32, Q.F16)
+                else dequantize_gguf(array, int(qtype), t.shape, f"tensor {t.name}")
+            )
+            yield name, self._undo_conversion(t.name, tensor, config)
 
     def _undo_conversion(self, name: str, tensor, config):
         if self.arch in _GEMMA and name.endswith("norm.weight"):
