@@ -84,13 +84,11 @@ def gguf_metadata(gguf_file: str) -> str:
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     logger.info("reading the config and tokenizer of %s (first load only)", gguf_file)
-    import torch
 
     from tokenmill.loader.gguf_tensors import GGUFTensors
 
     config, tokenizer = _hf_config_and_tokenizer(gguf_file)
     config.tie_word_embeddings = not GGUFTensors(gguf_file).has("output.weight")
-    config.dtype = torch.float32
 
     def write(tmp):
         tokenizer.save_pretrained(tmp)
