@@ -207,4 +207,5 @@ def gguf_dequantize(out, qweight, ggml_type, row_start):
 
 
 def gguf_linear(out, x, qweight, ggml_type, int8_x=False):
+    # Exact on every device: int8_x only lets the native kernel round activations.
     out.copy_((x.float() @ _gguf_rows(qweight, ggml_type).t()).to(out.dtype))
