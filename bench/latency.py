@@ -2,8 +2,12 @@
 tokens/s, beside transformers generating the same request in the same run,
 and llama.cpp on the same weights when a llama-cpp-python interpreter is given.
 
-  python -m bench.latency [--dtype bfloat16] [--prompt-len 128] [--max-tokens 128]
-      [--llama-cpp-python ../peers/llamacpp/bin/python]
+A GGUF model runs as tokenmill runs it by default, from its blocks, and
+llama.cpp runs the file as shipped; with --no-gguf-blocks both run its
+weights dequantized to --dtype.
+
+  python -m bench.latency [--model M.gguf] [--dtype bfloat16] [--prompt-len 128]
+      [--max-tokens 128] [--no-gguf-blocks] [--llama-cpp-python ../peers/llamacpp/bin/python]
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import torch
 from bench.common import load_workload, table
 
 
-def tokenmill_latency(path, prompt, max_tokens, dtype):
+def tokenmill_latency(path, prompt, max_tokens, dtype, gguf_blocks):
     from tokenmill import SamplingParams
     from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineArgs(model=path, dtype=dtype, max_model_len=2048))
+    args = EngineArgs(model=path, dtype=dtype, max_model_len=2048, gguf_blocks=gguf_blocks)
+    engine = LLMEngine(args)
     for i in range(2):  # warm-up
         engine.add_request(
             f"w{i}", {"prompt_token_ids": [11] * 16}, SamplingParams(max_tokens=8, temperature=0)
@@ -69,14 +74,18 @@ def hf_latency(path, prompt, max_tokens, dtype):
     return ttft, (max_tokens - 1) / (total - ttft)
 
 
-def llama_cpp_latency(python, gguf_path, prompt, max_tokens, dtype):
-    """llama.cpp on `gguf_path` dequantized to `dtype`, through bench/llama_cpp_runner.py."""
+def llama_cpp_latency(python, gguf_path, prompt, max_tokens, dtype=None):
+    """llama.cpp on `gguf_path`, as shipped or dequantized to `dtype`, through
+    bench/llama_cpp_runner.py."""
     from bench.llama_cpp_runner import dequantized_gguf
 
     runner = os.path.join(os.path.dirname(__file__), "llama_cpp_runner.py")
     with tempfile.TemporaryDirectory() as d:
         model, out = os.path.join(d, "model.gguf"), os.path.join(d, "result.json")
-        dequantized_gguf(gguf_path, model, dtype)
+        if dtype is None:
+            model = gguf_path
+        else:
+            dequantized_gguf(gguf_path, model, dtype)
         cmd = [python, runner, "--gguf", model, "--out", out, "--max-tokens", str(max_tokens)]
         subprocess.run(cmd + ["--prompt", ",".join(map(str, prompt))], check=True)
         with open(out) as f:
@@ -92,6 +101,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--llama-cpp-python", default=None, help="interpreter with llama-cpp-python")
+    ap.add_argument("--gguf-blocks", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args()
     from tokenmill.loader.gguf import gguf_to_hf
     from tokenmill.loader.hf import resolve_model_path
@@ -101,17 +111,25 @@ def main():
         ap.error("llama.cpp needs a GGUF model (the default model is one)")
     path = gguf_to_hf(gguf_path) if gguf_path.endswith(".gguf") else gguf_path  # transformers'
     prompt = load_workload("workload_main.json", 1)[0]["prompt_token_ids"][: args.prompt_len]
-    ttft, tps, step = tokenmill_latency(gguf_path, prompt, args.max_tokens, args.dtype)
+    from tokenmill.config import EngineArgs
+
+    blocks = EngineArgs.gguf_blocks if args.gguf_blocks is None else args.gguf_blocks
+    blocks = blocks and gguf_path.endswith(".gguf")
+    ttft, tps, step = tokenmill_latency(gguf_path, prompt, args.max_tokens, args.dtype, blocks)
     rows = [["tokenmill", ttft * 1e3, tps, step * 1e3, 1.0]]
     if not args.no_hf:
         hf_ttft, hf_tps = hf_latency(path, prompt, args.max_tokens, args.dtype)
         rows.append(["transformers", hf_ttft * 1e3, hf_tps, 1e3 / hf_tps, tps / hf_tps])
     if args.llama_cpp_python:
         lc_ttft, lc_tps = llama_cpp_latency(
-            args.llama_cpp_python, gguf_path, prompt, args.max_tokens, args.dtype
+            args.llama_cpp_python, gguf_path, prompt, args.max_tokens, None if blocks else args.dtype
         )
         rows.append(["llama.cpp", lc_ttft * 1e3, lc_tps, 1e3 / lc_tps, tps / lc_tps])
-    print(f"Single stream, {len(prompt)}-token prompt, {args.max_tokens} new tokens, {args.dtype}")
+    weights = "GGUF blocks as shipped, activations " if blocks else ""
+    print(
+        f"Single stream, {len(prompt)}-token prompt, {args.max_tokens} new tokens, "
+        f"{weights}{args.dtype}"
+    )
     print(
         table(
             rows,

@@ -382,6 +382,9 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type, bool int8_x=False) "
       "-> ()");
   m.def("gguf_dequantize(Tensor(a!) out, Tensor qweight, int ggml_type, int row_start) -> ()");
+  m.def("gguf_pack(Tensor(a!) packed, Tensor qweight, int ggml_type, int k) -> ()");
+  m.def("gguf_packed_linear(Tensor(a!) out, Tensor x, Tensor packed, int ggml_type) -> ()");
+  m.def("gguf_packed_rows(Tensor(a!) out, Tensor ids, Tensor packed, int ggml_type, int n) -> ()");
   m.def(
       "fused_moe_coded(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
       "Tensor topk_ids, int activation, Tensor? w13_bias, Tensor? w2_bias, float swiglu_alpha, "

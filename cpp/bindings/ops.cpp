@@ -74,11 +74,15 @@ enum class ProgramOp : int64_t {
   kInt4Linear,
   kInt4Dequantize,
   kCodedLinear,
+  kGgufPackedLinear,
+  kGgufPackedRows,
 };
 
 void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                   Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
                   std::optional<Tensor> bias);
+void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type);
+void gguf_packed_rows(Tensor out, Tensor ids, Tensor packed, int64_t ggml_type, int64_t n);
 
 // A recorded sequence of the ops above in one call, so that a replayed decode
 // step pays Python and the dispatcher once rather than once per op. `code`
@@ -162,6 +166,17 @@ void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64
         Tensor out = tensor(), x = tensor(), low = tensor(), codes = tensor(), table = tensor(),
                offsets = tensor(), cols = tensor(), values = tensor();
         coded_linear(out, x, low, codes, table, offsets, cols, values, maybe());
+        break;
+      }
+      case ProgramOp::kGgufPackedLinear: {
+        Tensor out = tensor(), x = tensor(), packed = tensor();
+        gguf_packed_linear(out, x, packed, integer());
+        break;
+      }
+      case ProgramOp::kGgufPackedRows: {
+        Tensor out = tensor(), ids = tensor(), packed = tensor();
+        const int64_t type = integer();
+        gguf_packed_rows(out, ids, packed, type, integer());
         break;
       }
       default:
@@ -386,6 +401,74 @@ void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type, bool i
   cpu::rows_from_float(dtype_of(out), out.data_ptr(), of.data(), m, w.n, out.stride(0), w.n);
 }
 
+cpu::GgufWeight gguf_packed_weight(const Tensor& packed, int64_t ggml_type, int64_t n, int64_t k) {
+  STD_TORCH_CHECK(cpu::gguf_packed_supported(ggml_type), "GGUF block type ", ggml_type,
+                  " has no packed form");
+  const auto type = static_cast<cpu::GgufType>(ggml_type);
+  STD_TORCH_CHECK(packed.scalar_type() == torch::headeronly::ScalarType::Byte &&
+                      packed.dim() == 2 && packed.is_contiguous() && k % 32 == 0 &&
+                      packed.size(0) == (n + 3) / 4 &&
+                      packed.size(1) == cpu::gguf_packed_group_bytes(type, k),
+                  "packed GGUF weight must be contiguous uint8 [ceil(n / 4), group bytes]");
+  return {type, static_cast<const uint8_t*>(packed.data_ptr()), packed.size(1), n, k};
+}
+
+// packed = qweight [n, k / 32 * block bytes] in groups of four rows.
+void gguf_pack(Tensor packed, Tensor qweight, int64_t ggml_type, int64_t k) {
+  const cpu::GgufWeight w = gguf_weight(qweight, ggml_type, k);
+  gguf_packed_weight(packed, ggml_type, w.n, k);
+  cpu::gguf_pack(w, static_cast<uint8_t*>(packed.data_ptr()));
+}
+
+// out [m, n] = x [m, k] . dequant(packed)^T for any m; x and out of one float dtype.
+void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type) {
+  using tokenmill::ops::dtype_of;
+  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gguf_packed_linear: x must be [m, k] with unit stride");
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.stride(1) == 1 &&
+                      (out.scalar_type() == x.scalar_type() ||
+                       out.scalar_type() == torch::headeronly::ScalarType::Float),
+                  "gguf_packed_linear: out must be [m, n] of x's dtype or float32 with unit "
+                  "stride");
+  const cpu::GgufWeight w = gguf_packed_weight(packed, ggml_type, out.size(1), x.size(1));
+  const int64_t m = x.size(0);
+  if (m == 0) return;
+  const auto f32 = torch::headeronly::ScalarType::Float;
+  std::vector<float> xf, of;
+  const float* xp = static_cast<const float*>(x.data_ptr());
+  if (x.scalar_type() != f32 || x.stride(0) != w.k) {
+    xf.resize(static_cast<size_t>(m * w.k));
+    cpu::rows_to_float(dtype_of(x), xf.data(), x.data_ptr(), m, w.k, x.stride(0), w.k);
+    xp = xf.data();
+  }
+  float* op = static_cast<float*>(out.data_ptr());
+  if (out.scalar_type() != f32 || out.stride(0) != w.n) {
+    of.resize(static_cast<size_t>(m * w.n));
+    op = of.data();
+  }
+  cpu::gguf_packed_linear(w, xp, m, op);
+  if (op != out.data_ptr())
+    cpu::rows_from_float(dtype_of(out), out.data_ptr(), op, m, w.n, out.stride(0), w.n);
+}
+
+// out [c, k] = rows ids of the dequantized packed weight (of n rows).
+void gguf_packed_rows(Tensor out, Tensor ids, Tensor packed, int64_t ggml_type, int64_t n) {
+  using tokenmill::ops::dtype_of;
+  STD_TORCH_CHECK(ids.scalar_type() == torch::headeronly::ScalarType::Long && ids.dim() == 1 &&
+                      ids.is_contiguous(),
+                  "gguf_packed_rows: ids must be a contiguous int64 vector");
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == ids.size(0) && out.is_contiguous(),
+                  "gguf_packed_rows: out must be contiguous [len(ids), k]");
+  const cpu::GgufWeight w = gguf_packed_weight(packed, ggml_type, n, out.size(1));
+  const int64_t* p = static_cast<const int64_t*>(ids.data_ptr());
+  for (int64_t c = 0; c < ids.size(0); ++c)
+    STD_TORCH_CHECK(p[c] >= 0 && p[c] < n, "gguf_packed_rows: row ", p[c], " outside [0, ", n, ")");
+  const bool f32 = out.scalar_type() == torch::headeronly::ScalarType::Float;
+  std::vector<float> of(f32 ? 0 : static_cast<size_t>(out.numel()));
+  float* op = f32 ? static_cast<float*>(out.data_ptr()) : of.data();
+  cpu::gguf_packed_rows(w, p, ids.size(0), op);
+  if (!f32) cpu::rows_from_float(dtype_of(out), out.data_ptr(), op, ids.size(0), w.k, w.k, w.k);
+}
+
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].
 void argmax_rows(Tensor out, Tensor x) {
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
@@ -417,6 +500,9 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("fused_moe_coded", TORCH_BOX(&fused_moe_coded));
   m.impl("gguf_linear", TORCH_BOX(&gguf_linear));
   m.impl("gguf_dequantize", TORCH_BOX(&gguf_dequantize));
+  m.impl("gguf_pack", TORCH_BOX(&gguf_pack));
+  m.impl("gguf_packed_linear", TORCH_BOX(&gguf_packed_linear));
+  m.impl("gguf_packed_rows", TORCH_BOX(&gguf_packed_rows));
   m.impl("coded_linear", TORCH_BOX(&coded_linear));
   m.impl("code_bf16", TORCH_BOX(&code_bf16));
   m.impl("load_program", TORCH_BOX(&load_program));

@@ -11,36 +11,14 @@
 
 #include "common.h"
 #include "gguf_gemv.h"
+#include "gguf_packed.h"
 #include "tokenmill/kernels.h"
 
 namespace tokenmill::cpu {
 namespace {
 
-constexpr int kBlock = 32;
-
-inline float half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    exp = 113;
-    while ((mant & 0x400u) == 0) {
-      mant <<= 1;
-      --exp;
-    }
-    bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using gguf_packed::kBlock;
+constexpr auto half = gguf_packed::half_to_float;
 
 // 32 weights of block `b` into dst.
 template <GgufType T>

@@ -28,10 +28,18 @@ OP_NAMES = (
     "int4_linear",
     "int4_dequantize",
     "coded_linear",
+    "gguf_packed_linear",
+    "gguf_packed_rows",
 )
 
 # Ops that programs do not run.
-OTHER_OPS = ("fused_moe", "fused_moe_coded", "gguf_linear", "gguf_dequantize")
+OTHER_OPS = (
+    "fused_moe",
+    "fused_moe_coded",
+    "gguf_linear",
+    "gguf_dequantize",
+    "gguf_pack",
+)
 
 if cuda_kernels_available():
     torch.ops.load_library(CUDA_LIBRARY)
@@ -55,3 +63,6 @@ gelu_and_mul = ops.gelu_and_mul
 fused_moe = ops.fused_moe
 gguf_linear = ops.gguf_linear
 gguf_dequantize = ops.gguf_dequantize
+gguf_pack = ops.gguf_pack
+gguf_packed_linear = ops.gguf_packed_linear
+gguf_packed_rows = ops.gguf_packed_rows

@@ -111,6 +111,19 @@ void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
 // values and integer dot products, as llama.cpp computes them.
 void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out, bool int8_x);
 
+// Q4_0, Q4_1 and Q8_0 weights repacked for integer products in groups of four
+// rows (layout in cpp/kernels/gguf_packed.cpp): ceil(n / 4) groups of
+// gguf_packed_group_bytes(t, k) bytes, a GgufWeight with row_bytes that size.
+bool gguf_packed_supported(int64_t ggml_type);
+int64_t gguf_packed_group_bytes(GgufType t, int64_t k);
+void gguf_pack(const GgufWeight& w, uint8_t* packed);
+// out[m, n] = x[m, k] . dequant(w)^T for any m: with x quantized to int8 per 32
+// values and integer dot products (llama.cpp's arithmetic) where the CPU has
+// them (AVX2, AVX-512 VNNI), else exactly.
+void gguf_packed_linear(const GgufWeight& w, const float* x, int64_t m, float* out);
+// out[c, :] = dequantized row rows[c] of w, float32 [count, k]: embedding lookups.
+void gguf_packed_rows(const GgufWeight& w, const int64_t* rows, int64_t count, float* out);
+
 // Rows of a float dtype to float32 and back: dst[r, :k] for r < m.
 void rows_to_float(DType dtype, float* dst, const void* src, int64_t m, int64_t k,
                    int64_t src_stride, int64_t dst_stride);

@@ -43,7 +43,7 @@ class ModelRunner:
         self.args = args
         self.device = device
         self.model = model
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.max_model_len = max_model_len
         self.workers = workers
         self.sampler = Sampler(args.seed)

@@ -1,9 +1,12 @@
-"""Linear layers over GGUF block weights, kept as the file stores them.
+"""Linear layers over GGUF block weights, kept in the file's bytes.
 
-Decode-sized batches (up to 16 rows) multiply the blocks directly
-(`gguf_linear`, with activations quantized to int8 per 32 values as
-llama.cpp does); larger ones dequantize tiles of rows into a reused buffer
-for the BLAS. Block types without a kernel, and merged layers whose shards
+On CPUs, Q4_0, Q4_1 and Q8_0 weights are repacked at load in groups of four
+rows (the same bytes, moved: `gguf_pack`) and every batch multiplies them
+with integer dot products against activations quantized to int8 per 32
+values, as llama.cpp computes (`gguf_packed_linear`). Q5_0 and Q5_1 keep the
+file's layout: decode-sized batches (up to 16 rows) multiply the blocks
+directly (`gguf_linear`), larger ones dequantize tiles of rows into a reused
+buffer for the BLAS. Other block types, and merged layers whose shards
 differ in type, are dequantized once at load into the model's dtype.
 """
 
@@ -20,6 +23,8 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import linear, shard_offsets
 
 KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+PACKED_TYPES = {2, 3, 8}  # Q4_0, Q4_1, Q8_0
+PACKED_GROUP_BYTES = {2: 72, 3: 80, 8: 136}  # four rows' bytes per 32 columns
 DECODE_ROWS = 16
 
 
@@ -43,6 +48,17 @@ class GGUFBlocks:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_gguf(self.data.numpy(), self.ggml_type, self.shape)
+
+    @property
+    def packable(self) -> bool:
+        return self.ggml_type in PACKED_TYPES and self.data.device.type == "cpu"
+
+    def packed(self) -> torch.Tensor:
+        """The blocks in groups of four rows (cpp/kernels/gguf_packed.cpp)."""
+        n, k = self.shape
+        out = torch.empty(-(-n // 4), PACKED_GROUP_BYTES[self.ggml_type] * k // 32, dtype=torch.uint8)
+        torch.ops.tokenmill.gguf_pack(out, self.data.contiguous(), self.ggml_type, k)
+        return out
 
 
 def dequantize_gguf(data, ggml_type: int, shape, name: str = "a tensor") -> torch.Tensor:
@@ -72,6 +88,7 @@ class GGUFLinear(nn.Module):
         self.loaded_shards: set = set()
         self.qweight: torch.Tensor | None = None
         self.ggml_type = 0
+        self.packed = False
         self.weight: torch.Tensor | None = None
 
     def load_shard(self, piece: str, shard, tensor) -> None:
@@ -92,8 +109,10 @@ class GGUFLinear(nn.Module):
         parts = [self.pending[s] for s in self.shards]
         types = {p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts}
         if len(types) == 1 and types <= KERNEL_TYPES:
-            self.qweight = torch.cat([p.data for p in parts]).contiguous()
-            self.ggml_type = types.pop()
+            whole = GGUFBlocks(torch.cat([p.data for p in parts]), types.pop(), self.in_features)
+            self.packed = whole.packable
+            self.qweight = whole.packed() if self.packed else whole.data.contiguous()
+            self.ggml_type = whole.ggml_type
         else:
             floats = [p.dequantize() if isinstance(p, GGUFBlocks) else p for p in parts]
             self.weight = torch.cat(floats).to(self.dtype).contiguous()
@@ -102,7 +121,10 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
             return linear(x, self.weight, self.bias)
-        if x.shape[0] <= DECODE_ROWS:
+        if self.packed:
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+            torch.ops.tokenmill.gguf_packed_linear(out, x.contiguous(), self.qweight, self.ggml_type)
+        elif x.shape[0] <= DECODE_ROWS:
             out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
             torch.ops.tokenmill.gguf_linear(out, x.contiguous(), self.qweight, self.ggml_type, True)
         else:

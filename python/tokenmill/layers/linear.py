@@ -38,7 +38,11 @@ def pack_weights(weights: list[torch.Tensor | None]) -> None:
     weights this CPU cannot multiply natively (bfloat16 without avx512_bf16 or
     AMX) are packed as float32, twice their own memory. None entries (a model
     without a separate LM head weight) are skipped."""
-    todo = [w for w in weights if w is not None and w.device.type == "cpu" and w.dim() == 2]
+    todo = [
+        w
+        for w in weights
+        if w is not None and w.device.type == "cpu" and w.dim() == 2 and w.is_floating_point()
+    ]
     budget = available_memory_bytes() // 2 if todo else 0
     budget -= _code([w for w in todo if can_code(w) and not hasattr(w, _CODED)], budget)
     _pack_for_onednn([w for w in todo if not hasattr(w, _PACKED)], budget)

@@ -16,10 +16,27 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         group = distributed.tp()
-        self.num_embeddings = num_embeddings
+        self.num_embeddings, self.dim = num_embeddings, dim
         self.per_rank = -(-num_embeddings // group.world)
         self.start = group.rank * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
+        self.dtype = self.weight.dtype
+
+    def load_blocks(self, blocks) -> None:
+        """Loads a GGUF table (GGUFBlocks). Types with packed kernels stay
+        blocks on one CPU rank: lookups dequantize the rows they read, and
+        logits (a tied or separate head) take GGUFLinear's integer products.
+        The weight's `ggml_type` says which; a tied head shares it."""
+        if distributed.tp().world == 1 and self.weight.device.type == "cpu" and blocks.packable:
+            self.weight.requires_grad_(False)
+            self.weight.data = blocks.packed()
+            self.weight.ggml_type = blocks.ggml_type
+        else:
+            self.weight.data.copy_(self.shard(blocks.dequantize()))
+
+    @property
+    def ggml_type(self) -> int | None:
+        return getattr(self.weight, "ggml_type", None)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full [V, dim] checkpoint tensor, zero-padded."""
@@ -29,6 +46,13 @@ class VocabParallelEmbedding(nn.Module):
         return rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ggml_type is not None:
+            out = torch.empty(ids.numel(), self.dim, dtype=self.dtype)
+            ids = ids.reshape(-1).long()
+            torch.ops.tokenmill.gguf_packed_rows(
+                out, ids, self.weight, self.ggml_type, self.num_embeddings
+            )
+            return out
         if distributed.tp().world == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
@@ -41,5 +65,11 @@ class VocabParallelEmbedding(nn.Module):
         """hidden @ weight.T over the whole vocabulary (weight: this rank's rows)."""
         from tokenmill.layers.linear import linear
 
+        if self.ggml_type is not None and weight is None:
+            out = torch.empty(hidden.shape[0], self.num_embeddings)
+            torch.ops.tokenmill.gguf_packed_linear(
+                out, hidden.contiguous(), self.weight, self.ggml_type
+            )
+            return out
         local = linear(hidden, self.weight if weight is None else weight).float()
         return distributed.gather_last_dim(local)[:, : self.num_embeddings]

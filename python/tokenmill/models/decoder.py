@@ -170,6 +170,10 @@ class CausalLM(nn.Module):
                 module = self.get_submodule(module_name)
             except AttributeError:
                 raise KeyError(f"unexpected checkpoint tensor {name}") from None
+            if isinstance(tensor, GGUFBlocks) and isinstance(module, VocabParallelEmbedding):
+                module.load_blocks(tensor)
+                loaded.add(f"{module_name}.{piece}")
+                continue
             if isinstance(tensor, GGUFBlocks) and not isinstance(module, GGUFLinear):
                 tensor = tensor.dequantize()  # layers that keep floats (embeddings, routers)
             if hasattr(module, "load_tensor"):  # stacked expert tensors (GPT-OSS)
