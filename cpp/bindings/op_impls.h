@@ -378,9 +378,7 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "Tensor(c!) escape_offsets, Tensor(d!)? escape_cols=None, Tensor(e!)? escape_values=None) "
       "-> ()");
   m.def("load_program(Tensor[] tensors, int[] code, float[] floats) -> int");
-  m.def(
-      "gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type, bool int8_x=False) "
-      "-> ()");
+  m.def("gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type) -> ()");
   m.def("gguf_dequantize(Tensor(a!) out, Tensor qweight, int ggml_type, int row_start) -> ()");
   m.def("gguf_pack(Tensor(a!) packed, Tensor qweight, int ggml_type, int k) -> ()");
   m.def("gguf_packed_linear(Tensor(a!) out, Tensor x, Tensor packed, int ggml_type) -> ()");

@@ -386,7 +386,7 @@ void gguf_dequantize(Tensor out, Tensor qweight, int64_t ggml_type, int64_t row_
 }
 
 // out [m, n] = x [m, k] . dequant(qweight)^T for up to 16 rows; x and out of one float dtype.
-void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type, bool int8_x) {
+void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type) {
   using tokenmill::ops::dtype_of;
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= 16,
                   "gguf_linear: x must be [m <= 16, k] with unit stride");
@@ -397,7 +397,7 @@ void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type, bool i
   const int64_t m = x.size(0);
   std::vector<float> xf(static_cast<size_t>(m * w.k)), of(static_cast<size_t>(m * w.n));
   cpu::rows_to_float(dtype_of(x), xf.data(), x.data_ptr(), m, w.k, x.stride(0), w.k);
-  cpu::gguf_linear(w, xf.data(), m, of.data(), int8_x);
+  cpu::gguf_linear(w, xf.data(), m, of.data());
   cpu::rows_from_float(dtype_of(out), out.data_ptr(), of.data(), m, w.n, out.stride(0), w.n);
 }
 
@@ -407,13 +407,13 @@ cpu::GgufWeight gguf_packed_weight(const Tensor& packed, int64_t ggml_type, int6
   const auto type = static_cast<cpu::GgufType>(ggml_type);
   STD_TORCH_CHECK(packed.scalar_type() == torch::headeronly::ScalarType::Byte &&
                       packed.dim() == 2 && packed.is_contiguous() && k % 32 == 0 &&
-                      packed.size(0) == (n + 3) / 4 &&
+                      packed.size(0) == (n + 7) / 8 &&
                       packed.size(1) == cpu::gguf_packed_group_bytes(type, k),
-                  "packed GGUF weight must be contiguous uint8 [ceil(n / 4), group bytes]");
+                  "packed GGUF weight must be contiguous uint8 [ceil(n / 8), group bytes]");
   return {type, static_cast<const uint8_t*>(packed.data_ptr()), packed.size(1), n, k};
 }
 
-// packed = qweight [n, k / 32 * block bytes] in groups of four rows.
+// packed = qweight [n, k / 32 * block bytes] in groups of eight rows.
 void gguf_pack(Tensor packed, Tensor qweight, int64_t ggml_type, int64_t k) {
   const cpu::GgufWeight w = gguf_weight(qweight, ggml_type, k);
   gguf_packed_weight(packed, ggml_type, w.n, k);
@@ -423,7 +423,8 @@ void gguf_pack(Tensor packed, Tensor qweight, int64_t ggml_type, int64_t k) {
 // out [m, n] = x [m, k] . dequant(packed)^T for any m; x and out of one float dtype.
 void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type) {
   using tokenmill::ops::dtype_of;
-  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gguf_packed_linear: x must be [m, k] with unit stride");
+  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
+                  "gguf_packed_linear: x must be [m, k] with unit stride");
   STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.stride(1) == 1 &&
                       (out.scalar_type() == x.scalar_type() ||
                        out.scalar_type() == torch::headeronly::ScalarType::Float),

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "common.h"
-#include "gguf_gemv.h"
 #include "gguf_packed.h"
 #include "tokenmill/kernels.h"
 
@@ -140,14 +139,8 @@ void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1) {
   });
 }
 
-void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out, bool int8_x) {
+void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out) {
   if (m > 16) throw std::invalid_argument("gguf_linear takes up to 16 rows");
-  if (int8_x && gguf_int8_supported(w.type)) {
-    Q8Rows xq;
-    quantize_rows_q8(x, m, w.k, xq);
-    for_thread_ranges(w.n, [&](int64_t n0, int64_t n1) { gguf_linear_int8(w, xq, out, n0, n1); });
-    return;
-  }
   dispatch(w.type, [&](auto t) {
     for_thread_ranges(w.n, [&](int64_t n0, int64_t n1) {
       linear_rows<decltype(t)::value>(w, x, m, out, n0, n1);

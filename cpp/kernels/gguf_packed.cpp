@@ -1,12 +1,11 @@
 // GGUF blocks repacked once at load for integer products: Q4_0, Q4_1 and Q8_0
-// weights in groups of four rows. For each group and each 32-weight block:
-//   Q4_0, Q4_1: 4 x 16 bytes of nibbles (row j at 16 j: weight t in the low
-//               nibble of byte t, weight t + 16 in its high nibble), then the
-//               rows' float16 scales d0..d3, then (Q4_1) minimums m0..m3;
-//   Q8_0:       rows 0 and 1 weights 0-15, rows 0 and 1 weights 16-31, the
-//               same for rows 2 and 3 (16 bytes each), then d0..d3.
-// The bytes are the file's, moved; a group takes four times a block's bytes.
-// A weight is d * q + m, with m = -8 d for Q4_0 and 0 for Q8_0 (signed q).
+// weights in groups of eight rows. For each group and each 32-weight block,
+// 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row's quants in
+// turn (four chunks of Q4 nibbles: byte t carries weight t in its low nibble
+// and weight t + 16 in its high one; eight chunks of Q8 bytes), then the
+// rows' float16 scales d0..d7, then (Q4_1) their minimums m0..m7. The bytes
+// are the file's, moved: a group takes eight times a block's bytes. A weight
+// is d * q + m, with m = -8 d for Q4_0 and 0 for Q8_0 (signed q).
 #include "gguf_packed.h"
 
 #include <algorithm>
@@ -36,8 +35,7 @@ constexpr bool kVnni = false;
 }  // namespace avx2
 
 namespace vnni {
-#define TM_GGUF_TARGET \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define TM_GGUF_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 constexpr bool kVnni = true;
 #include "gguf_packed_simd.h"
 #undef TM_GGUF_TARGET
@@ -46,8 +44,7 @@ constexpr bool kVnni = true;
 // TOKENMILL_DISABLE_AVX512 (or _AVX2) keeps the other paths tested here.
 bool cpu_has_avx512_vnni() {
   static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vnni") &&
                          std::getenv("TOKENMILL_DISABLE_AVX512") == nullptr;
   return ok;
@@ -56,22 +53,20 @@ bool cpu_has_avx512_vnni() {
 
 // Weights of row j of a group's block into dst[32], exactly.
 void dequantize_row(GgufType t, const uint8_t* gb, int j, float* dst) {
-  const uint8_t* scales = gb + kGroupRows * quant_bytes(t);
+  const uint8_t* scales = gb + 32 * quant_chunks(t);
   const float d = half_to_float(scales + 2 * j);
   if (t == GgufType::kQ8_0) {
-    const auto* low = reinterpret_cast<const int8_t*>(gb + 64 * (j / 2) + 16 * (j % 2));
-    for (int i = 0; i < 16; ++i) {
-      dst[i] = d * low[i];
-      dst[i + 16] = d * low[i + 32];
-    }
+    for (int c = 0; c < 8; ++c)
+      for (int i = 0; i < 4; ++i) dst[4 * c + i] = d * static_cast<int8_t>(gb[32 * c + 4 * j + i]);
     return;
   }
-  const float m = t == GgufType::kQ4_1 ? half_to_float(scales + 8 + 2 * j) : -8.f * d;
-  const uint8_t* q = gb + 16 * j;
-  for (int i = 0; i < 16; ++i) {
-    dst[i] = (q[i] & 0x0f) * d + m;
-    dst[i + 16] = (q[i] >> 4) * d + m;
-  }
+  const float m = t == GgufType::kQ4_1 ? half_to_float(scales + 16 + 2 * j) : -8.f * d;
+  for (int c = 0; c < 4; ++c)
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t q = gb[32 * c + 4 * j + i];
+      dst[4 * c + i] = (q & 0x0f) * d + m;
+      dst[16 + 4 * c + i] = (q >> 4) * d + m;
+    }
 }
 
 // The exact product where no integer path exists: each block dequantized once.
@@ -119,24 +114,18 @@ void gguf_pack(const GgufWeight& w, uint8_t* packed) {
   const GgufType t = w.type;
   const int64_t blocks = w.k / kBlock, in_bytes = gguf_block_bytes(t);
   const int64_t out_bytes = group_block_bytes(t), groups = (w.n + kGroupRows - 1) / kGroupRows;
-  const int head = t == GgufType::kQ4_1 ? 4 : 2, quants = quant_bytes(t);
+  const int head = t == GgufType::kQ4_1 ? 4 : 2, chunks = quant_chunks(t);
   for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < blocks; ++b) {
         uint8_t* dst = packed + (g * blocks + b) * out_bytes;
         std::memset(dst, 0, out_bytes);  // rows past n stay zero
-        uint8_t* scales = dst + kGroupRows * quants;
+        uint8_t* scales = dst + 32 * chunks;
         for (int j = 0; j < kGroupRows && g * kGroupRows + j < w.n; ++j) {
           const uint8_t* src = w.data + (g * kGroupRows + j) * w.row_bytes + b * in_bytes;
           std::memcpy(scales + 2 * j, src, 2);
-          if (t == GgufType::kQ4_1) std::memcpy(scales + 8 + 2 * j, src + 2, 2);
-          if (t == GgufType::kQ8_0) {
-            uint8_t* low = dst + 64 * (j / 2) + 16 * (j % 2);
-            std::memcpy(low, src + head, 16);
-            std::memcpy(low + 32, src + head + 16, 16);
-          } else {
-            std::memcpy(dst + 16 * j, src + head, 16);
-          }
+          if (t == GgufType::kQ4_1) std::memcpy(scales + 16 + 2 * j, src + 2, 2);
+          for (int c = 0; c < chunks; ++c) std::memcpy(dst + 32 * c + 4 * j, src + head + 4 * c, 4);
         }
       }
   });
@@ -163,7 +152,7 @@ void gguf_packed_linear(const GgufWeight& w, const float* x, int64_t m, float* o
     xq.m = m;
     xq.k = w.k;
     xq.q.resize(static_cast<size_t>(m * w.k));
-    xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * 8));
+    xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * 2));
     for_thread_ranges(m, [&](int64_t i0, int64_t i1) {
       vnni ? vnni::quantize(x, i0, i1, xq) : avx2::quantize(x, i0, i1, xq);
     });
@@ -173,8 +162,7 @@ void gguf_packed_linear(const GgufWeight& w, const float* x, int64_t m, float* o
     return;
   }
 #endif
-  for_thread_ranges(groups,
-                    [&](int64_t g0, int64_t g1) { linear_portable(w, x, m, out, g0, g1); });
+  for_thread_ranges(groups, [&](int64_t g0, int64_t g1) { linear_portable(w, x, m, out, g0, g1); });
 }
 
 }  // namespace tokenmill::cpu

@@ -35,21 +35,20 @@ inline float half_to_float(const uint8_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-constexpr int kGroupRows = 4;
+constexpr int kGroupRows = 8;
 
-// Bytes of one block's quants for one row, and of a group's scales per block.
-constexpr int quant_bytes(GgufType t) { return t == GgufType::kQ8_0 ? 32 : 16; }
-constexpr int scale_bytes(GgufType t) { return t == GgufType::kQ4_1 ? 16 : 8; }
-constexpr int group_block_bytes(GgufType t) {
-  return kGroupRows * quant_bytes(t) + scale_bytes(t);
-}
+// A group's bytes per block: 32-byte chunks of quants (four bytes of each
+// row), then float16 scales d0..d7 and (Q4_1) minimums m0..m7.
+constexpr int quant_chunks(GgufType t) { return t == GgufType::kQ8_0 ? 8 : 4; }
+constexpr int scale_bytes(GgufType t) { return t == GgufType::kQ4_1 ? 32 : 16; }
+constexpr int group_block_bytes(GgufType t) { return 32 * quant_chunks(t) + scale_bytes(t); }
 
 // Activation rows quantized per block as llama.cpp's q8_0/q8_1: q = round(x / d),
-// d = max|x| / 127. scales[i, b] holds {d x4, d * sum(q) x4}: the factors that
-// a block's integer dot products and its weights' offsets meet.
+// d = max|x| / 127. scales[i, b] holds {d, d * sum(q)}: the factors that a
+// block's integer dot products and its weights' offsets meet.
 struct Q8Activations {
-  std::vector<int8_t> q;     // [m, k]
-  std::vector<float> scales; // [m, k / 32, 8]
+  std::vector<int8_t> q;      // [m, k]
+  std::vector<float> scales;  // [m, k / 32, 2]
   int64_t m = 0, k = 0;
 };
 

@@ -43,10 +43,11 @@ class EngineArgs:
         default="auto",
     )
     gguf_blocks: bool = _arg(
-        "run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensors as stored (8-bit activations, as "
-        "llama.cpp): a third of bfloat16's weight memory, decode on par, prefill slower for now; "
-        "by default they load dequantized to dtype",
-        default=False,
+        "run a GGUF file's Q4_0/Q4_1/Q8_0 tensors from their blocks with integer products "
+        "(8-bit activations, as llama.cpp) and Q5_0/Q5_1 from theirs: the file's memory and the "
+        "fastest single stream; --no-gguf-blocks dequantizes every tensor to dtype at load (3-4x "
+        "the memory; on CPUs with bf16 instructions, faster at large batches)",
+        default=True,
     )
     device: str = _arg("auto, cpu, cuda or xpu", default="auto")
     max_model_len: int | None = _arg("context length (default: the model's)", default=None)

@@ -206,6 +206,5 @@ def gguf_dequantize(out, qweight, ggml_type, row_start):
     out.copy_(_gguf_rows(qweight[row_start : row_start + out.shape[0]], ggml_type))
 
 
-def gguf_linear(out, x, qweight, ggml_type, int8_x=False):
-    # Exact on every device: int8_x only lets the native kernel round activations.
+def gguf_linear(out, x, qweight, ggml_type):
     out.copy_((x.float() @ _gguf_rows(qweight, ggml_type).t()).to(out.dtype))

@@ -106,13 +106,12 @@ bool gguf_type_supported(int64_t ggml_type);
 int64_t gguf_block_bytes(GgufType t);
 // Rows r0..r1 of the weight dequantized into out, float32 [r1 - r0, k].
 void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
-// out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once:
-// exactly, or (int8_x, where this CPU has the path) with x quantized to int8 per 32
-// values and integer dot products, as llama.cpp computes them.
-void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out, bool int8_x);
+// out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once,
+// exactly (integer products: gguf_packed_linear).
+void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out);
 
-// Q4_0, Q4_1 and Q8_0 weights repacked for integer products in groups of four
-// rows (layout in cpp/kernels/gguf_packed.cpp): ceil(n / 4) groups of
+// Q4_0, Q4_1 and Q8_0 weights repacked for integer products in groups of eight
+// rows (layout in cpp/kernels/gguf_packed.cpp): ceil(n / 8) groups of
 // gguf_packed_group_bytes(t, k) bytes, a GgufWeight with row_bytes that size.
 bool gguf_packed_supported(int64_t ggml_type);
 int64_t gguf_packed_group_bytes(GgufType t, int64_t k);

@@ -1,6 +1,6 @@
 """Linear layers over GGUF block weights, kept in the file's bytes.
 
-On CPUs, Q4_0, Q4_1 and Q8_0 weights are repacked at load in groups of four
+On CPUs, Q4_0, Q4_1 and Q8_0 weights are repacked at load in groups of eight
 rows (the same bytes, moved: `gguf_pack`) and every batch multiplies them
 with integer dot products against activations quantized to int8 per 32
 values, as llama.cpp computes (`gguf_packed_linear`). Q5_0 and Q5_1 keep the
@@ -24,7 +24,7 @@ from tokenmill.layers.linear import linear, shard_offsets
 
 KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 PACKED_TYPES = {2, 3, 8}  # Q4_0, Q4_1, Q8_0
-PACKED_GROUP_BYTES = {2: 72, 3: 80, 8: 136}  # four rows' bytes per 32 columns
+PACKED_GROUP_BYTES = {2: 144, 3: 160, 8: 272}  # eight rows' bytes per 32 columns
 DECODE_ROWS = 16
 
 
@@ -54,9 +54,11 @@ class GGUFBlocks:
         return self.ggml_type in PACKED_TYPES and self.data.device.type == "cpu"
 
     def packed(self) -> torch.Tensor:
-        """The blocks in groups of four rows (cpp/kernels/gguf_packed.cpp)."""
+        """The blocks in groups of eight rows (cpp/kernels/gguf_packed.cpp)."""
         n, k = self.shape
-        out = torch.empty(-(-n // 4), PACKED_GROUP_BYTES[self.ggml_type] * k // 32, dtype=torch.uint8)
+        out = torch.empty(
+            -(-n // 8), PACKED_GROUP_BYTES[self.ggml_type] * k // 32, dtype=torch.uint8
+        )
         torch.ops.tokenmill.gguf_pack(out, self.data.contiguous(), self.ggml_type, k)
         return out
 
@@ -123,10 +125,12 @@ class GGUFLinear(nn.Module):
             return linear(x, self.weight, self.bias)
         if self.packed:
             out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.tokenmill.gguf_packed_linear(out, x.contiguous(), self.qweight, self.ggml_type)
+            torch.ops.tokenmill.gguf_packed_linear(
+                out, x.contiguous(), self.qweight, self.ggml_type
+            )
         elif x.shape[0] <= DECODE_ROWS:
             out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.tokenmill.gguf_linear(out, x.contiguous(), self.qweight, self.ggml_type, True)
+            torch.ops.tokenmill.gguf_linear(out, x.contiguous(), self.qweight, self.ggml_type)
         else:
             out = self._tiled(x)
         return out if self.bias is None else out.add_(self.bias.to(out.dtype))
