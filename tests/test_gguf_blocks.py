@@ -58,6 +58,10 @@ def test_default_model_from_its_blocks(smollm2_path):
             assert len(layers) == 4 * 30 and all(m.qweight is not None for m in layers)
             held = sum(m.qweight.numel() for m in layers)
             assert held < 0.7 * 135e6  # Q4_1: 0.625 bytes a weight
+            model = llm.llm_engine.runner.model
+            # the Q8_0 table stays blocks, read by lookups and the tied head alike
+            assert model.model.embed_tokens.ggml_type == 8
+            assert model.lm_head.weight is model.model.embed_tokens.weight
     top = [[max(d, key=lambda t: d[t].logprob) for d in run] for run in runs]
     agreement = np.mean([a == b for a, b in zip(*top, strict=True)])
     drift = np.mean(

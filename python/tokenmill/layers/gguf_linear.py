@@ -86,6 +86,7 @@ class GGUFLinear(nn.Module):
         self.out_features = sum(out_sizes.values())
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         self.dtype = torch.get_default_dtype()  # of a dequantized fallback
+        self.on_cpu = torch.empty(0).device.type == "cpu"  # built under the model's device
         self.pending: dict = {}
         self.loaded_shards: set = set()
         self.qweight: torch.Tensor | None = None
@@ -112,7 +113,7 @@ class GGUFLinear(nn.Module):
         types = {p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts}
         if len(types) == 1 and types <= KERNEL_TYPES:
             whole = GGUFBlocks(torch.cat([p.data for p in parts]), types.pop(), self.in_features)
-            self.packed = whole.packable
+            self.packed = whole.packable and self.on_cpu
             self.qweight = whole.packed() if self.packed else whole.data.contiguous()
             self.ggml_type = whole.ggml_type
         else:
