@@ -51,7 +51,8 @@ class GGUFBlocks:
 
     @property
     def packable(self) -> bool:
-        return self.ggml_type in PACKED_TYPES and self.data.device.type == "cpu"
+        """Whether the CPU kernels take this type packed (gguf_packed_linear)."""
+        return self.ggml_type in PACKED_TYPES
 
     def packed(self) -> torch.Tensor:
         """The blocks in groups of eight rows (cpp/kernels/gguf_packed.cpp)."""
