@@ -28,16 +28,22 @@ def test_merged_layer_of_one_type_keeps_blocks_and_mixed_types_dequantize():
     mixed.load_shard("weight", "q", blocks_of(q, 3))
     mixed.load_shard("weight", "k", blocks_of(k, 8))
     assert mixed.qweight is None and mixed.weight.shape == (96, 128)
+    # Q5_0 shards beside Q8_0 ones take the same values as Q8_0 blocks
+    q5_q8 = GGUFLinear(128, {"q": 64, "k": 32}, bias=False)
+    q5_q8.load_shard("weight", "q", blocks_of(q, 6))
+    q5_q8.load_shard("weight", "k", blocks_of(k, 8))
+    assert q5_q8.packed and q5_q8.ggml_type == 8
     refs = {
         "same": torch.cat([blocks_of(q, 3).dequantize(), blocks_of(k, 3).dequantize()]),
         "mixed": torch.cat([blocks_of(q, 3).dequantize(), blocks_of(k, 8).dequantize()]),
+        "q5_q8": torch.cat([blocks_of(q, 6).dequantize(), blocks_of(k, 8).dequantize()]),
     }
     for rows in (1, 40):
         x = torch.randn(rows, 128)
-        for name, layer in (("same", same), ("mixed", mixed)):
+        for name, layer in (("same", same), ("mixed", mixed), ("q5_q8", q5_q8)):
             want = x.double() @ refs[name].double().t()
             # 8-bit activations in the integer products of packed blocks
-            tol = 2e-2 if name == "same" else 1e-5
+            tol = 1e-5 if name == "mixed" else 2e-2
             got = layer(x).double()
             assert ((got - want).norm() / want.norm()).item() < tol, (name, rows)
 

@@ -463,14 +463,14 @@ def test_gguf_blocks(backend, qtype, m, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q8_0": 272}
+PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q5_0": 176, "Q8_0": 272}
 
 
 @pytest.mark.parametrize("qtype", list(PACKED_GROUP_BYTES))
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_packed_blocks(qtype, m, dtype):
-    """Q4_0, Q4_1 and Q8_0 repacked in groups of eight rows (97 rows: a group
+    """Q4_0, Q4_1, Q5_0 and Q8_0 repacked in groups of eight rows (97 rows: a group
     with one row): lookups exactly the gguf package's dequantized rows,
     products against them in float64, with llama.cpp's 8-bit activations
     where the CPU has the integer path and exactly where it does not."""

@@ -1,11 +1,13 @@
-// GGUF blocks repacked once at load for integer products: Q4_0, Q4_1 and Q8_0
-// weights in groups of eight rows. For each group and each 32-weight block,
-// 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row's quants in
-// turn (four chunks of Q4 nibbles: byte t carries weight t in its low nibble
-// and weight t + 16 in its high one; eight chunks of Q8 bytes), then the
-// rows' float16 scales d0..d7, then (Q4_1) their minimums m0..m7. The bytes
-// are the file's, moved: a group takes eight times a block's bytes. A weight
-// is d * q + m, with m = -8 d for Q4_0 and 0 for Q8_0 (signed q).
+// GGUF blocks repacked once at load for integer products: Q4_0, Q4_1, Q5_0 and
+// Q8_0 weights in groups of eight rows. For each group and each 32-weight
+// block, 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row's
+// quants in turn (four chunks of nibbles: byte t carries weight t in its low
+// nibble and weight t + 16 in its high one; eight chunks of Q8 bytes); for
+// Q5_0 a plane whose byte 4j + i carries, in bit c, the fifth bit of the weight
+// that chunk position's nibble c holds (nibble_chunk_weight); then the rows'
+// float16 scales d0..d7, then (Q4_1) their minimums m0..m7. The bytes are the
+// file's, moved: a group takes eight times a block's bytes. A weight is
+// d * q + m, with m = -8 d (Q4_0), -16 d (Q5_0) or 0 (Q8_0, signed q).
 #include "gguf_packed.h"
 
 #include <algorithm>
@@ -53,19 +55,22 @@ bool cpu_has_avx512_vnni() {
 
 // Weights of row j of a group's block into dst[32], exactly.
 void dequantize_row(GgufType t, const uint8_t* gb, int j, float* dst) {
-  const uint8_t* scales = gb + 32 * quant_chunks(t);
+  const uint8_t* scales = gb + scale_offset(t);
   const float d = half_to_float(scales + 2 * j);
   if (t == GgufType::kQ8_0) {
     for (int c = 0; c < 8; ++c)
       for (int i = 0; i < 4; ++i) dst[4 * c + i] = d * static_cast<int8_t>(gb[32 * c + 4 * j + i]);
     return;
   }
-  const float m = t == GgufType::kQ4_1 ? half_to_float(scales + 16 + 2 * j) : -8.f * d;
-  for (int c = 0; c < 4; ++c)
+  const float m = t == GgufType::kQ4_1   ? half_to_float(scales + 16 + 2 * j)
+                  : t == GgufType::kQ5_0 ? -16.f * d
+                                         : -8.f * d;
+  for (int c = 0; c < 8; ++c)
     for (int i = 0; i < 4; ++i) {
-      const uint8_t q = gb[32 * c + 4 * j + i];
-      dst[4 * c + i] = (q & 0x0f) * d + m;
-      dst[16 + 4 * c + i] = (q >> 4) * d + m;
+      const uint8_t byte = gb[32 * (c % 4) + 4 * j + i];
+      int q = c < 4 ? byte & 0x0f : byte >> 4;
+      if (t == GgufType::kQ5_0) q |= ((gb[128 + 4 * j + i] >> c) & 1) << 4;
+      dst[nibble_chunk_weight(c, i)] = q * d + m;
     }
 }
 
@@ -103,29 +108,38 @@ using namespace gguf_packed;
 
 bool gguf_packed_supported(int64_t ggml_type) {
   const auto t = static_cast<GgufType>(ggml_type);
-  return t == GgufType::kQ4_0 || t == GgufType::kQ4_1 || t == GgufType::kQ8_0;
+  return t == GgufType::kQ4_0 || t == GgufType::kQ4_1 || t == GgufType::kQ5_0 ||
+         t == GgufType::kQ8_0;
 }
 
 int64_t gguf_packed_group_bytes(GgufType t, int64_t k) { return group_block_bytes(t) * k / kBlock; }
 
 void gguf_pack(const GgufWeight& w, uint8_t* packed) {
   if (!gguf_packed_supported(static_cast<int64_t>(w.type)))
-    throw std::invalid_argument("gguf_pack: Q4_0, Q4_1 or Q8_0 weights only");
+    throw std::invalid_argument("gguf_pack: Q4_0, Q4_1, Q5_0 or Q8_0 weights only");
   const GgufType t = w.type;
   const int64_t blocks = w.k / kBlock, in_bytes = gguf_block_bytes(t);
   const int64_t out_bytes = group_block_bytes(t), groups = (w.n + kGroupRows - 1) / kGroupRows;
-  const int head = t == GgufType::kQ4_1 ? 4 : 2, chunks = quant_chunks(t);
+  const int head = t == GgufType::kQ4_1 ? 4 : t == GgufType::kQ5_0 ? 6 : 2;
+  const int chunks = quant_chunks(t);
   for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < blocks; ++b) {
         uint8_t* dst = packed + (g * blocks + b) * out_bytes;
         std::memset(dst, 0, out_bytes);  // rows past n stay zero
-        uint8_t* scales = dst + 32 * chunks;
+        uint8_t* scales = dst + scale_offset(t);
         for (int j = 0; j < kGroupRows && g * kGroupRows + j < w.n; ++j) {
           const uint8_t* src = w.data + (g * kGroupRows + j) * w.row_bytes + b * in_bytes;
           std::memcpy(scales + 2 * j, src, 2);
           if (t == GgufType::kQ4_1) std::memcpy(scales + 16 + 2 * j, src + 2, 2);
           for (int c = 0; c < chunks; ++c) std::memcpy(dst + 32 * c + 4 * j, src + head + 4 * c, 4);
+          if (t == GgufType::kQ5_0) {
+            uint32_t fifth;
+            std::memcpy(&fifth, src + 2, 4);
+            for (int i = 0; i < 4; ++i)
+              for (int c = 0; c < 8; ++c)
+                dst[128 + 4 * j + i] |= ((fifth >> nibble_chunk_weight(c, i)) & 1u) << c;
+          }
         }
       }
   });

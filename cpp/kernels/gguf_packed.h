@@ -38,10 +38,17 @@ inline float half_to_float(const uint8_t* p) {
 constexpr int kGroupRows = 8;
 
 // A group's bytes per block: 32-byte chunks of quants (four bytes of each
-// row), then float16 scales d0..d7 and (Q4_1) minimums m0..m7.
+// row), for Q5_0 a 32-byte plane of fifth bits, then float16 scales d0..d7
+// and (Q4_1) minimums m0..m7.
 constexpr int quant_chunks(GgufType t) { return t == GgufType::kQ8_0 ? 8 : 4; }
+constexpr int plane_bytes(GgufType t) { return t == GgufType::kQ5_0 ? 32 : 0; }
+constexpr int scale_offset(GgufType t) { return 32 * quant_chunks(t) + plane_bytes(t); }
 constexpr int scale_bytes(GgufType t) { return t == GgufType::kQ4_1 ? 32 : 16; }
-constexpr int group_block_bytes(GgufType t) { return 32 * quant_chunks(t) + scale_bytes(t); }
+constexpr int group_block_bytes(GgufType t) { return scale_offset(t) + scale_bytes(t); }
+
+// Chunk c (0-7) of a Q4 or Q5 block holds weights 4c .. 4c + 3 of each row in
+// the low nibbles of chunk c (c < 4) or the high ones of chunk c - 4.
+constexpr int nibble_chunk_weight(int c, int i) { return c < 4 ? 4 * c + i : 16 + 4 * (c - 4) + i; }
 
 // Activation rows quantized per block as llama.cpp's q8_0/q8_1: q = round(x / d),
 // d = max|x| / 127. scales[i, b] holds {d, d * sum(q)}: the factors that a

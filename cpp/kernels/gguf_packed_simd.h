@@ -26,6 +26,7 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
   constexpr bool kSignTrick = kQ8 && !kVnni;
   constexpr float kOffset = T == GgufType::kQ4_1   ? 1.f
                             : T == GgufType::kQ4_0 ? -8.f
+                            : T == GgufType::kQ5_0 ? -16.f
                             : kSignTrick           ? 0.f
                                                    : -128.f;
   const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -33,8 +34,8 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
   for (int r = 0; r < M; ++r) acc[r] = offsets[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* gb = group + b * kBytes;
-    // w[c]: weights 4c .. 4c + 3 of each row (Q4: chunk c's low nibbles for
-    // c < 4, its high nibbles, weights 16 + 4c .., for c >= 4).
+    // w[c]: weights 4c .. 4c + 3 of each row (Q4, Q5: chunk c's low nibbles
+    // for c < 4, chunk c - 4's high nibbles, weights 16 + 4(c - 4) .., above).
     __m256i w[8];
     for (int c = 0; c < kChunks; ++c) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 32 * c));
@@ -45,7 +46,16 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
         w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibbles);
       }
     }
-    const uint8_t* s = gb + 32 * kChunks;
+    if constexpr (T == GgufType::kQ5_0) {  // bit c of the plane to bit 4 of nibble c
+      const __m256i plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 128));
+      const __m256i bit4 = _mm256_set1_epi8(0x10);
+      for (int c = 0; c < 8; ++c) {
+        const __m256i moved =
+            c < 4 ? _mm256_slli_epi16(plane, 4 - c) : _mm256_srli_epi16(plane, c - 4);
+        w[c] = _mm256_or_si256(w[c], _mm256_and_si256(moved, bit4));
+      }
+    }
+    const uint8_t* s = gb + scale_offset(T);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
     const __m256 m =
         T == GgufType::kQ4_1
@@ -65,7 +75,7 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
               _mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(broadcast4(xb + 4 * c), w[c]));
           sums[c % 2] = _mm256_add_epi32(sums[c % 2], _mm256_madd_epi16(pairs, ones));
         }
-      } else {  // 4-bit weights: eight blocks' pair sums fit int16 (8 x 2 x 15 x 127)
+      } else {  // 4- and 5-bit weights: four pair sums fit int16 (4 x 2 x 31 x 127)
         __m256i pairs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int c = 0; c < 8; ++c)
           pairs[c % 2] =
@@ -123,6 +133,8 @@ TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, float* o
       return linear_groups<GgufType::kQ4_0>(w, x, out, g0, g1);
     case GgufType::kQ4_1:
       return linear_groups<GgufType::kQ4_1>(w, x, out, g0, g1);
+    case GgufType::kQ5_0:
+      return linear_groups<GgufType::kQ5_0>(w, x, out, g0, g1);
     case GgufType::kQ8_0:
       return linear_groups<GgufType::kQ8_0>(w, x, out, g0, g1);
     default:

@@ -1,12 +1,13 @@
 """Linear layers over GGUF block weights, kept in the file's bytes.
 
-On CPUs, Q4_0, Q4_1 and Q8_0 weights are repacked at load in groups of eight
-rows (the same bytes, moved: `gguf_pack`) and every batch multiplies them
-with integer dot products against activations quantized to int8 per 32
-values, as llama.cpp computes (`gguf_packed_linear`). Q5_0 and Q5_1 keep the
-file's layout: decode-sized batches (up to 16 rows) multiply the blocks
-directly (`gguf_linear`), larger ones dequantize tiles of rows into a reused
-buffer for the BLAS. Other block types, and merged layers whose shards
+On CPUs, Q4_0, Q4_1, Q5_0 and Q8_0 weights are repacked at load in groups of
+eight rows (the same bytes, moved: `gguf_pack`) and every batch multiplies
+them with integer dot products against activations quantized to int8 per 32
+values, as llama.cpp computes (`gguf_packed_linear`); a layer merging Q5_0 and
+Q8_0 shards takes the Q5_0 ones as Q8_0. Q5_1 keeps the file's layout:
+decode-sized batches (up to 16 rows) multiply the blocks directly
+(`gguf_linear`), larger ones dequantize tiles of rows into a reused buffer
+for the BLAS. Other block types, and merged layers whose shards
 differ in type, are dequantized once at load into the model's dtype.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +24,10 @@ from tokenmill.cpu_policy import TILE_ROWS
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import linear, shard_offsets
 
+Q5_0, Q8_0 = 6, 8
 KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
-PACKED_TYPES = {2, 3, 8}  # Q4_0, Q4_1, Q8_0
-PACKED_GROUP_BYTES = {2: 144, 3: 160, 8: 272}  # eight rows' bytes per 32 columns
+PACKED_TYPES = {2, 3, 6, 8}  # Q4_0, Q4_1, Q5_0, Q8_0
+PACKED_GROUP_BYTES = {2: 144, 3: 160, 6: 176, 8: 272}  # eight rows' bytes per 32 columns
 DECODE_ROWS = 16
 
 
@@ -53,6 +56,18 @@ class GGUFBlocks:
     def packable(self) -> bool:
         """Whether the CPU kernels take this type packed (gguf_packed_linear)."""
         return self.ggml_type in PACKED_TYPES
+
+    def as_q8_0(self) -> GGUFBlocks:
+        """Q5_0 blocks as the Q8_0 blocks of the same values, d * (q - 16),
+        exactly (34 bytes a block, not 22): for layers merging both types."""
+        if self.ggml_type != Q5_0:
+            return self
+        b = self.data.numpy().reshape(self.shape[0], -1, 22)
+        high = (b[..., 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+        low = np.concatenate([b[..., 6:] & 15, b[..., 6:] >> 4], axis=-1)
+        q = ((low | (high << 4).astype(np.uint8)).astype(np.int16) - 16).astype(np.int8)
+        blocks = np.concatenate([b[..., :2], q.view(np.uint8)], axis=-1)
+        return GGUFBlocks(torch.from_numpy(blocks.reshape(self.shape[0], -1)), Q8_0, self.k)
 
     def packed(self) -> torch.Tensor:
         """The blocks in groups of eight rows (cpp/kernels/gguf_packed.cpp)."""
@@ -112,6 +127,8 @@ class GGUFLinear(nn.Module):
     def _finish(self) -> None:
         parts = [self.pending[s] for s in self.shards]
         types = {p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts}
+        if types == {Q5_0, Q8_0} and self.on_cpu:
+            parts, types = [p.as_q8_0() for p in parts], {Q8_0}
         if len(types) == 1 and types <= KERNEL_TYPES:
             whole = GGUFBlocks(torch.cat([p.data for p in parts]), types.pop(), self.in_features)
             self.packed = whole.packable and self.on_cpu
