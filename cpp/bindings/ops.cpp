@@ -431,24 +431,8 @@ void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type) 
                   "gguf_packed_linear: out must be [m, n] of x's dtype or float32 with unit "
                   "stride");
   const cpu::GgufWeight w = gguf_packed_weight(packed, ggml_type, out.size(1), x.size(1));
-  const int64_t m = x.size(0);
-  if (m == 0) return;
-  const auto f32 = torch::headeronly::ScalarType::Float;
-  std::vector<float> xf, of;
-  const float* xp = static_cast<const float*>(x.data_ptr());
-  if (x.scalar_type() != f32 || x.stride(0) != w.k) {
-    xf.resize(static_cast<size_t>(m * w.k));
-    cpu::rows_to_float(dtype_of(x), xf.data(), x.data_ptr(), m, w.k, x.stride(0), w.k);
-    xp = xf.data();
-  }
-  float* op = static_cast<float*>(out.data_ptr());
-  if (out.scalar_type() != f32 || out.stride(0) != w.n) {
-    of.resize(static_cast<size_t>(m * w.n));
-    op = of.data();
-  }
-  cpu::gguf_packed_linear(w, xp, m, op);
-  if (op != out.data_ptr())
-    cpu::rows_from_float(dtype_of(out), out.data_ptr(), op, m, w.n, out.stride(0), w.n);
+  cpu::gguf_packed_linear(w, dtype_of(x), x.data_ptr(), x.stride(0), x.size(0), dtype_of(out),
+                          out.data_ptr(), out.stride(0));
 }
 
 // out [c, k] = rows ids of the dequantized packed weight (of n rows).

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common.h"
 
@@ -157,26 +158,73 @@ void gguf_packed_rows(const GgufWeight& w, const int64_t* rows, int64_t count, f
   });
 }
 
-void gguf_packed_linear(const GgufWeight& w, const float* x, int64_t m, float* out) {
-  const int64_t groups = (w.n + kGroupRows - 1) / kGroupRows;
+namespace {
+
 #if TM_GGUF_SIMD
-  if (cpu_has_avx2_fma()) {
+// Activations quantized once per call into a buffer each calling thread reuses.
+Q8Activations& quantized(const GgufWeight& w, DType dtype, const void* x, int64_t x_stride,
+                         int64_t m, bool vnni) {
+  thread_local Q8Activations buffer;
+  Q8Activations& xq = buffer;  // the worker threads below fill this thread's buffer
+  xq.m = m;
+  xq.k = w.k;
+  xq.q.resize(static_cast<size_t>(m * w.k));
+  xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * 2));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using In = decltype(tag);
+    const In* xp = static_cast<const In*>(x);
+    if constexpr (std::is_same_v<In, float> || std::is_same_v<In, bf16>) {
+      for_thread_ranges(m, [&](int64_t i0, int64_t i1) {
+        vnni ? vnni::quantize(xp, x_stride, i0, i1, xq) : avx2::quantize(xp, x_stride, i0, i1, xq);
+      });
+    } else {
+      std::vector<float> xf(static_cast<size_t>(m * w.k));
+      rows_to_float(dtype, xf.data(), x, m, w.k, x_stride, w.k);
+      for_thread_ranges(m, [&](int64_t i0, int64_t i1) {
+        vnni ? vnni::quantize(xf.data(), w.k, i0, i1, xq)
+             : avx2::quantize(xf.data(), w.k, i0, i1, xq);
+      });
+    }
+  });
+  return xq;
+}
+#endif
+
+void linear_portable_rows(const GgufWeight& w, DType x_dtype, const void* x, int64_t x_stride,
+                          int64_t m, DType out_dtype, void* out, int64_t out_stride) {
+  const int64_t groups = (w.n + kGroupRows - 1) / kGroupRows;
+  std::vector<float> xf(static_cast<size_t>(m * w.k)), of(static_cast<size_t>(m * w.n));
+  rows_to_float(x_dtype, xf.data(), x, m, w.k, x_stride, w.k);
+  for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
+    linear_portable(w, xf.data(), m, of.data(), g0, g1);
+  });
+  rows_from_float(out_dtype, out, of.data(), m, w.n, out_stride, w.n);
+}
+
+}  // namespace
+
+void gguf_packed_linear(const GgufWeight& w, DType x_dtype, const void* x, int64_t x_stride,
+                        int64_t m, DType out_dtype, void* out, int64_t out_stride) {
+  if (m == 0) return;
+#if TM_GGUF_SIMD
+  if (cpu_has_avx2_fma() && out_dtype != DType::kFloat16) {
     const bool vnni = cpu_has_avx512_vnni();
-    Q8Activations xq;
-    xq.m = m;
-    xq.k = w.k;
-    xq.q.resize(static_cast<size_t>(m * w.k));
-    xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * 2));
-    for_thread_ranges(m, [&](int64_t i0, int64_t i1) {
-      vnni ? vnni::quantize(x, i0, i1, xq) : avx2::quantize(x, i0, i1, xq);
-    });
-    for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
-      vnni ? vnni::linear(w, xq, out, g0, g1) : avx2::linear(w, xq, out, g0, g1);
+    const Q8Activations& xq = quantized(w, x_dtype, x, x_stride, m, vnni);
+    const int64_t groups = (w.n + kGroupRows - 1) / kGroupRows;
+    dispatch_dtype(out_dtype, [&](auto tag) {
+      using Out = decltype(tag);
+      if constexpr (std::is_same_v<Out, float> || std::is_same_v<Out, bf16>) {
+        Out* op = static_cast<Out*>(out);
+        for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
+          vnni ? vnni::linear(w, xq, op, out_stride, g0, g1)
+               : avx2::linear(w, xq, op, out_stride, g0, g1);
+        });
+      }
     });
     return;
   }
 #endif
-  for_thread_ranges(groups, [&](int64_t g0, int64_t g1) { linear_portable(w, x, m, out, g0, g1); });
+  linear_portable_rows(w, x_dtype, x, x_stride, m, out_dtype, out, out_stride);
 }
 
 }  // namespace tokenmill::cpu

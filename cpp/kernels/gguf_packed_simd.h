@@ -16,9 +16,9 @@ TM_GGUF_TARGET inline __m256i broadcast4(const int8_t* p) {
 }
 
 // Rows 8g .. 8g + 7 of the weight against activation rows i0 .. i0 + M - 1.
-template <GgufType T, int M>
+template <GgufType T, int M, typename Out>
 TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Activations& x,
-                               int64_t i0, float* out, int64_t n, int64_t row0) {
+                               int64_t i0, Out* out, int64_t out_stride, int64_t n, int64_t row0) {
   constexpr int kChunks = quant_chunks(T), kBytes = group_block_bytes(T);
   constexpr bool kQ8 = T == GgufType::kQ8_0;
   // Without VNNI, 8-bit weights take vpmaddubsw's sign trick (|w| against
@@ -91,68 +91,77 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
   }
   for (int r = 0; r < M; ++r) {
     const __m256 rows = _mm256_fmadd_ps(offsets[r], _mm256_set1_ps(kOffset), acc[r]);
-    float* o = out + (i0 + r) * n + row0;
+    Out* o = out + (i0 + r) * out_stride + row0;
     if (row0 + kGroupRows <= n) {
-      _mm256_storeu_ps(o, rows);
+      store8(o, rows);
     } else {
       alignas(32) float v[8];
       _mm256_store_ps(v, rows);
-      for (int j = 0; row0 + j < n; ++j) o[j] = v[j];
+      for (int j = 0; row0 + j < n; ++j) o[j] = from_float<Out>(v[j]);
     }
   }
 }
 
-// Weight groups [g0, g1) against every activation row: rows in tiles that
-// stay in cache while the groups pass, M rows at a time against a group.
-template <GgufType T>
-TM_GGUF_TARGET void linear_groups(const GgufWeight& w, const Q8Activations& x, float* out,
-                                  int64_t g0, int64_t g1) {
+// Weight groups [g0, g1) against every activation row: groups in chunks
+// that stay in cache while every tile of activation rows passes them, M
+// rows at a time against a group.
+template <GgufType T, typename Out>
+TM_GGUF_TARGET void linear_groups(const GgufWeight& w, const Q8Activations& x, Out* out,
+                                  int64_t out_stride, int64_t g0, int64_t g1) {
   constexpr int kMaxM = kVnni ? 4 : 2;  // accumulators within the register file
-  constexpr int64_t kTile = 64;
+  constexpr int64_t kTile = 64, kChunkBytes = 256 << 10;
   const int64_t blocks = w.k / kBlock;
-  for (int64_t t0 = 0; t0 < x.m; t0 += kTile) {
-    const int64_t t1 = t0 + kTile < x.m ? t0 + kTile : x.m;
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* group = w.data + g * w.row_bytes;
-      int64_t i = t0;
-      for (; i + kMaxM <= t1; i += kMaxM)
-        group_rows<T, kMaxM>(group, blocks, x, i, out, w.n, g * kGroupRows);
-      if (kMaxM > 2 && i + 2 <= t1) {
-        group_rows<T, 2>(group, blocks, x, i, out, w.n, g * kGroupRows);
-        i += 2;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / w.row_bytes);
+  for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+    const int64_t c1 = std::min(g1, c0 + chunk);
+    for (int64_t t0 = 0; t0 < x.m; t0 += kTile) {
+      const int64_t t1 = std::min(x.m, t0 + kTile);
+      for (int64_t g = c0; g < c1; ++g) {
+        const uint8_t* group = w.data + g * w.row_bytes;
+        const int64_t row0 = g * kGroupRows;
+        int64_t i = t0;
+        for (; i + kMaxM <= t1; i += kMaxM)
+          group_rows<T, kMaxM>(group, blocks, x, i, out, out_stride, w.n, row0);
+        if (kMaxM > 2 && i + 2 <= t1) {
+          group_rows<T, 2>(group, blocks, x, i, out, out_stride, w.n, row0);
+          i += 2;
+        }
+        for (; i < t1; ++i) group_rows<T, 1>(group, blocks, x, i, out, out_stride, w.n, row0);
       }
-      for (; i < t1; ++i) group_rows<T, 1>(group, blocks, x, i, out, w.n, g * kGroupRows);
     }
   }
 }
 
-TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, float* out, int64_t g0,
-                           int64_t g1) {
+template <typename Out>
+TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, Out* out,
+                           int64_t out_stride, int64_t g0, int64_t g1) {
   switch (w.type) {
     case GgufType::kQ4_0:
-      return linear_groups<GgufType::kQ4_0>(w, x, out, g0, g1);
+      return linear_groups<GgufType::kQ4_0>(w, x, out, out_stride, g0, g1);
     case GgufType::kQ4_1:
-      return linear_groups<GgufType::kQ4_1>(w, x, out, g0, g1);
+      return linear_groups<GgufType::kQ4_1>(w, x, out, out_stride, g0, g1);
     case GgufType::kQ5_0:
-      return linear_groups<GgufType::kQ5_0>(w, x, out, g0, g1);
+      return linear_groups<GgufType::kQ5_0>(w, x, out, out_stride, g0, g1);
     case GgufType::kQ8_0:
-      return linear_groups<GgufType::kQ8_0>(w, x, out, g0, g1);
+      return linear_groups<GgufType::kQ8_0>(w, x, out, out_stride, g0, g1);
     default:
       return;
   }
 }
 
-// Activation rows [i0, i1) of x [m, k] into 8-bit blocks.
-TM_GGUF_TARGET void quantize(const float* x, int64_t i0, int64_t i1, Q8Activations& out) {
+// Activation rows [i0, i1) of x [m, k] (row stride x_stride) into 8-bit blocks.
+template <typename In>
+TM_GGUF_TARGET void quantize(const In* x, int64_t x_stride, int64_t i0, int64_t i1,
+                             Q8Activations& out) {
   const int64_t k = out.k, blocks = k / kBlock;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* v = x + i * k + b * kBlock;
+      const In* v = x + i * x_stride + b * kBlock;
       __m256 q[4], amax = _mm256_setzero_ps();
       for (int j = 0; j < 4; ++j) {
-        q[j] = _mm256_loadu_ps(v + 8 * j);
+        q[j] = load8(v + 8 * j);
         amax = _mm256_max_ps(amax, _mm256_and_ps(q[j], abs_mask));
       }
       __m128 mx = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
