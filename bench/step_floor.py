@@ -47,9 +47,7 @@ def main():
         engine.step()
 
     model = engine.runner.model
-    blocks = [
-        m.qweight for m in model.modules() if isinstance(m, GGUFLinear) and m.qweight is not None
-    ]
+    blocks = [r.data for m in model.modules() if isinstance(m, GGUFLinear) for r in m.runs]
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *blocks])
     weight_dtype = engine.runner.dtype
     k = 576

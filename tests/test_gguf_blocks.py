@@ -16,34 +16,50 @@ def blocks_of(w: torch.Tensor, ggml_type: int) -> GGUFBlocks:
     return GGUFBlocks(torch.from_numpy(gguf.quantize(w.numpy(), ggml_type)), ggml_type, w.shape[1])
 
 
-def test_merged_layer_of_one_type_keeps_blocks_and_mixed_types_dequantize():
+def random_k_blocks(n: int, k: int, ggml_type: int, seed: int) -> GGUFBlocks:
+    """Random K-quant super-blocks (the gguf package cannot quantize to them)
+    with small float16 scales."""
+    rng = np.random.default_rng(seed)
+    size = {12: 144, 13: 176, 14: 210}[ggml_type]
+    b = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+    d = lambda: (rng.random((b.shape[0], 1)) * 0.01).astype(np.float16).view(np.uint8)  # noqa: E731
+    if ggml_type == 14:
+        b[:, 208:210] = d()
+    else:
+        b[:, 0:2], b[:, 2:4] = d(), d()
+    return GGUFBlocks(torch.from_numpy(b.reshape(n, -1)), ggml_type, k)
+
+
+def test_merged_layers_keep_a_run_of_blocks_per_type():
     torch.manual_seed(0)
-    q, k = torch.randn(64, 128) * 0.1, torch.randn(32, 128) * 0.1
-    same = GGUFLinear(128, {"q": 64, "k": 32}, bias=False)
-    same.load_shard("weight", "q", blocks_of(q, 3))
-    same.load_shard("weight", "k", blocks_of(k, 3))
-    assert same.qweight is not None and same.weight is None and same.ggml_type == 3
-    assert same.packed and same.qweight.numel() == (64 + 32) * 128 // 32 * 20  # the file's bytes
-    mixed = GGUFLinear(128, {"q": 64, "k": 32}, bias=False)
-    mixed.load_shard("weight", "q", blocks_of(q, 3))
-    mixed.load_shard("weight", "k", blocks_of(k, 8))
-    assert mixed.qweight is None and mixed.weight.shape == (96, 128)
-    # Q5_0 shards beside Q8_0 ones take the same values as Q8_0 blocks
-    q5_q8 = GGUFLinear(128, {"q": 64, "k": 32}, bias=False)
-    q5_q8.load_shard("weight", "q", blocks_of(q, 6))
-    q5_q8.load_shard("weight", "k", blocks_of(k, 8))
-    assert q5_q8.packed and q5_q8.ggml_type == 8
-    refs = {
-        "same": torch.cat([blocks_of(q, 3).dequantize(), blocks_of(k, 3).dequantize()]),
-        "mixed": torch.cat([blocks_of(q, 3).dequantize(), blocks_of(k, 8).dequantize()]),
-        "q5_q8": torch.cat([blocks_of(q, 6).dequantize(), blocks_of(k, 8).dequantize()]),
+    q, k = torch.randn(64, 256) * 0.1, torch.randn(32, 256) * 0.1
+    shards = {
+        "same": [blocks_of(q, 3), blocks_of(k, 3)],
+        "q5_q8": [blocks_of(q, 6), blocks_of(k, 8)],
+        "q4k_q6k": [random_k_blocks(64, 256, 12, 1), random_k_blocks(32, 256, 14, 2)],
+        "q4_1_q5_1": [blocks_of(q, 3), blocks_of(k, 7)],  # Q5_1 has no packed form
     }
+    layers = {}
+    for name, (bq, bk) in shards.items():
+        layer = GGUFLinear(256, {"q": 64, "k": 32}, bias=False)
+        layer.load_shard("weight", "q", bq)
+        layer.load_shard("weight", "k", bk)
+        layers[name] = layer
+    assert [(r.start, r.size, r.ggml_type) for r in layers["same"].runs] == [(0, 96, 3)]
+    assert layers["same"].block_bytes == 96 * 256 // 32 * 20  # the file's bytes
+    assert [(r.start, r.size, r.ggml_type) for r in layers["q4k_q6k"].runs] == [
+        (0, 64, 12),
+        (64, 32, 14),
+    ]
+    assert all(r.packed for r in layers["q5_q8"].runs) and len(layers["q5_q8"].runs) == 2
+    assert not layers["q4_1_q5_1"].runs and layers["q4_1_q5_1"].weight.shape == (96, 256)
     for rows in (1, 40):
-        x = torch.randn(rows, 128)
-        for name, layer in (("same", same), ("mixed", mixed), ("q5_q8", q5_q8)):
-            want = x.double() @ refs[name].double().t()
+        x = torch.randn(rows, 256)
+        for name, layer in layers.items():
+            ref = torch.cat([b.dequantize() for b in shards[name]]).double()
+            want = x.double() @ ref.t()
             # 8-bit activations in the integer products of packed blocks
-            tol = 1e-5 if name == "mixed" else 2e-2
+            tol = 1e-5 if name == "q4_1_q5_1" else 2e-2
             got = layer(x).double()
             assert ((got - want).norm() / want.norm()).item() < tol, (name, rows)
 
@@ -61,8 +77,8 @@ def test_default_model_from_its_blocks(smollm2_path):
         if blocks:
             layers = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, GGUFLinear)]
             # qkv, o, gate/up and down of 30 layers
-            assert len(layers) == 4 * 30 and all(m.qweight is not None for m in layers)
-            held = sum(m.qweight.numel() for m in layers)
+            assert len(layers) == 4 * 30 and all(m.runs for m in layers)
+            held = sum(m.block_bytes for m in layers)
             assert held < 0.7 * 135e6  # Q4_1: 0.625 bytes a weight
             model = llm.llm_engine.runner.model
             # the Q8_0 table stays blocks, read by lookups and the tied head alike

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tokenmill.ops as native
 import torch
@@ -464,34 +465,57 @@ def test_gguf_blocks(backend, qtype, m, dtype):
 
 
 PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q5_0": 176, "Q8_0": 272}
+K_TYPES = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
-@pytest.mark.parametrize("qtype", list(PACKED_GROUP_BYTES))
+def random_k_quant(n: int, k: int, ggml: int, rng: torch.Generator) -> np.ndarray:
+    """Random K-quant super-blocks with small float16 scales (the gguf
+    package dequantizes these types but cannot quantize to them)."""
+    size = {12: 144, 13: 176, 14: 210}[ggml]
+    b = torch.randint(0, 256, (n * k // 256, size), generator=rng, dtype=torch.uint8).numpy()
+    scales = (torch.rand(b.shape[0], 2, generator=rng) * 0.01).numpy().astype(np.float16)
+    if ggml == 14:
+        b[:, 208:210] = scales[:, :1].view(np.uint8)
+    else:
+        b[:, 0:4] = scales.view(np.uint8)
+    return b.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", [*PACKED_GROUP_BYTES, *K_TYPES])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_packed_blocks(qtype, m, dtype):
-    """Q4_0, Q4_1, Q5_0 and Q8_0 repacked in groups of eight rows (97 rows: a group
-    with one row): lookups exactly the gguf package's dequantized rows,
-    products against them in float64, with llama.cpp's 8-bit activations
-    where the CPU has the integer path and exactly where it does not."""
+    """Q4_0, Q4_1, Q5_0, Q8_0 and the K types repacked in groups of eight rows
+    (97 rows: a group with one row): lookups exactly the gguf package's
+    dequantized rows, products against them in float64, with llama.cpp's
+    8-bit activations where the CPU has the integer path and exactly where it
+    does not; strided rows in and out."""
     gguf = pytest.importorskip("gguf.quants")
+    from tokenmill.layers.gguf_linear import GGUFBlocks
+
     rng = torch.Generator().manual_seed(m)
-    n, k = 97, 320
-    w = (torch.randn(n, k, generator=rng) * 0.05).numpy()
-    ggml = GGUF_TYPES[qtype]
-    blocks = gguf.quantize(w, ggml)
+    n = 97
+    if qtype in K_TYPES:
+        k, ggml = 512, K_TYPES[qtype]
+        blocks = random_k_quant(n, k, ggml, rng)
+        packed = GGUFBlocks(torch.from_numpy(blocks), ggml, k).packed()
+    else:
+        k, ggml = 320, GGUF_TYPES[qtype]
+        blocks = gguf.quantize((torch.randn(n, k, generator=rng) * 0.05).numpy(), ggml)
+        packed = torch.full((13, PACKED_GROUP_BYTES[qtype] * k // 32), 0xAB, dtype=torch.uint8)
+        native.gguf_pack(packed, torch.from_numpy(blocks.copy()), ggml, k)
     ref_w = torch.from_numpy(gguf.dequantize(blocks, ggml)).double()
-    packed = torch.full((13, PACKED_GROUP_BYTES[qtype] * k // 32), 0xAB, dtype=torch.uint8)
-    native.gguf_pack(packed, torch.from_numpy(blocks.copy()), ggml, k)
     ids = torch.tensor([96, 0, 5, 5, 50])
     rows = poisoned((5, k), dtype, "cpu")
     native.gguf_packed_rows(rows, ids, packed, ggml, n)
     assert torch.equal(rows, ref_w[ids].to(dtype))
-    x = torch.randn(m, k, generator=rng).to(dtype)
+    x = torch.randn(m, k + 32, generator=rng).to(dtype)[:, 16 : 16 + k]  # rows k + 32 apart
     ref = x.double() @ ref_w.t()
     for out_dtype in (dtype, torch.float32):
-        out = poisoned((m, n), out_dtype, "cpu")
+        wide = poisoned((m, n + 7), out_dtype, "cpu")
+        out = wide[:, 3 : 3 + n]
         native.gguf_packed_linear(out, x, packed, ggml)
+        assert torch.isnan(wide[:, :3]).all() and torch.isnan(wide[:, 3 + n :]).all()
         if "avx2" in _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2"):
             assert 1e-4 < rel_err(out, ref) < 2e-2  # rounded activations, as llama.cpp's
         else:

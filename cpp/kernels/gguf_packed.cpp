@@ -8,6 +8,8 @@
 // float16 scales d0..d7, then (Q4_1) their minimums m0..m7. The bytes are the
 // file's, moved: a group takes eight times a block's bytes. A weight is
 // d * q + m, with m = -8 d (Q4_0), -16 d (Q5_0) or 0 (Q8_0, signed q).
+// The K types (Q4_K, Q5_K, Q6_K) take the same layout per 32 weights with
+// float32 scales (gguf_packed.h); the loader decodes their super-blocks.
 #include "gguf_packed.h"
 
 #include <algorithm>
@@ -57,20 +59,32 @@ bool cpu_has_avx512_vnni() {
 // Weights of row j of a group's block into dst[32], exactly.
 void dequantize_row(GgufType t, const uint8_t* gb, int j, float* dst) {
   const uint8_t* scales = gb + scale_offset(t);
-  const float d = half_to_float(scales + 2 * j);
-  if (t == GgufType::kQ8_0) {
+  float d, f;
+  if (k_type(t)) {
+    std::memcpy(&d, scales + 4 * j, 4);
+    std::memcpy(&f, scales + 32 + 4 * j, 4);
+  } else {
+    d = half_to_float(scales + 2 * j);
+    f = t == GgufType::kQ4_1 ? half_to_float(scales + 16 + 2 * j) : d;
+  }
+  if (byte_quants(t)) {
     for (int c = 0; c < 8; ++c)
-      for (int i = 0; i < 4; ++i) dst[4 * c + i] = d * static_cast<int8_t>(gb[32 * c + 4 * j + i]);
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t q = gb[32 * c + 4 * j + i];
+        dst[4 * c + i] = t == GgufType::kQ8_0 ? d * static_cast<int8_t>(q)
+                                              : (c < 4 ? d : f) * static_cast<float>(q - 32);
+      }
     return;
   }
-  const float m = t == GgufType::kQ4_1   ? half_to_float(scales + 16 + 2 * j)
+  const float m = t == GgufType::kQ4_1   ? f
+                  : k_type(t)            ? -f
                   : t == GgufType::kQ5_0 ? -16.f * d
                                          : -8.f * d;
   for (int c = 0; c < 8; ++c)
     for (int i = 0; i < 4; ++i) {
       const uint8_t byte = gb[32 * (c % 4) + 4 * j + i];
       int q = c < 4 ? byte & 0x0f : byte >> 4;
-      if (t == GgufType::kQ5_0) q |= ((gb[128 + 4 * j + i] >> c) & 1) << 4;
+      if (fifth_bits(t)) q |= ((gb[128 + 4 * j + i] >> c) & 1) << 4;
       dst[nibble_chunk_weight(c, i)] = q * d + m;
     }
 }
@@ -110,13 +124,13 @@ using namespace gguf_packed;
 bool gguf_packed_supported(int64_t ggml_type) {
   const auto t = static_cast<GgufType>(ggml_type);
   return t == GgufType::kQ4_0 || t == GgufType::kQ4_1 || t == GgufType::kQ5_0 ||
-         t == GgufType::kQ8_0;
+         t == GgufType::kQ8_0 || k_type(t);
 }
 
 int64_t gguf_packed_group_bytes(GgufType t, int64_t k) { return group_block_bytes(t) * k / kBlock; }
 
 void gguf_pack(const GgufWeight& w, uint8_t* packed) {
-  if (!gguf_packed_supported(static_cast<int64_t>(w.type)))
+  if (!gguf_packed_supported(static_cast<int64_t>(w.type)) || k_type(w.type))
     throw std::invalid_argument("gguf_pack: Q4_0, Q4_1, Q5_0 or Q8_0 weights only");
   const GgufType t = w.type;
   const int64_t blocks = w.k / kBlock, in_bytes = gguf_block_bytes(t);
@@ -169,7 +183,7 @@ Q8Activations& quantized(const GgufWeight& w, DType dtype, const void* x, int64_
   xq.m = m;
   xq.k = w.k;
   xq.q.resize(static_cast<size_t>(m * w.k));
-  xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * 2));
+  xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * kActivationFactors));
   dispatch_dtype(dtype, [&](auto tag) {
     using In = decltype(tag);
     const In* xp = static_cast<const In*>(x);

@@ -8,6 +8,13 @@
 // every lane sum a whole block into one int32 lane per row: a block costs
 // one conversion and one scaling for eight rows.
 
+TM_GGUF_TARGET inline int32_t hsum_epi32(__m256i v) {
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+  return _mm_cvtsi128_si32(t);
+}
+
 // x's four bytes at p in every 32-bit lane.
 TM_GGUF_TARGET inline __m256i broadcast4(const int8_t* p) {
   int32_t v;
@@ -15,20 +22,40 @@ TM_GGUF_TARGET inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// The sum over a block's weights of q times the activations' q, per row:
+// offsets (kOffset) turn it into the product with the weights' values.
+// d_w d_x sum(q_w q_x) + kOffset * f_w * d_x sum(q_x) per block, where f is
+// the second factor (Q4_1's minimum, the K types' minimum) or d itself; Q6_K's
+// two halves each meet their own scale and activation sum.
+template <GgufType T>
+constexpr float offset_factor() {
+  switch (T) {
+    case GgufType::kQ4_1:
+      return 1.f;
+    case GgufType::kQ4_K:
+    case GgufType::kQ5_K:
+      return -1.f;
+    case GgufType::kQ4_0:
+      return -8.f;
+    case GgufType::kQ5_0:
+      return -16.f;
+    case GgufType::kQ6_K:
+      return -32.f;
+    default:  // Q8_0: signed weights, or with VNNI weights shifted by 128
+      return kVnni ? -128.f : 0.f;
+  }
+}
+
 // Rows 8g .. 8g + 7 of the weight against activation rows i0 .. i0 + M - 1.
 template <GgufType T, int M, typename Out>
 TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Activations& x,
                                int64_t i0, Out* out, int64_t out_stride, int64_t n, int64_t row0) {
   constexpr int kChunks = quant_chunks(T), kBytes = group_block_bytes(T);
-  constexpr bool kQ8 = T == GgufType::kQ8_0;
+  constexpr bool kQ8 = T == GgufType::kQ8_0, kHalves = T == GgufType::kQ6_K;
   // Without VNNI, 8-bit weights take vpmaddubsw's sign trick (|w| against
   // x * sign(w)); with it they gain an offset of 128, paid back per block.
   constexpr bool kSignTrick = kQ8 && !kVnni;
-  constexpr float kOffset = T == GgufType::kQ4_1   ? 1.f
-                            : T == GgufType::kQ4_0 ? -8.f
-                            : T == GgufType::kQ5_0 ? -16.f
-                            : kSignTrick           ? 0.f
-                                                   : -128.f;
+  constexpr float kOffset = offset_factor<T>();
   const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   __m256 acc[M], offsets[M];
   for (int r = 0; r < M; ++r) acc[r] = offsets[r] = _mm256_setzero_ps();
@@ -39,14 +66,14 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
     __m256i w[8];
     for (int c = 0; c < kChunks; ++c) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 32 * c));
-      if constexpr (kQ8) {
-        w[c] = kSignTrick ? raw : _mm256_xor_si256(raw, _mm256_set1_epi8(-128));
+      if constexpr (byte_quants(T)) {
+        w[c] = kQ8 && kVnni ? _mm256_xor_si256(raw, _mm256_set1_epi8(-128)) : raw;
       } else {
         w[c] = _mm256_and_si256(raw, low_nibbles);
         w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibbles);
       }
     }
-    if constexpr (T == GgufType::kQ5_0) {  // bit c of the plane to bit 4 of nibble c
+    if constexpr (fifth_bits(T)) {  // bit c of the plane to bit 4 of nibble c
       const __m256i plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 128));
       const __m256i bit4 = _mm256_set1_epi8(0x10);
       for (int c = 0; c < 8; ++c) {
@@ -56,24 +83,34 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
       }
     }
     const uint8_t* s = gb + scale_offset(T);
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-    const __m256 m =
-        T == GgufType::kQ4_1
-            ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16)))
-            : d;
+    __m256 d, f;
+    if constexpr (k_type(T)) {
+      d = _mm256_loadu_ps(reinterpret_cast<const float*>(s));
+      f = _mm256_loadu_ps(reinterpret_cast<const float*>(s + 32));
+    } else {
+      d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+      f = T == GgufType::kQ4_1
+              ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16)))
+              : d;
+    }
     for (int r = 0; r < M; ++r) {
       const int8_t* xb = x.q.data() + (i0 + r) * x.k + b * kBlock;
-      __m256i sums[2];  // two chains of multiply-adds, half the latency
+      // Two chains of multiply-adds, half the latency; Q6_K's chains are its halves.
+      __m256i sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
       if constexpr (kVnni) {
-        sums[0] = sums[1] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c)
-          sums[c % 2] = _mm256_dpbusd_epi32(sums[c % 2], w[c], broadcast4(xb + 4 * c));
-      } else if constexpr (kSignTrick) {
-        sums[0] = sums[1] = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c) {
-          const __m256i pairs = _mm256_maddubs_epi16(
-              _mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(broadcast4(xb + 4 * c), w[c]));
-          sums[c % 2] = _mm256_add_epi32(sums[c % 2], _mm256_madd_epi16(pairs, ones));
+          const int chain = kHalves ? c / 4 : c % 2;
+          sums[chain] = _mm256_dpbusd_epi32(sums[chain], w[c], broadcast4(xb + 4 * c));
+        }
+      } else if constexpr (byte_quants(T)) {  // one pair sum per chunk: |w| x 127 x 2 fits int16
+        for (int c = 0; c < 8; ++c) {
+          const __m256i xc = broadcast4(xb + 4 * c);
+          const __m256i pairs =
+              kSignTrick
+                  ? _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xc, w[c]))
+                  : _mm256_maddubs_epi16(w[c], xc);
+          const int chain = kHalves ? c / 4 : c % 2;
+          sums[chain] = _mm256_add_epi32(sums[chain], _mm256_madd_epi16(pairs, ones));
         }
       } else {  // 4- and 5-bit weights: four pair sums fit int16 (4 x 2 x 31 x 127)
         __m256i pairs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -83,10 +120,18 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
         sums[0] = _mm256_madd_epi16(pairs[0], ones);
         sums[1] = _mm256_madd_epi16(pairs[1], ones);
       }
-      const float* xs = x.scales.data() + ((i0 + r) * blocks + b) * 2;
-      const __m256 total = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
-      acc[r] = _mm256_fmadd_ps(total, _mm256_mul_ps(d, _mm256_set1_ps(xs[0])), acc[r]);
-      offsets[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[1]), offsets[r]);
+      const float* xs = x.scales.data() + ((i0 + r) * blocks + b) * kActivationFactors;
+      const __m256 dx = _mm256_set1_ps(xs[0]);
+      if constexpr (kHalves) {
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[0]), _mm256_mul_ps(d, dx), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[1]), _mm256_mul_ps(f, dx), acc[r]);
+        offsets[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xs[2]), offsets[r]);
+        offsets[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(xs[3]), offsets[r]);
+      } else {
+        const __m256 total = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
+        acc[r] = _mm256_fmadd_ps(total, _mm256_mul_ps(d, dx), acc[r]);
+        offsets[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(xs[1]), offsets[r]);
+      }
     }
   }
   for (int r = 0; r < M; ++r) {
@@ -144,6 +189,12 @@ TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, Out* out
       return linear_groups<GgufType::kQ5_0>(w, x, out, out_stride, g0, g1);
     case GgufType::kQ8_0:
       return linear_groups<GgufType::kQ8_0>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ4_K:
+      return linear_groups<GgufType::kQ4_K>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ5_K:
+      return linear_groups<GgufType::kQ5_K>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ6_K:
+      return linear_groups<GgufType::kQ6_K>(w, x, out, out_stride, g0, g1);
     default:
       return;
   }
@@ -168,20 +219,18 @@ TM_GGUF_TARGET void quantize(const In* x, int64_t x_stride, int64_t i0, int64_t 
       mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
       mx = _mm_max_ss(mx, _mm_movehdup_ps(mx));
       const float d = _mm_cvtss_f32(mx) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      __m256i n[4], total = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {
-        n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(q[j], _mm256_set1_ps(inv)));
-        total = _mm256_add_epi32(total, n[j]);
-      }
+      __m256i n[4];
+      for (int j = 0; j < 4; ++j) n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(q[j], _mm256_set1_ps(inv)));
       const __m256i bytes =
           _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + i * k + b * kBlock),
                           _mm256_permutevar8x32_epi32(bytes, order));
-      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-      float* scales = out.scales.data() + (i * blocks + b) * 2;
+      const float lo = static_cast<float>(hsum_epi32(_mm256_add_epi32(n[0], n[1])));
+      const float hi = static_cast<float>(hsum_epi32(_mm256_add_epi32(n[2], n[3])));
+      float* scales = out.scales.data() + (i * blocks + b) * kActivationFactors;
       scales[0] = d;
-      scales[1] = d * static_cast<float>(_mm_cvtsi128_si32(t));
+      scales[1] = d * (lo + hi);
+      scales[2] = d * lo;
+      scales[3] = d * hi;
     }
 }

@@ -96,7 +96,16 @@ void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n,
 
 // GGUF block formats (ggml's type numbers): a weight [n, k] stored as n rows
 // of k / 32 blocks of row_bytes / (k / 32) bytes each.
-enum class GgufType { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
+enum class GgufType {
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14
+};
 struct GgufWeight {
   GgufType type;
   const uint8_t* data;
@@ -110,9 +119,11 @@ void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
 // exactly (integer products: gguf_packed_linear).
 void gguf_linear(const GgufWeight& w, const float* x, int64_t m, float* out);
 
-// Q4_0, Q4_1 and Q8_0 weights repacked for integer products in groups of eight
-// rows (layout in cpp/kernels/gguf_packed.cpp): ceil(n / 8) groups of
-// gguf_packed_group_bytes(t, k) bytes, a GgufWeight with row_bytes that size.
+// Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K weights repacked for integer
+// products in groups of eight rows (layout in cpp/kernels/gguf_packed.h):
+// ceil(n / 8) groups of gguf_packed_group_bytes(t, k) bytes, a GgufWeight with
+// row_bytes that size. gguf_pack takes the legacy types; the K types are
+// repacked by the loader (tokenmill.layers.gguf_linear).
 bool gguf_packed_supported(int64_t ggml_type);
 int64_t gguf_packed_group_bytes(GgufType t, int64_t k);
 void gguf_pack(const GgufWeight& w, uint8_t* packed);

@@ -1,33 +1,35 @@
 """Linear layers over GGUF block weights, kept in the file's bytes.
 
 On CPUs, Q4_0, Q4_1, Q5_0 and Q8_0 weights are repacked at load in groups of
-eight rows (the same bytes, moved: `gguf_pack`) and every batch multiplies
-them with integer dot products against activations quantized to int8 per 32
-values, as llama.cpp computes (`gguf_packed_linear`); a layer merging Q5_0 and
-Q8_0 shards takes the Q5_0 ones as Q8_0. Q5_1 keeps the file's layout:
-decode-sized batches (up to 16 rows) multiply the blocks directly
-(`gguf_linear`), larger ones dequantize tiles of rows into a reused buffer
-for the BLAS. Other block types, and merged layers whose shards
-differ in type, are dequantized once at load into the model's dtype.
+eight rows (the same bytes, moved: `gguf_pack`), Q4_K, Q5_K and Q6_K ones
+likewise per 32 weights with their scales as float32 (`gguf_kquants`), and
+every batch multiplies them with integer dot products against activations
+quantized to int8 per 32 values, as llama.cpp computes (`gguf_packed_linear`).
+A merged layer whose shards differ in type keeps a run of blocks per type.
+Q5_1, and block weights on GPUs, keep the file's layout: decode-sized
+batches (up to 16 rows) multiply the blocks directly (`gguf_linear`), larger
+ones dequantize tiles of rows into a reused buffer for the BLAS. Other block
+types are dequantized once at load into the model's dtype.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.cpu_policy import TILE_ROWS
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers import gguf_kquants
 from tokenmill.layers.linear import linear, shard_offsets
 
-Q5_0, Q8_0 = 6, 8
 KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
-PACKED_TYPES = {2, 3, 6, 8}  # Q4_0, Q4_1, Q5_0, Q8_0
-PACKED_GROUP_BYTES = {2: 144, 3: 160, 6: 176, 8: 272}  # eight rows' bytes per 32 columns
+PACKED_TYPES = {2, 3, 6, 8, *gguf_kquants.K_TYPES}  # Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
+# eight rows' bytes per 32 columns
+PACKED_GROUP_BYTES = {2: 144, 3: 160, 6: 176, 8: 272, **gguf_kquants.GROUP_BLOCK_BYTES}
 DECODE_ROWS = 16
 
 
@@ -57,21 +59,11 @@ class GGUFBlocks:
         """Whether the CPU kernels take this type packed (gguf_packed_linear)."""
         return self.ggml_type in PACKED_TYPES
 
-    def as_q8_0(self) -> GGUFBlocks:
-        """Q5_0 blocks as the Q8_0 blocks of the same values, d * (q - 16),
-        exactly (34 bytes a block, not 22): for layers merging both types."""
-        if self.ggml_type != Q5_0:
-            return self
-        b = self.data.numpy().reshape(self.shape[0], -1, 22)
-        high = (b[..., 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
-        low = np.concatenate([b[..., 6:] & 15, b[..., 6:] >> 4], axis=-1)
-        q = ((low | (high << 4).astype(np.uint8)).astype(np.int16) - 16).astype(np.int8)
-        blocks = np.concatenate([b[..., :2], q.view(np.uint8)], axis=-1)
-        return GGUFBlocks(torch.from_numpy(blocks.reshape(self.shape[0], -1)), Q8_0, self.k)
-
     def packed(self) -> torch.Tensor:
-        """The blocks in groups of eight rows (cpp/kernels/gguf_packed.cpp)."""
+        """The blocks in groups of eight rows (cpp/kernels/gguf_packed.h)."""
         n, k = self.shape
+        if self.ggml_type in gguf_kquants.K_TYPES:
+            return torch.from_numpy(gguf_kquants.pack(self.data.numpy(), self.ggml_type, n, k))
         out = torch.empty(
             -(-n // 8), PACKED_GROUP_BYTES[self.ggml_type] * k // 32, dtype=torch.uint8
         )
@@ -91,9 +83,24 @@ def dequantize_gguf(data, ggml_type: int, shape, name: str = "a tensor") -> torc
         raise ModelLoadError(f"GGUF {name} has type {kind}, which tokenmill cannot read") from e
 
 
+@dataclass
+class BlockRun:
+    """Output rows [start, start + size) of a layer, held as one block tensor:
+    eight-row groups on CPUs (packed), the file's rows elsewhere."""
+
+    start: int
+    size: int
+    data: torch.Tensor
+    ggml_type: int
+    packed: bool
+
+
 class GGUFLinear(nn.Module):
     """x @ W.T (+ bias) for W given in shards (one for a plain projection,
-    several for merged ones) of GGUF blocks or float tensors."""
+    several for merged ones) of GGUF blocks or float tensors. On CPUs, shards
+    of packable types stay blocks, consecutive shards of one type in one run;
+    elsewhere one block type for the whole layer does, through the exact
+    kernels; anything else is dequantized once into the model's dtype."""
 
     def __init__(self, in_features: int, out_sizes: dict, bias: bool):
         super().__init__()
@@ -105,9 +112,7 @@ class GGUFLinear(nn.Module):
         self.on_cpu = torch.empty(0).device.type == "cpu"  # built under the model's device
         self.pending: dict = {}
         self.loaded_shards: set = set()
-        self.qweight: torch.Tensor | None = None
-        self.ggml_type = 0
-        self.packed = False
+        self.runs: list[BlockRun] = []
         self.weight: torch.Tensor | None = None
 
     def load_shard(self, piece: str, shard, tensor) -> None:
@@ -126,35 +131,45 @@ class GGUFLinear(nn.Module):
 
     def _finish(self) -> None:
         parts = [self.pending[s] for s in self.shards]
-        types = {p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts}
-        if types == {Q5_0, Q8_0} and self.on_cpu:
-            parts, types = [p.as_q8_0() for p in parts], {Q8_0}
-        if len(types) == 1 and types <= KERNEL_TYPES:
-            whole = GGUFBlocks(torch.cat([p.data for p in parts]), types.pop(), self.in_features)
-            self.packed = whole.packable and self.on_cpu
-            self.qweight = whole.packed() if self.packed else whole.data.contiguous()
-            self.ggml_type = whole.ggml_type
+        types = [p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts]
+        if self.on_cpu and all(t in PACKED_TYPES for t in types):
+            start = 0
+            for t, run in itertools.groupby(parts, key=lambda p: p.ggml_type):
+                whole = _concat(list(run), t, self.in_features)
+                self.runs.append(BlockRun(start, whole.shape[0], whole.packed(), t, True))
+                start += whole.shape[0]
+        elif len(set(types)) == 1 and types[0] in KERNEL_TYPES:
+            whole = _concat(parts, types[0], self.in_features)
+            self.runs = [BlockRun(0, self.out_features, whole.data.contiguous(), types[0], False)]
         else:
             floats = [p.dequantize() if isinstance(p, GGUFBlocks) else p for p in parts]
             self.weight = torch.cat(floats).to(self.dtype).contiguous()
         self.pending = {}
 
+    @property
+    def block_bytes(self) -> int:
+        return sum(r.data.numel() for r in self.runs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is None:
+        if self.weight is not None:
             return linear(x, self.weight, self.bias)
-        if self.packed:
-            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.tokenmill.gguf_packed_linear(
-                out, x.contiguous(), self.qweight, self.ggml_type
-            )
-        elif x.shape[0] <= DECODE_ROWS:
-            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-            torch.ops.tokenmill.gguf_linear(out, x.contiguous(), self.qweight, self.ggml_type)
+        run = self.runs[0]
+        if not run.packed and x.shape[0] > DECODE_ROWS:
+            out = self._tiled(x, run)
         else:
-            out = self._tiled(x)
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+            x = x.contiguous()
+            for run in self.runs:
+                part = out if len(self.runs) == 1 else out[:, run.start : run.start + run.size]
+                op = (
+                    torch.ops.tokenmill.gguf_packed_linear
+                    if run.packed
+                    else torch.ops.tokenmill.gguf_linear
+                )
+                op(part, x, run.data, run.ggml_type)
         return out if self.bias is None else out.add_(self.bias.to(out.dtype))
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, run: BlockRun) -> torch.Tensor:
         """Tiles of dequantized rows, each multiplied by the BLAS as it is made."""
         xf = x.float()
         out = torch.empty(x.shape[0], self.out_features)
@@ -162,6 +177,12 @@ class GGUFLinear(nn.Module):
         for n0 in range(0, self.out_features, TILE_ROWS):
             n1 = min(self.out_features, n0 + TILE_ROWS)
             rows = tile[: n1 - n0]
-            torch.ops.tokenmill.gguf_dequantize(rows, self.qweight, self.ggml_type, n0)
+            torch.ops.tokenmill.gguf_dequantize(rows, run.data, run.ggml_type, n0)
             torch.mm(xf, rows.t(), out=out[:, n0:n1])
         return out.to(x.dtype)
+
+
+def _concat(parts: list[GGUFBlocks], ggml_type: int, k: int) -> GGUFBlocks:
+    if len(parts) == 1:
+        return parts[0]
+    return GGUFBlocks(torch.cat([p.data for p in parts]), ggml_type, k)
