@@ -489,7 +489,7 @@ def test_gguf_packed_blocks(qtype, m, dtype):
     (97 rows: a group with one row): lookups exactly the gguf package's
     dequantized rows, products against them in float64, with llama.cpp's
     8-bit activations where the CPU has the integer path and exactly where it
-    does not; strided rows in and out."""
+    does not (14-bit ones for logits); strided rows in and out."""
     gguf = pytest.importorskip("gguf.quants")
     from tokenmill.layers.gguf_linear import GGUFBlocks
 
@@ -511,15 +511,20 @@ def test_gguf_packed_blocks(qtype, m, dtype):
     assert torch.equal(rows, ref_w[ids].to(dtype))
     x = torch.randn(m, k + 32, generator=rng).to(dtype)[:, 16 : 16 + k]  # rows k + 32 apart
     ref = x.double() @ ref_w.t()
-    for out_dtype in (dtype, torch.float32):
+    integer = "avx2" in _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2")
+    for out_dtype, bits in ((dtype, 8), (torch.float32, 8), (torch.float32, 14)):
         wide = poisoned((m, n + 7), out_dtype, "cpu")
         out = wide[:, 3 : 3 + n]
-        native.gguf_packed_linear(out, x, packed, ggml)
+        native.gguf_packed_linear(out, x, packed, ggml, bits)
         assert torch.isnan(wide[:, :3]).all() and torch.isnan(wide[:, 3 + n :]).all()
-        if "avx2" in _cpu_flags() and not os.environ.get("TOKENMILL_DISABLE_AVX2"):
+        if integer and bits == 8:
             assert 1e-4 < rel_err(out, ref) < 2e-2  # rounded activations, as llama.cpp's
+        elif integer:  # 14-bit activations, for logits
+            assert 1e-6 < rel_err(out, ref) < 5e-4
         else:
             assert rel_err(out, ref) < TOL[out_dtype]
+    with pytest.raises(RuntimeError, match="activation_bits"):
+        native.gguf_packed_linear(out, x, packed, ggml, 4)
     with pytest.raises(RuntimeError, match="outside"):
         native.gguf_packed_rows(rows[:1], torch.tensor([n]), packed, ggml, n)
 

@@ -381,7 +381,9 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def("gguf_linear(Tensor(a!) out, Tensor x, Tensor qweight, int ggml_type) -> ()");
   m.def("gguf_dequantize(Tensor(a!) out, Tensor qweight, int ggml_type, int row_start) -> ()");
   m.def("gguf_pack(Tensor(a!) packed, Tensor qweight, int ggml_type, int k) -> ()");
-  m.def("gguf_packed_linear(Tensor(a!) out, Tensor x, Tensor packed, int ggml_type) -> ()");
+  m.def(
+      "gguf_packed_linear(Tensor(a!) out, Tensor x, Tensor packed, int ggml_type, int "
+      "activation_bits=8) -> ()");
   m.def("gguf_packed_rows(Tensor(a!) out, Tensor ids, Tensor packed, int ggml_type, int n) -> ()");
   m.def(
       "fused_moe_coded(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "

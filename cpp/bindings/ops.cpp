@@ -81,7 +81,8 @@ enum class ProgramOp : int64_t {
 void coded_linear(Tensor out, Tensor x, Tensor low, Tensor codes, Tensor table,
                   Tensor escape_offsets, Tensor escape_cols, Tensor escape_values,
                   std::optional<Tensor> bias);
-void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type);
+void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type,
+                        int64_t activation_bits);
 void gguf_packed_rows(Tensor out, Tensor ids, Tensor packed, int64_t ggml_type, int64_t n);
 
 // A recorded sequence of the ops above in one call, so that a replayed decode
@@ -170,7 +171,8 @@ void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64
       }
       case ProgramOp::kGgufPackedLinear: {
         Tensor out = tensor(), x = tensor(), packed = tensor();
-        gguf_packed_linear(out, x, packed, integer());
+        const int64_t type = integer();
+        gguf_packed_linear(out, x, packed, type, integer());
         break;
       }
       case ProgramOp::kGgufPackedRows: {
@@ -421,7 +423,8 @@ void gguf_pack(Tensor packed, Tensor qweight, int64_t ggml_type, int64_t k) {
 }
 
 // out [m, n] = x [m, k] . dequant(packed)^T for any m; x and out of one float dtype.
-void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type) {
+void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type,
+                        int64_t activation_bits) {
   using tokenmill::ops::dtype_of;
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
                   "gguf_packed_linear: x must be [m, k] with unit stride");
@@ -431,8 +434,10 @@ void gguf_packed_linear(Tensor out, Tensor x, Tensor packed, int64_t ggml_type) 
                   "gguf_packed_linear: out must be [m, n] of x's dtype or float32 with unit "
                   "stride");
   const cpu::GgufWeight w = gguf_packed_weight(packed, ggml_type, out.size(1), x.size(1));
+  STD_TORCH_CHECK(activation_bits == 8 || activation_bits == 14,
+                  "gguf_packed_linear: activation_bits must be 8 or 14");
   cpu::gguf_packed_linear(w, dtype_of(x), x.data_ptr(), x.stride(0), x.size(0), dtype_of(out),
-                          out.data_ptr(), out.stride(0));
+                          out.data_ptr(), out.stride(0), static_cast<int>(activation_bits));
 }
 
 // out [c, k] = rows ids of the dequantized packed weight (of n rows).

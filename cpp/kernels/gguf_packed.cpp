@@ -177,12 +177,14 @@ namespace {
 #if TM_GGUF_SIMD
 // Activations quantized once per call into a buffer each calling thread reuses.
 Q8Activations& quantized(const GgufWeight& w, DType dtype, const void* x, int64_t x_stride,
-                         int64_t m, bool vnni) {
+                         int64_t m, bool wide, bool vnni) {
   thread_local Q8Activations buffer;
   Q8Activations& xq = buffer;  // the worker threads below fill this thread's buffer
   xq.m = m;
   xq.k = w.k;
+  xq.wide = wide;
   xq.q.resize(static_cast<size_t>(m * w.k));
+  if (wide) xq.high.resize(static_cast<size_t>(m * w.k));
   xq.scales.resize(static_cast<size_t>(m * (w.k / kBlock) * kActivationFactors));
   dispatch_dtype(dtype, [&](auto tag) {
     using In = decltype(tag);
@@ -218,12 +220,15 @@ void linear_portable_rows(const GgufWeight& w, DType x_dtype, const void* x, int
 }  // namespace
 
 void gguf_packed_linear(const GgufWeight& w, DType x_dtype, const void* x, int64_t x_stride,
-                        int64_t m, DType out_dtype, void* out, int64_t out_stride) {
+                        int64_t m, DType out_dtype, void* out, int64_t out_stride,
+                        int activation_bits) {
+  if (activation_bits != 8 && activation_bits != 14)
+    throw std::invalid_argument("gguf_packed_linear: activation_bits must be 8 or 14");
   if (m == 0) return;
 #if TM_GGUF_SIMD
   if (cpu_has_avx2_fma() && out_dtype != DType::kFloat16) {
     const bool vnni = cpu_has_avx512_vnni();
-    const Q8Activations& xq = quantized(w, x_dtype, x, x_stride, m, vnni);
+    const Q8Activations& xq = quantized(w, x_dtype, x, x_stride, m, activation_bits == 14, vnni);
     const int64_t groups = (w.n + kGroupRows - 1) / kGroupRows;
     dispatch_dtype(out_dtype, [&](auto tag) {
       using Out = decltype(tag);

@@ -59,14 +59,17 @@ constexpr int group_block_bytes(GgufType t) { return scale_offset(t) + scale_byt
 constexpr int nibble_chunk_weight(int c, int i) { return c < 4 ? 4 * c + i : 16 + 4 * (c - 4) + i; }
 
 // Activation rows quantized per block as llama.cpp's q8_0/q8_1: q = round(x / d),
-// d = max|x| / 127. scales[i, b] holds {d, d * sum(q), d * sum(q[0:16]),
+// d = max|x| / 127; or, wide, to 14 bits (d = max|x| / 8191) held as
+// q = 128 high + low, both bytes, low in [0, 128). scales[i, b] holds {d, d * sum(q), d * sum(q[0:16]),
 // d * sum(q[16:32])}: the factors that a block's integer dot products and its
 // weights' offsets meet (Q6_K's offsets meet the halves).
 constexpr int kActivationFactors = 4;
 struct Q8Activations {
-  std::vector<int8_t> q;      // [m, k]
+  std::vector<int8_t> q;      // [m, k]: q, or wide, its low bytes
+  std::vector<int8_t> high;   // [m, k]: wide only
   std::vector<float> scales;  // [m, k / 32, kActivationFactors]
   int64_t m = 0, k = 0;
+  bool wide = false;
 };
 
 }  // namespace tokenmill::cpu::gguf_packed

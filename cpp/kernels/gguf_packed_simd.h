@@ -46,17 +46,49 @@ constexpr float offset_factor() {
   }
 }
 
+// One block of a group's rows against 32 activation bytes xb: int32 sums of
+// q_w q_x per row in two chains (Q6_K: one per half, else alternate chunks).
+template <GgufType T>
+TM_GGUF_TARGET inline void block_sums(const __m256i* w, const int8_t* xb, __m256i sums[2]) {
+  constexpr bool kHalves = T == GgufType::kQ6_K;
+  constexpr bool kSignTrick = T == GgufType::kQ8_0 && !kVnni;
+  const __m256i ones = _mm256_set1_epi16(1);
+  sums[0] = sums[1] = _mm256_setzero_si256();
+  if constexpr (kVnni) {
+    for (int c = 0; c < 8; ++c) {
+      const int chain = kHalves ? c / 4 : c % 2;
+      sums[chain] = _mm256_dpbusd_epi32(sums[chain], w[c], broadcast4(xb + 4 * c));
+    }
+  } else if constexpr (byte_quants(T)) {  // one pair sum per chunk: |w| x 128 x 2 fits int16
+    for (int c = 0; c < 8; ++c) {
+      const __m256i xc = broadcast4(xb + 4 * c);
+      const __m256i pairs =
+          kSignTrick
+              ? _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xc, w[c]))
+              : _mm256_maddubs_epi16(w[c], xc);
+      const int chain = kHalves ? c / 4 : c % 2;
+      sums[chain] = _mm256_add_epi32(sums[chain], _mm256_madd_epi16(pairs, ones));
+    }
+  } else {  // 4- and 5-bit weights: four pair sums fit int16 (4 x 2 x 31 x 128)
+    __m256i pairs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int c = 0; c < 8; ++c)
+      pairs[c % 2] =
+          _mm256_add_epi16(pairs[c % 2], _mm256_maddubs_epi16(w[c], broadcast4(xb + 4 * c)));
+    sums[0] = _mm256_madd_epi16(pairs[0], ones);
+    sums[1] = _mm256_madd_epi16(pairs[1], ones);
+  }
+}
+
 // Rows 8g .. 8g + 7 of the weight against activation rows i0 .. i0 + M - 1.
-template <GgufType T, int M, typename Out>
+template <GgufType T, bool kWide, int M, typename Out>
 TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Activations& x,
                                int64_t i0, Out* out, int64_t out_stride, int64_t n, int64_t row0) {
   constexpr int kChunks = quant_chunks(T), kBytes = group_block_bytes(T);
-  constexpr bool kQ8 = T == GgufType::kQ8_0, kHalves = T == GgufType::kQ6_K;
   // Without VNNI, 8-bit weights take vpmaddubsw's sign trick (|w| against
   // x * sign(w)); with it they gain an offset of 128, paid back per block.
-  constexpr bool kSignTrick = kQ8 && !kVnni;
+  constexpr bool kQ8 = T == GgufType::kQ8_0, kHalves = T == GgufType::kQ6_K;
   constexpr float kOffset = offset_factor<T>();
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
   __m256 acc[M], offsets[M];
   for (int r = 0; r < M; ++r) acc[r] = offsets[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -95,30 +127,12 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
     }
     for (int r = 0; r < M; ++r) {
       const int8_t* xb = x.q.data() + (i0 + r) * x.k + b * kBlock;
-      // Two chains of multiply-adds, half the latency; Q6_K's chains are its halves.
-      __m256i sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      if constexpr (kVnni) {
-        for (int c = 0; c < 8; ++c) {
-          const int chain = kHalves ? c / 4 : c % 2;
-          sums[chain] = _mm256_dpbusd_epi32(sums[chain], w[c], broadcast4(xb + 4 * c));
-        }
-      } else if constexpr (byte_quants(T)) {  // one pair sum per chunk: |w| x 127 x 2 fits int16
-        for (int c = 0; c < 8; ++c) {
-          const __m256i xc = broadcast4(xb + 4 * c);
-          const __m256i pairs =
-              kSignTrick
-                  ? _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xc, w[c]))
-                  : _mm256_maddubs_epi16(w[c], xc);
-          const int chain = kHalves ? c / 4 : c % 2;
-          sums[chain] = _mm256_add_epi32(sums[chain], _mm256_madd_epi16(pairs, ones));
-        }
-      } else {  // 4- and 5-bit weights: four pair sums fit int16 (4 x 2 x 31 x 127)
-        __m256i pairs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int c = 0; c < 8; ++c)
-          pairs[c % 2] =
-              _mm256_add_epi16(pairs[c % 2], _mm256_maddubs_epi16(w[c], broadcast4(xb + 4 * c)));
-        sums[0] = _mm256_madd_epi16(pairs[0], ones);
-        sums[1] = _mm256_madd_epi16(pairs[1], ones);
+      __m256i sums[2];
+      block_sums<T>(w, xb, sums);
+      if constexpr (kWide) {  // 14-bit activations: 128 x high bytes + low ones
+        __m256i high[2];
+        block_sums<T>(w, x.high.data() + (i0 + r) * x.k + b * kBlock, high);
+        for (int h = 0; h < 2; ++h) sums[h] = _mm256_add_epi32(sums[h], _mm256_slli_epi32(high[h], 7));
       }
       const float* xs = x.scales.data() + ((i0 + r) * blocks + b) * kActivationFactors;
       const __m256 dx = _mm256_set1_ps(xs[0]);
@@ -150,7 +164,7 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
 // Weight groups [g0, g1) against every activation row: groups in chunks
 // that stay in cache while every tile of activation rows passes them, M
 // rows at a time against a group.
-template <GgufType T, typename Out>
+template <GgufType T, bool kWide, typename Out>
 TM_GGUF_TARGET void linear_groups(const GgufWeight& w, const Q8Activations& x, Out* out,
                                   int64_t out_stride, int64_t g0, int64_t g1) {
   constexpr int kMaxM = kVnni ? 4 : 2;  // accumulators within the register file
@@ -166,38 +180,53 @@ TM_GGUF_TARGET void linear_groups(const GgufWeight& w, const Q8Activations& x, O
         const int64_t row0 = g * kGroupRows;
         int64_t i = t0;
         for (; i + kMaxM <= t1; i += kMaxM)
-          group_rows<T, kMaxM>(group, blocks, x, i, out, out_stride, w.n, row0);
+          group_rows<T, kWide, kMaxM>(group, blocks, x, i, out, out_stride, w.n, row0);
         if (kMaxM > 2 && i + 2 <= t1) {
-          group_rows<T, 2>(group, blocks, x, i, out, out_stride, w.n, row0);
+          group_rows<T, kWide, 2>(group, blocks, x, i, out, out_stride, w.n, row0);
           i += 2;
         }
-        for (; i < t1; ++i) group_rows<T, 1>(group, blocks, x, i, out, out_stride, w.n, row0);
+        for (; i < t1; ++i) group_rows<T, kWide, 1>(group, blocks, x, i, out, out_stride, w.n, row0);
       }
     }
+  }
+}
+
+template <bool kWide, typename Out>
+TM_GGUF_TARGET void linear_types(const GgufWeight& w, const Q8Activations& x, Out* out,
+                                 int64_t out_stride, int64_t g0, int64_t g1) {
+  switch (w.type) {
+    case GgufType::kQ4_0:
+      return linear_groups<GgufType::kQ4_0, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ4_1:
+      return linear_groups<GgufType::kQ4_1, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ5_0:
+      return linear_groups<GgufType::kQ5_0, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ8_0:
+      return linear_groups<GgufType::kQ8_0, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ4_K:
+      return linear_groups<GgufType::kQ4_K, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ5_K:
+      return linear_groups<GgufType::kQ5_K, kWide>(w, x, out, out_stride, g0, g1);
+    case GgufType::kQ6_K:
+      return linear_groups<GgufType::kQ6_K, kWide>(w, x, out, out_stride, g0, g1);
+    default:
+      return;
   }
 }
 
 template <typename Out>
 TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, Out* out,
                            int64_t out_stride, int64_t g0, int64_t g1) {
-  switch (w.type) {
-    case GgufType::kQ4_0:
-      return linear_groups<GgufType::kQ4_0>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ4_1:
-      return linear_groups<GgufType::kQ4_1>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ5_0:
-      return linear_groups<GgufType::kQ5_0>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ8_0:
-      return linear_groups<GgufType::kQ8_0>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ4_K:
-      return linear_groups<GgufType::kQ4_K>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ5_K:
-      return linear_groups<GgufType::kQ5_K>(w, x, out, out_stride, g0, g1);
-    case GgufType::kQ6_K:
-      return linear_groups<GgufType::kQ6_K>(w, x, out, out_stride, g0, g1);
-    default:
-      return;
-  }
+  x.wide ? linear_types<true>(w, x, out, out_stride, g0, g1)
+         : linear_types<false>(w, x, out, out_stride, g0, g1);
+}
+
+// Four vectors of eight int32 values in [-128, 128) as 32 bytes, in order.
+TM_GGUF_TARGET inline void store_bytes(int8_t* dst, const __m256i* v) {
+  const __m256i bytes =
+      _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
 // Activation rows [i0, i1) of x [m, k] (row stride x_stride) into 8-bit blocks.
@@ -206,7 +235,6 @@ TM_GGUF_TARGET void quantize(const In* x, int64_t x_stride, int64_t i0, int64_t 
                              Q8Activations& out) {
   const int64_t k = out.k, blocks = k / kBlock;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
       const In* v = x + i * x_stride + b * kBlock;
@@ -218,13 +246,21 @@ TM_GGUF_TARGET void quantize(const In* x, int64_t x_stride, int64_t i0, int64_t 
       __m128 mx = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
       mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
       mx = _mm_max_ss(mx, _mm_movehdup_ps(mx));
-      const float d = _mm_cvtss_f32(mx) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      const float d = _mm_cvtss_f32(mx) / (out.wide ? 8191.f : 127.f);
+      const float inv = d > 0.f ? 1.f / d : 0.f;
       __m256i n[4];
       for (int j = 0; j < 4; ++j) n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(q[j], _mm256_set1_ps(inv)));
-      const __m256i bytes =
-          _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + i * k + b * kBlock),
-                          _mm256_permutevar8x32_epi32(bytes, order));
+      if (out.wide) {  // q = 128 high + low, low in [0, 128)
+        __m256i low[4], high[4];
+        for (int j = 0; j < 4; ++j) {
+          high[j] = _mm256_srai_epi32(n[j], 7);
+          low[j] = _mm256_and_si256(n[j], _mm256_set1_epi32(127));
+        }
+        store_bytes(out.q.data() + i * k + b * kBlock, low);
+        store_bytes(out.high.data() + i * k + b * kBlock, high);
+      } else {
+        store_bytes(out.q.data() + i * k + b * kBlock, n);
+      }
       const float lo = static_cast<float>(hsum_epi32(_mm256_add_epi32(n[0], n[1])));
       const float hi = static_cast<float>(hsum_epi32(_mm256_add_epi32(n[2], n[3])));
       float* scales = out.scales.data() + (i * blocks + b) * kActivationFactors;

@@ -129,10 +129,12 @@ int64_t gguf_packed_group_bytes(GgufType t, int64_t k);
 void gguf_pack(const GgufWeight& w, uint8_t* packed);
 // out[m, n] = x[m, k] . dequant(w)^T for any m: with x quantized to int8 per 32
 // values and integer dot products (llama.cpp's arithmetic) where the CPU has
-// them (AVX2, AVX-512 VNNI), else exactly. Rows of x and out have their own
-// strides and float dtypes.
+// them (AVX2, AVX-512 VNNI), else exactly; with activation_bits 14, x is
+// quantized to 14 bits instead (twice the multiply-adds, 64 times finer: for
+// the logits). Rows of x and out have their own strides and float dtypes.
 void gguf_packed_linear(const GgufWeight& w, DType x_dtype, const void* x, int64_t x_stride,
-                        int64_t m, DType out_dtype, void* out, int64_t out_stride);
+                        int64_t m, DType out_dtype, void* out, int64_t out_stride,
+                        int activation_bits = 8);
 // out[c, :] = dequantized row rows[c] of w, float32 [count, k]: embedding lookups.
 void gguf_packed_rows(const GgufWeight& w, const int64_t* rows, int64_t count, float* out);
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from tokenmill import distributed
 
+LOGITS_ACTIVATION_BITS = 14
+
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds ceil(V / world) rows; lookups of other ranks' rows give
@@ -66,9 +68,10 @@ class VocabParallelEmbedding(nn.Module):
         from tokenmill.layers.linear import linear
 
         if self.ggml_type is not None and weight is None:
+            # 14-bit activations: 8-bit ones would move the logits as much as the weights' rounding
             out = torch.empty(hidden.shape[0], self.num_embeddings)
             torch.ops.tokenmill.gguf_packed_linear(
-                out, hidden.contiguous(), self.weight, self.ggml_type
+                out, hidden.contiguous(), self.weight, self.ggml_type, LOGITS_ACTIVATION_BITS
             )
             return out
         local = linear(hidden, self.weight if weight is None else weight).float()
