@@ -3,7 +3,7 @@
 set(TOKENMILL_GPU_SOURCES
     cuda/cache_kernels.cu cuda/attention_kernels.cu cuda/prefill_attention_kernels.cu
     cuda/norm_kernels.cu cuda/rotary_kernels.cu cuda/activation_kernels.cu cuda/int4_kernels.cu
-    cuda/moe_kernels.cu)
+    cuda/moe_kernels.cu cuda/gguf_kernels.cu)
 
 set(_tm_cuda OFF)
 if(TOKENMILL_CUDA STREQUAL "AUTO")

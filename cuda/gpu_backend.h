@@ -62,7 +62,55 @@ struct Backend {
   static void int4_dequantize(const Tensor& t, A... a) {
     check(gpu::int4_dequantize(a..., stream_of(t)), "int4_dequantize");
   }
+  template <class... A>
+  static void gguf_linear(const Tensor& t, A... a) {
+    check(gpu::gguf_linear(a..., stream_of(t)), "gguf_linear");
+  }
+  template <class... A>
+  static void gguf_dequantize(const Tensor& t, A... a) {
+    check(gpu::gguf_dequantize(a..., stream_of(t)), "gguf_dequantize");
+  }
 };
+
+// qweight uint8 [n, row bytes] of GGUF blocks of rows of k weights.
+inline int64_t checked_row_bytes(const torch::stable::Tensor& qweight, int64_t ggml_type,
+                                 int64_t k) {
+  const int64_t row_bytes = gguf_row_bytes(ggml_type, k);
+  STD_TORCH_CHECK(row_bytes > 0, "GGUF block type ", ggml_type, " is not supported");
+  STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
+                      qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == row_bytes,
+                  "qweight must be contiguous uint8 [n, row bytes] for rows of k weights");
+  return row_bytes;
+}
+
+// out [m, n] = x [m, k] . dequant(qweight)^T; x and out of one dtype, unit column stride.
+template <class B>
+void gguf_linear(torch::stable::Tensor out, torch::stable::Tensor x, torch::stable::Tensor qweight,
+                 int64_t ggml_type) {
+  STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
+                  "gguf_linear: x must be [m, k] with unit stride");
+  const int64_t row_bytes = checked_row_bytes(qweight, ggml_type, x.size(1));
+  STD_TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == qweight.size(0) &&
+                      out.stride(1) == 1,
+                  "gguf_linear: out must be [m, n] with unit stride");
+  ops::check_same_dtype(x, out, "out");
+  B::gguf_linear(x, ops::dtype_of(x), out.data_ptr(), x.data_ptr(), x.size(0), x.size(1),
+                 x.stride(0), out.stride(0), static_cast<const uint8_t*>(qweight.data_ptr()),
+                 ggml_type, row_bytes, qweight.size(0));
+}
+
+// out [rows, k] (any float dtype, contiguous) = rows row_start.. of the weight, dequantized.
+template <class B>
+void gguf_dequantize(torch::stable::Tensor out, torch::stable::Tensor qweight, int64_t ggml_type,
+                     int64_t row_start) {
+  STD_TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "gguf_dequantize: out must be contiguous");
+  const int64_t row_bytes = checked_row_bytes(qweight, ggml_type, out.size(1));
+  STD_TORCH_CHECK(row_start >= 0 && row_start + out.size(0) <= qweight.size(0),
+                  "gguf_dequantize: rows outside the weight");
+  B::gguf_dequantize(qweight, ops::dtype_of(out), out.data_ptr(),
+                     static_cast<const uint8_t*>(qweight.data_ptr()), ggml_type, row_bytes,
+                     out.size(1), row_start, row_start + out.size(0));
+}
 
 // Registers every op that has a GPU kernel (dense layers run on the vendor's BLAS).
 template <class B>
@@ -78,6 +126,8 @@ void impl_gpu_ops(torch::stable::detail::StableLibrary& m) {
   m.impl("int4_linear", TORCH_BOX(&ops::int4_linear<B>));
   m.impl("int4_dequantize", TORCH_BOX(&ops::int4_dequantize<B>));
   m.impl("fused_moe", TORCH_BOX(&ops::fused_moe<B>));
+  m.impl("gguf_linear", TORCH_BOX(&gguf_linear<B>));
+  m.impl("gguf_dequantize", TORCH_BOX(&gguf_dequantize<B>));
 }
 
 }  // namespace tokenmill::gpu

@@ -49,6 +49,16 @@ const char* int4_dequantize(float* out, const uint8_t* qweight, const float* sca
                             const float* zeros, int64_t k_padded, int64_t group_size, int64_t n0,
                             int64_t n1, void* stream);
 
+// GGUF block weights in the file's layout (cuda/gguf_kernels.cu): rows of
+// row_bytes bytes (gguf_row_bytes). gguf_linear: x [m, k] and out [m, n] in
+// dtype; gguf_dequantize: rows n0..n1 into out [n1 - n0, k] in dtype.
+int64_t gguf_row_bytes(int64_t ggml_type, int64_t k);  // 0: not a supported type
+const char* gguf_linear(DType dtype, void* out, const void* x, int64_t m, int64_t k,
+                        int64_t x_stride, int64_t out_stride, const uint8_t* qweight,
+                        int64_t ggml_type, int64_t row_bytes, int64_t n, void* stream);
+const char* gguf_dequantize(DType dtype, void* out, const uint8_t* qweight, int64_t ggml_type,
+                            int64_t row_bytes, int64_t k, int64_t n0, int64_t n1, void* stream);
+
 // The MoE MLP (kernel_params.h); the workspace holds
 // fused_moe_workspace_floats(p) floats.
 int64_t fused_moe_workspace_floats(const MoeParams& p);

@@ -435,36 +435,6 @@ def test_fused_moe_rejects_bad_routing():
 
 
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("qtype", list(GGUF_TYPES))
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gguf_blocks(backend, qtype, m, dtype):
-    """GGUF block weights as stored: dequantized exactly as the gguf package
-    does, and products against its dequantized weights in float64."""
-    gguf = pytest.importorskip("gguf.quants")
-    if backend[0] == "emulated-gpu" or backend == (native, "cuda"):
-        pytest.skip("GGUF blocks have CPU kernels and the torch composite; no GPU kernel yet")
-    impl, device = backend
-    rng = torch.Generator().manual_seed(m)
-    w = (torch.randn(96, 320, generator=rng) * 0.05).numpy()
-    ggml = GGUF_TYPES[qtype]
-    blocks = gguf.quantize(w, ggml)
-    ref_w = torch.from_numpy(gguf.dequantize(blocks, ggml)).double()
-    q = torch.from_numpy(blocks.copy()).to(device)
-    rows = poisoned((40, 320), torch.float32, device)
-    impl.gguf_dequantize(rows, q, ggml, 50)
-    assert torch.equal(rows.cpu().double(), ref_w[50:90])
-    x = torch.randn(m, 320, generator=rng).to(dtype).to(device)
-    ref = x.double().cpu() @ ref_w.t()
-    out = poisoned((m, 96), dtype, device)
-    impl.gguf_linear(out, x, q, ggml)
-    assert rel_err(out, ref) < TOL[dtype]
-
-
-PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q5_0": 176, "Q8_0": 272}
 K_TYPES = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
@@ -479,6 +449,45 @@ def random_k_quant(n: int, k: int, ggml: int, rng: torch.Generator) -> np.ndarra
     else:
         b[:, 0:4] = scales.view(np.uint8)
     return b.reshape(n, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", [*GGUF_TYPES, *K_TYPES])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_blocks(backend, qtype, m, dtype):
+    """GGUF block weights as stored: dequantized exactly as the gguf package
+    does, and products against its dequantized weights in float64."""
+    gguf = pytest.importorskip("gguf.quants")
+    gpu = backend[0] == "emulated-gpu" or backend[1] == "cuda"
+    if qtype in K_TYPES and not gpu:
+        pytest.skip("K types run packed on CPUs (test_gguf_packed_blocks)")
+    impl, device = needs(backend, "gguf_linear")
+    rng = torch.Generator().manual_seed(m)
+    n, k = 96, 512 if qtype in K_TYPES else 320
+    if qtype in K_TYPES:
+        ggml = K_TYPES[qtype]
+        blocks = random_k_quant(n, k, ggml, rng)
+    else:
+        ggml = GGUF_TYPES[qtype]
+        blocks = gguf.quantize((torch.randn(n, k, generator=rng) * 0.05).numpy(), ggml)
+    ref_w = torch.from_numpy(gguf.dequantize(blocks, ggml)).double()
+    q = torch.from_numpy(blocks.copy()).to(device)
+    rows = poisoned((40, k), torch.float32, device)
+    impl.gguf_dequantize(rows, q, ggml, 50)
+    assert torch.equal(rows.cpu().double(), ref_w[50:90])
+    if gpu:  # tiles for the BLAS in the activations' dtype
+        rows = poisoned((40, k), dtype, device)
+        impl.gguf_dequantize(rows, q, ggml, 50)
+        assert torch.equal(rows.cpu(), ref_w[50:90].to(dtype))
+    x = torch.randn(m, k, generator=rng).to(dtype).to(device)
+    ref = x.double().cpu() @ ref_w.t()
+    out = poisoned((m, n), dtype, device)
+    impl.gguf_linear(out, x, q, ggml)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+PACKED_GROUP_BYTES = {"Q4_0": 144, "Q4_1": 160, "Q5_0": 176, "Q8_0": 272}
 
 
 @pytest.mark.parametrize("qtype", [*PACKED_GROUP_BYTES, *K_TYPES])

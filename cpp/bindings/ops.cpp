@@ -367,7 +367,7 @@ void fused_moe_coded(Tensor out, Tensor x, Tensor w13, Tensor w2, Tensor topk_we
 cpu::GgufWeight gguf_weight(const Tensor& qweight, int64_t ggml_type, int64_t k) {
   STD_TORCH_CHECK(cpu::gguf_type_supported(ggml_type), "GGUF block type ", ggml_type,
                   " is not supported");
-  const auto type = static_cast<cpu::GgufType>(ggml_type);
+  const auto type = static_cast<tokenmill::GgufType>(ggml_type);
   STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
                       qweight.dim() == 2 && qweight.is_contiguous() && k % 32 == 0 &&
                       qweight.size(1) == k / 32 * cpu::gguf_block_bytes(type),
@@ -406,7 +406,7 @@ void gguf_linear(Tensor out, Tensor x, Tensor qweight, int64_t ggml_type) {
 cpu::GgufWeight gguf_packed_weight(const Tensor& packed, int64_t ggml_type, int64_t n, int64_t k) {
   STD_TORCH_CHECK(cpu::gguf_packed_supported(ggml_type), "GGUF block type ", ggml_type,
                   " has no packed form");
-  const auto type = static_cast<cpu::GgufType>(ggml_type);
+  const auto type = static_cast<tokenmill::GgufType>(ggml_type);
   STD_TORCH_CHECK(packed.scalar_type() == torch::headeronly::ScalarType::Byte &&
                       packed.dim() == 2 && packed.is_contiguous() && k % 32 == 0 &&
                       packed.size(0) == (n + 7) / 8 &&

@@ -211,9 +211,8 @@ void linear_portable_rows(const GgufWeight& w, DType x_dtype, const void* x, int
   const int64_t groups = (w.n + kGroupRows - 1) / kGroupRows;
   std::vector<float> xf(static_cast<size_t>(m * w.k)), of(static_cast<size_t>(m * w.n));
   rows_to_float(x_dtype, xf.data(), x, m, w.k, x_stride, w.k);
-  for_thread_ranges(groups, [&](int64_t g0, int64_t g1) {
-    linear_portable(w, xf.data(), m, of.data(), g0, g1);
-  });
+  for_thread_ranges(
+      groups, [&](int64_t g0, int64_t g1) { linear_portable(w, xf.data(), m, of.data(), g0, g1); });
   rows_from_float(out_dtype, out, of.data(), m, w.n, out_stride, w.n);
 }
 

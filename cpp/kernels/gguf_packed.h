@@ -43,7 +43,9 @@ constexpr int kGroupRows = 8;
 // types (Q4_1's minimums), float32 for the K types, whose block scales are
 // products of two factors (Q4_K, Q5_K: d, then minimums, a weight d q - f;
 // Q6_K: d of weights 0-15, then f of weights 16-31, a weight d (q - 32)).
-constexpr bool k_type(GgufType t) { return t == GgufType::kQ4_K || t == GgufType::kQ5_K || t == GgufType::kQ6_K; }
+constexpr bool k_type(GgufType t) {
+  return t == GgufType::kQ4_K || t == GgufType::kQ5_K || t == GgufType::kQ6_K;
+}
 constexpr bool byte_quants(GgufType t) { return t == GgufType::kQ8_0 || t == GgufType::kQ6_K; }
 constexpr bool fifth_bits(GgufType t) { return t == GgufType::kQ5_0 || t == GgufType::kQ5_K; }
 constexpr bool two_factors(GgufType t) { return t == GgufType::kQ4_1 || k_type(t); }
@@ -60,8 +62,8 @@ constexpr int nibble_chunk_weight(int c, int i) { return c < 4 ? 4 * c + i : 16 
 
 // Activation rows quantized per block as llama.cpp's q8_0/q8_1: q = round(x / d),
 // d = max|x| / 127; or, wide, to 14 bits (d = max|x| / 8191) held as
-// q = 128 high + low, both bytes, low in [0, 128). scales[i, b] holds {d, d * sum(q), d * sum(q[0:16]),
-// d * sum(q[16:32])}: the factors that a block's integer dot products and its
+// q = 128 high + low, both bytes, low in [0, 128). scales[i, b] holds {d, d * sum(q), d *
+// sum(q[0:16]), d * sum(q[16:32])}: the factors that a block's integer dot products and its
 // weights' offsets meet (Q6_K's offsets meet the halves).
 constexpr int kActivationFactors = 4;
 struct Q8Activations {

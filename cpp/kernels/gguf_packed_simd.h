@@ -62,10 +62,9 @@ TM_GGUF_TARGET inline void block_sums(const __m256i* w, const int8_t* xb, __m256
   } else if constexpr (byte_quants(T)) {  // one pair sum per chunk: |w| x 128 x 2 fits int16
     for (int c = 0; c < 8; ++c) {
       const __m256i xc = broadcast4(xb + 4 * c);
-      const __m256i pairs =
-          kSignTrick
-              ? _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xc, w[c]))
-              : _mm256_maddubs_epi16(w[c], xc);
+      const __m256i pairs = kSignTrick ? _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]),
+                                                              _mm256_sign_epi8(xc, w[c]))
+                                       : _mm256_maddubs_epi16(w[c], xc);
       const int chain = kHalves ? c / 4 : c % 2;
       sums[chain] = _mm256_add_epi32(sums[chain], _mm256_madd_epi16(pairs, ones));
     }
@@ -132,7 +131,8 @@ TM_GGUF_TARGET void group_rows(const uint8_t* group, int64_t blocks, const Q8Act
       if constexpr (kWide) {  // 14-bit activations: 128 x high bytes + low ones
         __m256i high[2];
         block_sums<T>(w, x.high.data() + (i0 + r) * x.k + b * kBlock, high);
-        for (int h = 0; h < 2; ++h) sums[h] = _mm256_add_epi32(sums[h], _mm256_slli_epi32(high[h], 7));
+        for (int h = 0; h < 2; ++h)
+          sums[h] = _mm256_add_epi32(sums[h], _mm256_slli_epi32(high[h], 7));
       }
       const float* xs = x.scales.data() + ((i0 + r) * blocks + b) * kActivationFactors;
       const __m256 dx = _mm256_set1_ps(xs[0]);
@@ -185,7 +185,8 @@ TM_GGUF_TARGET void linear_groups(const GgufWeight& w, const Q8Activations& x, O
           group_rows<T, kWide, 2>(group, blocks, x, i, out, out_stride, w.n, row0);
           i += 2;
         }
-        for (; i < t1; ++i) group_rows<T, kWide, 1>(group, blocks, x, i, out, out_stride, w.n, row0);
+        for (; i < t1; ++i)
+          group_rows<T, kWide, 1>(group, blocks, x, i, out, out_stride, w.n, row0);
       }
     }
   }
@@ -225,8 +226,9 @@ TM_GGUF_TARGET void linear(const GgufWeight& w, const Q8Activations& x, Out* out
 TM_GGUF_TARGET inline void store_bytes(int8_t* dst, const __m256i* v) {
   const __m256i bytes =
       _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  _mm256_storeu_si256(
+      reinterpret_cast<__m256i*>(dst),
+      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
 // Activation rows [i0, i1) of x [m, k] (row stride x_stride) into 8-bit blocks.
@@ -249,7 +251,8 @@ TM_GGUF_TARGET void quantize(const In* x, int64_t x_stride, int64_t i0, int64_t 
       const float d = _mm_cvtss_f32(mx) / (out.wide ? 8191.f : 127.f);
       const float inv = d > 0.f ? 1.f / d : 0.f;
       __m256i n[4];
-      for (int j = 0; j < 4; ++j) n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(q[j], _mm256_set1_ps(inv)));
+      for (int j = 0; j < 4; ++j)
+        n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(q[j], _mm256_set1_ps(inv)));
       if (out.wide) {  // q = 128 high + low, low in [0, 128)
         __m256i low[4], high[4];
         for (int j = 0; j < 4; ++j) {

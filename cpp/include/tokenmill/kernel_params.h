@@ -9,6 +9,18 @@ namespace tokenmill {
 
 enum class DType { kFloat32, kBFloat16, kFloat16 };
 
+// GGUF block formats, by ggml's type numbers.
+enum class GgufType {
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14
+};
+
 // A [rows, heads, dim] view whose last dimension is contiguous.
 struct View3 {
   void* data;

@@ -94,18 +94,8 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
 // a NaN counting as larger than any number, as torch.argmax has it.
 void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
 
-// GGUF block formats (ggml's type numbers): a weight [n, k] stored as n rows
-// of k / 32 blocks of row_bytes / (k / 32) bytes each.
-enum class GgufType {
-  kQ4_0 = 2,
-  kQ4_1 = 3,
-  kQ5_0 = 6,
-  kQ5_1 = 7,
-  kQ8_0 = 8,
-  kQ4_K = 12,
-  kQ5_K = 13,
-  kQ6_K = 14
-};
+// A GGUF weight [n, k] (GgufType: kernel_params.h) stored as n rows of
+// k / 32 blocks of row_bytes / (k / 32) bytes each.
 struct GgufWeight {
   GgufType type;
   const uint8_t* data;

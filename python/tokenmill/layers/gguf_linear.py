@@ -26,7 +26,8 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.layers import gguf_kquants
 from tokenmill.layers.linear import linear, shard_offsets
 
-KERNEL_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+EXACT_CPU_TYPES = {2, 3, 6, 7, 8}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: gguf_linear on CPUs
+GPU_TYPES = EXACT_CPU_TYPES | set(gguf_kquants.K_TYPES)
 PACKED_TYPES = {2, 3, 6, 8, *gguf_kquants.K_TYPES}  # Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 # eight rows' bytes per 32 columns
 PACKED_GROUP_BYTES = {2: 144, 3: 160, 6: 176, 8: 272, **gguf_kquants.GROUP_BLOCK_BYTES}
@@ -132,13 +133,14 @@ class GGUFLinear(nn.Module):
     def _finish(self) -> None:
         parts = [self.pending[s] for s in self.shards]
         types = [p.ggml_type if isinstance(p, GGUFBlocks) else None for p in parts]
-        if self.on_cpu and all(t in PACKED_TYPES for t in types):
+        if all(t in (PACKED_TYPES if self.on_cpu else GPU_TYPES) for t in types):
             start = 0
             for t, run in itertools.groupby(parts, key=lambda p: p.ggml_type):
                 whole = _concat(list(run), t, self.in_features)
-                self.runs.append(BlockRun(start, whole.shape[0], whole.packed(), t, True))
+                data = whole.packed() if self.on_cpu else whole.data.contiguous()
+                self.runs.append(BlockRun(start, whole.shape[0], data, t, self.on_cpu))
                 start += whole.shape[0]
-        elif len(set(types)) == 1 and types[0] in KERNEL_TYPES:
+        elif len(set(types)) == 1 and types[0] in EXACT_CPU_TYPES:  # Q5_1
             whole = _concat(parts, types[0], self.in_features)
             self.runs = [BlockRun(0, self.out_features, whole.data.contiguous(), types[0], False)]
         else:
@@ -153,33 +155,29 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return linear(x, self.weight, self.bias)
-        run = self.runs[0]
-        if not run.packed and x.shape[0] > DECODE_ROWS:
-            out = self._tiled(x, run)
-        else:
-            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-            x = x.contiguous()
-            for run in self.runs:
-                part = out if len(self.runs) == 1 else out[:, run.start : run.start + run.size]
-                op = (
-                    torch.ops.tokenmill.gguf_packed_linear
-                    if run.packed
-                    else torch.ops.tokenmill.gguf_linear
-                )
-                op(part, x, run.data, run.ggml_type)
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for run in self.runs:
+            part = out if len(self.runs) == 1 else out[:, run.start : run.start + run.size]
+            if run.packed:
+                torch.ops.tokenmill.gguf_packed_linear(part, x, run.data, run.ggml_type)
+            elif x.shape[0] <= DECODE_ROWS:
+                torch.ops.tokenmill.gguf_linear(part, x, run.data, run.ggml_type)
+            else:
+                self._tiled(x, run, part)
         return out if self.bias is None else out.add_(self.bias.to(out.dtype))
 
-    def _tiled(self, x: torch.Tensor, run: BlockRun) -> torch.Tensor:
-        """Tiles of dequantized rows, each multiplied by the BLAS as it is made."""
-        xf = x.float()
-        out = torch.empty(x.shape[0], self.out_features)
-        tile = torch.empty(min(TILE_ROWS, self.out_features), self.in_features)
-        for n0 in range(0, self.out_features, TILE_ROWS):
-            n1 = min(self.out_features, n0 + TILE_ROWS)
+    def _tiled(self, x: torch.Tensor, run: BlockRun, out: torch.Tensor) -> None:
+        """Tiles of dequantized rows, each multiplied by the BLAS as it is made
+        (float32 on CPUs, the activations' dtype on GPUs)."""
+        dtype = torch.float32 if self.on_cpu else x.dtype
+        xt = x.to(dtype)
+        tile = torch.empty(min(TILE_ROWS, run.size), self.in_features, dtype=dtype, device=x.device)
+        for n0 in range(0, run.size, TILE_ROWS):
+            n1 = min(run.size, n0 + TILE_ROWS)
             rows = tile[: n1 - n0]
             torch.ops.tokenmill.gguf_dequantize(rows, run.data, run.ggml_type, n0)
-            torch.mm(xf, rows.t(), out=out[:, n0:n1])
-        return out.to(x.dtype)
+            out[:, n0:n1] = xt @ rows.t()
 
 
 def _concat(parts: list[GGUFBlocks], ggml_type: int, k: int) -> GGUFBlocks:
