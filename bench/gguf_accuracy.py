@@ -42,7 +42,9 @@ def text_windows(tokenizer, count: int, length: int) -> list[list[int]]:
     return [bos + ids[i * body : (i + 1) * body] for i in range(count)]
 
 
-def tokenmill_logits(path: str, windows: list[list[int]], dtype: str) -> list[torch.Tensor]:
+def tokenmill_logits(
+    path: str, windows: list[list[int]], dtype: str, activation_bits: int
+) -> list[torch.Tensor]:
     """float32 logits of every window position (all but the last), through
     prompt logprobs: the runner's prompt logits are kept as they pass."""
     from tokenmill import LLM, SamplingParams
@@ -55,7 +57,12 @@ def tokenmill_logits(path: str, windows: list[list[int]], dtype: str) -> list[to
         seen.append(logits.float().clone())
         return original(logits, targets)
 
-    llm = LLM(path, dtype=dtype, max_model_len=max(map(len, windows)) + 8)
+    llm = LLM(
+        path,
+        dtype=dtype,
+        gguf_activation_bits=activation_bits,
+        max_model_len=max(map(len, windows)) + 8,
+    )
     model_runner.prompt_logprobs = keep
     try:
         out = []
@@ -96,6 +103,9 @@ def main():
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--window-len", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16", help="tokenmill's activations")
+    ap.add_argument(
+        "--activation-bits", type=int, default=8, help="of tokenmill's integer products (8 or 14)"
+    )
     ap.add_argument("--llama-cpp-python", default=None, help="interpreter with llama-cpp-python")
     args = ap.parse_args()
     from tokenmill.loader.gguf import gguf_metadata, gguf_to_hf
@@ -105,7 +115,7 @@ def main():
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(gguf_metadata(path))
     windows = text_windows(tokenizer, args.windows, args.window_len)
-    engines = {"tokenmill": tokenmill_logits(path, windows, args.dtype)}
+    engines = {"tokenmill": tokenmill_logits(path, windows, args.dtype, args.activation_bits)}
     if args.llama_cpp_python:
         engines["llama.cpp"] = llama_cpp_logits(args.llama_cpp_python, path, windows)
     reference = AutoModelForCausalLM.from_pretrained(gguf_to_hf(path), dtype=torch.float64).eval()

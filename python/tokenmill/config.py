@@ -43,11 +43,16 @@ class EngineArgs:
         default="auto",
     )
     gguf_blocks: bool = _arg(
-        "run a GGUF file's Q4_0/Q4_1/Q8_0 tensors from their blocks with integer products "
-        "(8-bit activations, as llama.cpp) and Q5_0/Q5_1 from theirs: the file's memory and the "
-        "fastest single stream; --no-gguf-blocks dequantizes every tensor to dtype at load (3-4x "
-        "the memory; on CPUs with bf16 instructions, faster at large batches)",
+        "run a GGUF file's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) "
+        "from their blocks with integer products: the file's memory and the fastest single "
+        "stream; --no-gguf-blocks dequantizes every tensor to dtype at load (3-4x the memory)",
         default=True,
+    )
+    gguf_activation_bits: int = _arg(
+        "activations of a GGUF file's integer products: 8 (as llama.cpp; the fastest) or 14 "
+        "(next-token distributions within float rounding of the dequantized weights' at the same "
+        "decode speed, prefill about 1.5x slower); the logits always take 14",
+        default=8,
     )
     device: str = _arg("auto, cpu, cuda or xpu", default="auto")
     max_model_len: int | None = _arg("context length (default: the model's)", default=None)
@@ -82,6 +87,10 @@ class EngineArgs:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise InvalidParameterError(
                 "scheduling_policy", "scheduling_policy must be fcfs or priority"
+            )
+        if self.gguf_activation_bits not in (8, 14):
+            raise InvalidParameterError(
+                "gguf_activation_bits", "gguf_activation_bits must be 8 or 14"
             )
         if self.block_size not in (16, 32):
             raise InvalidParameterError("block_size", "block_size must be 16 or 32")

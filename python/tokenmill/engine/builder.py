@@ -47,7 +47,10 @@ def resolve_model(args: EngineArgs) -> ModelSpec:
         # with or without bf16 instructions (bench/latency.py).
         config.dtype = "bfloat16"
     if gguf_file and args.gguf_blocks:
-        config.quantization_config = {"quant_method": "gguf"}
+        config.quantization_config = {
+            "quant_method": "gguf",
+            "activation_bits": args.gguf_activation_bits,
+        }
     device = resolve_device(args.device)
     return ModelSpec(path, config, _max_model_len(args, config), device, gguf_file)
 
@@ -121,7 +124,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
         for name, buf in list(layer.named_buffers(recurse=False)):
             if name == "cos_sin_cache":
                 layer.cos_sin_cache = buf.float()
-    blocks = getattr(config, "quantization_config", None) == {"quant_method": "gguf"}
+    blocks = (getattr(config, "quantization_config", None) or {}).get("quant_method") == "gguf"
     weights = (
         GGUFTensors(spec.gguf_file).iterate(config, blocks)
         if spec.gguf_file

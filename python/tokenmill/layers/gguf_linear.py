@@ -103,9 +103,10 @@ class GGUFLinear(nn.Module):
     elsewhere one block type for the whole layer does, through the exact
     kernels; anything else is dequantized once into the model's dtype."""
 
-    def __init__(self, in_features: int, out_sizes: dict, bias: bool):
+    def __init__(self, in_features: int, out_sizes: dict, bias: bool, activation_bits: int = 8):
         super().__init__()
         self.in_features = in_features
+        self.activation_bits = activation_bits  # of the packed integer products
         self.shards = shard_offsets(out_sizes)
         self.out_features = sum(out_sizes.values())
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
@@ -160,7 +161,9 @@ class GGUFLinear(nn.Module):
         for run in self.runs:
             part = out if len(self.runs) == 1 else out[:, run.start : run.start + run.size]
             if run.packed:
-                torch.ops.tokenmill.gguf_packed_linear(part, x, run.data, run.ggml_type)
+                torch.ops.tokenmill.gguf_packed_linear(
+                    part, x, run.data, run.ggml_type, self.activation_bits
+                )
             elif x.shape[0] <= DECODE_ROWS:
                 torch.ops.tokenmill.gguf_linear(part, x, run.data, run.ggml_type)
             else:

@@ -48,6 +48,7 @@ class QuantConfig:
     group_size: int  # -1: one group over all inputs
     desc_act: bool = False
     sym: bool = True
+    activation_bits: int = 8  # GGUF: of the integer products
 
     @classmethod
     def from_hf(cls, qc: dict | None) -> QuantConfig | None:
@@ -55,7 +56,7 @@ class QuantConfig:
             return None
         method = str(qc.get("quant_method", "")).lower()
         if method == "gguf":  # GGUF files: block types per tensor, known as they load
-            return cls("gguf", 0, 0)
+            return cls("gguf", 0, 0, activation_bits=int(qc.get("activation_bits", 8)))
         supported = (
             "GPTQ and AWQ (GEMM) checkpoints with bits=4 and group_size -1 or a multiple of 32"
         )
@@ -299,7 +300,7 @@ def make_linear(in_features: int, out_features: int, bias: bool, quant=None) -> 
     if quant is None:
         return Linear(in_features, out_features, bias=bias)
     if quant.method == "gguf":
-        return GGUFLinear(in_features, {None: out_features}, bias)
+        return GGUFLinear(in_features, {None: out_features}, bias, quant.activation_bits)
     return Int4Linear(in_features, {None: out_features}, bias, quant)
 
 
@@ -307,5 +308,5 @@ def make_merged_linear(in_features: int, out_sizes: dict, bias: bool, quant=None
     if quant is None:
         return MergedLinear(in_features, out_sizes, bias=bias)
     if quant.method == "gguf":
-        return GGUFLinear(in_features, out_sizes, bias)
+        return GGUFLinear(in_features, out_sizes, bias, quant.activation_bits)
     return Int4Linear(in_features, out_sizes, bias, quant)
