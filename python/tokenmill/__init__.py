@@ -10,7 +10,7 @@ from tokenmill.errors import (
 )
 from tokenmill.llm import LLM
 from tokenmill.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
-from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "LLM",
     "SamplingParams",
     "BeamSearchParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "BeamSearchOutput",

@@ -2,9 +2,70 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidParameterError
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains a request's output, as vLLM's field of the same name: exactly
+    one of a JSON schema (`json`, a dict or its text), a regular expression,
+    a choice among strings, a grammar (llguidance's Lark syntax, or GBNF), or
+    any JSON object (`json_object=True`)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidParameterError(
+                "structured_outputs",
+                "structured_outputs takes exactly one of json, regex, choice, grammar and "
+                f"json_object, got {given or 'none'}",
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise InvalidParameterError("structured_outputs.json", f"not JSON: {e}") from e
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise InvalidParameterError(
+                "structured_outputs.json", "a JSON schema must be an object or a boolean"
+            )
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise InvalidParameterError(
+                "structured_outputs.choice", "choice must be a non-empty list of non-empty strings"
+            )
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidParameterError(
+                    f"structured_outputs.{name}", f"{name} must be a non-empty string"
+                )
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The constraint as a hashable value: equal keys compile to one grammar."""
+        value = getattr(self, self.kind)
+        if isinstance(value, (dict, list, bool)):
+            value = json.dumps(value, sort_keys=True)
+        return self.kind, value
 
 
 @dataclass
@@ -36,6 +97,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -115,6 +177,20 @@ class SamplingParams:
                 fail("logit_bias", "must map token ids to numbers")
             if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
                 fail("logit_bias", "values must be in [-100, 100]")
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                fail("structured_outputs", f"has an unknown field: {e}")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            fail("structured_outputs", "must be a StructuredOutputsParams")
+        if self.structured_outputs is not None and self.ignore_eos:
+            fail(
+                "ignore_eos",
+                "cannot be combined with structured_outputs (the grammar ends the output)",
+            )
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.outputs import Logprob
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output import GrammarMatcher
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SampleSlot:
     eos_token_id: int | None
     row: int = 0
     seq_id: int = -1
+    matcher: GrammarMatcher | None = None  # structured outputs: the sequence's grammar state
 
 
 @dataclass

@@ -9,6 +9,7 @@ from tokenmill.engine.core import EngineRequest
 from tokenmill.engine.strategies import BeamSearchStrategy, SamplingStrategy
 from tokenmill.errors import InvalidParameterError, PromptTooLongError
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+from tokenmill.structured_output import GrammarCompiler
 
 PromptType = str | list[int] | dict
 
@@ -21,6 +22,8 @@ class InputProcessor:
         self.max_num_seqs = args.max_num_seqs
         self.max_logprobs = args.max_logprobs
         self.eos_token_id, self.extra_stop_ids = _eos_ids(generation_config, hf_config, tokenizer)
+        stop_ids = [t for t in [self.eos_token_id, *self.extra_stop_ids] if t is not None]
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, stop_ids)
         self._ids = itertools.count()
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -44,6 +47,9 @@ class InputProcessor:
         self, ids: list[int], params: SamplingParams, priority: int = 0
     ) -> EngineRequest:
         self._validate(ids, params)
+        spec = params.structured_outputs
+        # Compiled already where the caller awaited it (the server), else here.
+        grammar = self.grammars.compile(spec).result() if spec is not None else None
         rid = next(self._ids)
         max_tokens = (
             params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
@@ -63,7 +69,7 @@ class InputProcessor:
             core.cache_salt = (1 << 63) | rid
         eos = self.eos_token_id
         return EngineRequest(
-            rid, ids, core, lambda seq: SamplingStrategy(rid, seq, ids, params, eos)
+            rid, ids, core, lambda seq: SamplingStrategy(rid, seq, ids, params, eos, grammar)
         )
 
     def beam_request(self, ids: list[int], params: BeamSearchParams) -> EngineRequest:

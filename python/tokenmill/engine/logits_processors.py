@@ -5,12 +5,18 @@ or in a runner's list, not a branch in the sampler."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from tokenmill.engine.batch import SampleSlot
+from tokenmill.structured_output import fill_masks
 
 
 class LogitsProcessor:
+    def prepare(self, slots: list[SampleSlot]) -> None:
+        """Called with a step's slots before its forward pass runs."""
+
     def applies(self, slot: SampleSlot) -> bool:
         """Whether this processor changes the slot's row (False keeps greedy rows on the fast path)."""
         raise NotImplementedError
@@ -69,4 +75,34 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
+class GrammarMask(LogitsProcessor):
+    """Structured outputs: only the tokens the sequence's grammar allows. The
+    masks are computed on a worker thread while the forward pass runs."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-masks")
+        self._pending: Future | None = None
+
+    def prepare(self, slots):
+        matchers = {id(s.matcher): s.matcher for s in slots if s.matcher is not None}
+        self._pending = self._pool.submit(fill_masks, list(matchers.values())) if matchers else None
+
+    def applies(self, slot):
+        return slot.matcher is not None
+
+    def __call__(self, row, slot):
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        allowed = slot.matcher.mask.to(row.device)
+        row.masked_fill_(~allowed, float("-inf"))
+        if not torch.isfinite(row).any():  # what the grammar allows outranks min_tokens' bans
+            row.masked_fill_(allowed, 0.0)
+
+
 DEFAULT_PROCESSORS = (LogitBias(), MinTokens(), RepetitionPenalty(), PresenceFrequencyPenalty())
+
+
+def default_processors() -> tuple[LogitsProcessor, ...]:
+    """A sampler's processors: the stateless defaults, then its own grammar masks."""
+    return (*DEFAULT_PROCESSORS, GrammarMask())

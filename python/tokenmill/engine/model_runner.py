@@ -232,6 +232,7 @@ class ModelRunner:
         step = StepInputs.from_plan(plan, batch.rows)
         if distributed.tp().world > 1:
             distributed.broadcast_step(step)
+        self.sampler.prepare(batch.slots)
         hidden = self.hidden_states(step)
         if self._argmax_only(batch):
             tokens = self._argmax_tokens(hidden)

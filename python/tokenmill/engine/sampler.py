@@ -8,7 +8,7 @@ import torch
 
 import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.engine.batch import SampleSlot
-from tokenmill.engine.logits_processors import DEFAULT_PROCESSORS, LogitsProcessor
+from tokenmill.engine.logits_processors import LogitsProcessor, default_processors
 from tokenmill.outputs import Logprob
 from tokenmill.sampling_params import SamplingParams
 
@@ -73,9 +73,14 @@ def _draw(
 class Sampler:
     """Draws tokens after the logits processors; rows follow their own slot's parameters."""
 
-    def __init__(self, seed: int = 0, processors: tuple[LogitsProcessor, ...] = DEFAULT_PROCESSORS):
+    def __init__(self, seed: int = 0, processors: tuple[LogitsProcessor, ...] | None = None):
         self.generator = torch.Generator().manual_seed(seed)
-        self.processors = processors
+        self.processors = default_processors() if processors is None else processors
+
+    def prepare(self, slots: list[SampleSlot]) -> None:
+        """Lets the processors start on a step's slots before its forward pass."""
+        for proc in self.processors:
+            proc.prepare(slots)
 
     def picks_argmax(self, slot: SampleSlot) -> bool:
         """Whether the slot's token is the plain argmax of its logits: greedy,

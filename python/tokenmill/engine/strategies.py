@@ -16,6 +16,7 @@ from tokenmill.engine.batch import PromptLogprobTarget, RunnerOutput, SampleSlot
 from tokenmill.engine.beam_search import BeamSearchState
 from tokenmill.engine.events import BeamSearchFinished
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+from tokenmill.structured_output import Grammar, GrammarMatcher
 
 
 class RequestStrategy:
@@ -51,6 +52,7 @@ class SamplingStrategy(RequestStrategy):
         prompt_ids: list[int],
         params: SamplingParams,
         eos_token_id: int | None,
+        grammar: Grammar | None = None,
     ):
         self.request_id = request_id
         self.first_seq = first_seq
@@ -61,6 +63,8 @@ class SamplingStrategy(RequestStrategy):
             torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         )
         self.outputs: dict[int, list[int]] = {first_seq: []}  # seq id -> generated tokens
+        # seq id -> its place in the grammar (structured outputs)
+        self.matchers: dict[int, GrammarMatcher] = {first_seq: grammar.matcher()} if grammar else {}
         self.prompt_recorded = 0  # prompt positions whose logprobs are computed
         self._slots: dict[int, tuple[int, int]] = {}
 
@@ -81,6 +85,7 @@ class SamplingStrategy(RequestStrategy):
                         self.eos_token_id,
                         row,
                         seq,
+                        self.matchers.get(seq),
                     )
                 )
 
@@ -105,8 +110,12 @@ class SamplingStrategy(RequestStrategy):
     def mirror(self, event):
         if event.kind == _core.EventKind.APPENDED:
             self.outputs[event.seq_id].append(event.token)
+            if event.seq_id in self.matchers:
+                self.matchers[event.seq_id].consume(event.token)
         elif event.kind == _core.EventKind.FORKED:
             self.outputs[event.seq_id] = list(self.outputs[event.parent])
+            if event.parent in self.matchers:
+                self.matchers[event.seq_id] = self.matchers[event.parent].fork()
 
 
 class BeamSearchStrategy(RequestStrategy):

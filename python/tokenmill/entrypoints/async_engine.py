@@ -82,6 +82,9 @@ class AsyncEngine:
         """
         if not self.alive:
             raise EngineDeadError("the engine loop is not running")
+        spec = getattr(params, "structured_outputs", None)
+        if spec is not None:  # compiled here, off the step loop; a bad constraint raises
+            await asyncio.wrap_future(self.engine.inputs.grammars.compile(spec))
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
