@@ -77,6 +77,12 @@ class Server:
             self._token_text[token_id] = text
         return text
 
+    async def check_structured(self, req, params: SamplingParams) -> None:
+        if req.user is not None:
+            logger.info("request from user %r", req.user)
+        if params.structured_outputs is not None:
+            await self.engine.compile_constraint(params.structured_outputs, req.structured()[0])
+
     async def _run(
         self, raw: Request, rid: str, prompt, params: SamplingParams, priority: int
     ) -> RequestOutput:
@@ -94,24 +100,13 @@ class Server:
         return final
 
     # ------------------------------------------------------------ completions
-    def completion_prompts(self, req: CompletionRequest) -> list:
-        p = req.prompt
-        if p is None or p == "" or p == []:
-            raise APIError(400, "prompt must be provided and non-empty", param="prompt")
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        if any(isinstance(x, (str, list)) and len(x) == 0 for x in p):
-            raise APIError(400, "prompts must be non-empty", param="prompt")
-        return [x if isinstance(x, str) else list(x) for x in p]
-
     async def completions(self, req: CompletionRequest, raw: Request):
         model = self.check_model(req.model)
-        prompts = self.completion_prompts(req)
+        prompts = req.prompts()
         if req.use_beam_search:
             return await self.beam_completions(req, raw, model, prompts)
         params = req.sampling_params(req.max_tokens, req.logprobs)
+        await self.check_structured(req, params)
         if req.echo and req.logprobs is not None and not req.stream:
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         self.check_n(params)
@@ -193,7 +188,7 @@ class Server:
 
     # ------------------------------------------------------------------ chat
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
         tok = self.engine.tokenizer
         try:
             ids = tok.apply_chat_template(
@@ -214,6 +209,7 @@ class Server:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens, top)
+        await self.check_structured(req, params)
         self.check_n(params)
         prompt = {"prompt_token_ids": self.chat_prompt(req)}
         rid = f"chatcmpl-{uuid.uuid4().hex[:16]}"

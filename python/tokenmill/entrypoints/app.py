@@ -80,9 +80,14 @@ def build_app(server: Server) -> FastAPI:
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        msg = "; ".join(
-            f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in errors
-        )
+
+        def message(err) -> str:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if err.get("type") == "extra_forbidden":
+                return f"{where} is not supported by tokenmill"
+            return f"{where}: {err.get('msg')}"
+
+        msg = "; ".join(message(err) for err in errors)
         return error_response(400, msg or "invalid request", "BadRequestError", param)
 
     @app.exception_handler(StarletteHTTPException)

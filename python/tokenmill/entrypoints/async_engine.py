@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.entrypoints.metrics import EngineMetrics
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidParameterError, TokenmillError
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import BeamSearchParams, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
+from tokenmill.structured_output import StructuredOutputError
 
 logger = logging.getLogger("tokenmill.engine")
 
@@ -71,6 +72,20 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def grammars(self):
+        """The engine's grammar compiler (structured outputs)."""
+        return self.engine.inputs.grammars
+
+    async def compile_constraint(self, spec: StructuredOutputsParams, field: str) -> None:
+        """Compiles an output constraint off the step loop; a bad one raises
+        InvalidParameterError naming `field`, the request's own name for it."""
+        try:
+            await asyncio.wrap_future(self.grammars.compile(spec))
+        except StructuredOutputError as e:
+            reason = e.message.split(": ", 1)[-1]
+            raise InvalidParameterError(field, f"{field} cannot be used: {reason}") from e
+
     # ------------------------------------------------------------ requests
     async def generate(
         self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
@@ -84,7 +99,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop is not running")
         spec = getattr(params, "structured_outputs", None)
         if spec is not None:  # compiled here, off the step loop; a bad constraint raises
-            await asyncio.wrap_future(self.engine.inputs.grammars.compile(spec))
+            await asyncio.wrap_future(self.grammars.compile(spec))
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()

@@ -7,15 +7,41 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.errors import InvalidParameterError
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
+
+# vLLM's older fields for structured outputs, by the constraint each gives
+GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Fields common to completions and chat. Anything else is refused by
+    name (extra="forbid"): a field tokenmill would ignore is an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int = 1
@@ -37,8 +63,45 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # written to the request log
     priority: int = 0
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> tuple[str, StructuredOutputsParams] | None:
+        """The request's output constraint and the field that gave it."""
+        given: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidParameterError(
+                    "response_format.json_schema", "json_schema with a schema is required"
+                )
+            given.append(("response_format.json_schema.schema", {"json": rf.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name, kind in GUIDED.items():
+            if getattr(self, name) is not None:
+                given.append((name, {kind: getattr(self, name)}))
+        if len(given) > 1:
+            raise InvalidParameterError(
+                given[1][0],
+                "give one of response_format, structured_outputs and guided_*, "
+                f"not {given[0][0]} and {given[1][0]}",
+            )
+        if not given:
+            return None
+        field, spec = given[0]
+        try:
+            return field, StructuredOutputsParams(**spec)
+        except TypeError as e:
+            raise InvalidParameterError(field, f"{field} has an unknown field: {e}") from e
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw = dict(
@@ -54,6 +117,9 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
+        structured = self.structured()
+        if structured is not None:
+            kw["structured_outputs"] = structured[1]
         for name in (
             "temperature",
             "top_p",
@@ -86,14 +152,30 @@ class CompletionRequest(_Sampling):
     use_beam_search: bool = False
     length_penalty: float = 1.0
 
+    def prompts(self) -> list:
+        """The prompts as a list of strings or token id lists."""
+        p = self.prompt
+        if p is None or p == "" or p == []:
+            raise InvalidParameterError("prompt", "prompt must be provided and non-empty")
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if any(isinstance(x, (str, list)) and len(x) == 0 for x in p):
+            raise InvalidParameterError("prompt", "prompts must be non-empty")
+        return [x if isinstance(x, str) else list(x) for x in p]
+
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
+    """A message; fields beyond role and content (name, tool_call_id...) go to
+    the chat template as they are."""
+
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
@@ -103,9 +185,8 @@ class ChatMessage(BaseModel):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
-
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    def for_template(self) -> dict:
+        return {**(self.model_extra or {}), "role": self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -116,11 +197,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -129,6 +209,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]
