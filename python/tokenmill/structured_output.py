@@ -50,7 +50,6 @@ class GrammarMatcher:
     def __init__(self, matcher, vocab_size: int):
         self.matcher = matcher
         self.vocab_size = vocab_size
-        self.mask: torch.Tensor | None = None  # bool [vocab] for the coming step, once filled
 
     def fork(self) -> GrammarMatcher:
         return GrammarMatcher(self.matcher.fork(), self.vocab_size)
@@ -144,17 +143,28 @@ def _transformers_tokenizer(tokenizer):
     )
 
 
-def fill_masks(matchers: list[GrammarMatcher]) -> None:
-    """Each matcher's mask of the tokens allowed next."""
+def fill_bitmask(slots) -> torch.Tensor | None:
+    """int32 [len(slots), ceil(vocab / 32)]: bit t of row i set where slot i's
+    grammar allows token t next (all set for unconstrained slots); None when
+    no slot is constrained. Slots of one sequence share their matcher's row."""
     import xgrammar
 
-    if not matchers:
-        return
-    vocab_size = matchers[0].vocab_size
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
-    for i, m in enumerate(matchers):
-        m.matcher.fill_next_token_bitmask(bitmask, i)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    allowed = torch.from_numpy(bits[:, :vocab_size].astype(bool))
-    for m, row in zip(matchers, allowed, strict=True):
-        m.mask = row
+    rows = [i for i, s in enumerate(slots) if s.matcher is not None]
+    if not rows:
+        return None
+    bitmask = xgrammar.allocate_token_bitmask(len(slots), slots[rows[0]].matcher.vocab_size)
+    first: dict[int, int] = {}
+    for i in rows:
+        matcher = slots[i].matcher
+        j = first.setdefault(id(matcher), i)
+        if j == i:
+            matcher.matcher.fill_next_token_bitmask(bitmask, i)
+        else:
+            bitmask[i] = bitmask[j]
+    return bitmask
+
+
+def allowed(bitmask_row: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [vocab] of one bitmask row."""
+    bits = np.unpackbits(bitmask_row.numpy().view(np.uint8), bitorder="little")
+    return torch.from_numpy(bits[:vocab_size].astype(bool))

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tokenmill.engine.batch import SampleSlot
-from tokenmill.structured_output import fill_masks
+from tokenmill.structured_output import allowed, fill_bitmask
 
 
 class LogitsProcessor:
@@ -24,6 +24,11 @@ class LogitsProcessor:
     def __call__(self, row: torch.Tensor, slot: SampleSlot) -> None:
         """Edits one row of logits in place."""
         raise NotImplementedError
+
+    def apply(self, logits: torch.Tensor, rows: list[int], slots: list[SampleSlot]) -> None:
+        """Edits logits[i] for each i in rows (those of slots it applies to)."""
+        for i in rows:
+            self(logits[i], slots[i])
 
 
 class LogitBias(LogitsProcessor):
@@ -77,27 +82,34 @@ class PresenceFrequencyPenalty(LogitsProcessor):
 
 class GrammarMask(LogitsProcessor):
     """Structured outputs: only the tokens the sequence's grammar allows. The
-    masks are computed on a worker thread while the forward pass runs."""
+    step's bitmask is filled on a worker thread while the forward pass runs,
+    and applied to every constrained row at once."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-masks")
         self._pending: Future | None = None
 
     def prepare(self, slots):
-        matchers = {id(s.matcher): s.matcher for s in slots if s.matcher is not None}
-        self._pending = self._pool.submit(fill_masks, list(matchers.values())) if matchers else None
+        constrained = any(s.matcher is not None for s in slots)
+        self._pending = self._pool.submit(fill_bitmask, slots) if constrained else None
 
     def applies(self, slot):
         return slot.matcher is not None
 
+    def apply(self, logits, rows, slots):
+        import xgrammar
+
+        bitmask = self._pending.result().to(logits.device)
+        self._pending = None
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        for i in rows:  # what the grammar allows outranks min_tokens' bans
+            if len(slots[i].output_ids) < slots[i].params.min_tokens:
+                if not torch.isfinite(logits[i]).any():
+                    keep = allowed(bitmask[i].cpu(), logits.shape[1]).to(logits.device)
+                    logits[i].masked_fill_(keep, 0.0)
+
     def __call__(self, row, slot):
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-        allowed = slot.matcher.mask.to(row.device)
-        row.masked_fill_(~allowed, float("-inf"))
-        if not torch.isfinite(row).any():  # what the grammar allows outranks min_tokens' bans
-            row.masked_fill_(allowed, 0.0)
+        raise NotImplementedError("GrammarMask edits whole batches (apply)")
 
 
 DEFAULT_PROCESSORS = (LogitBias(), MinTokens(), RepetitionPenalty(), PresenceFrequencyPenalty())

@@ -96,13 +96,12 @@ class Sampler:
         """Draws one token per row of float32 logits [len(slots), vocab]."""
         want_logprobs = [s.params.needs_logprobs for s in slots]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-        edits = [(i, [p for p in self.processors if p.applies(s)]) for i, s in enumerate(slots)]
-        edits = [(i, procs) for i, procs in edits if procs]
+        edits = [(p, [i for i, s in enumerate(slots) if p.applies(s)]) for p in self.processors]
+        edits = [(proc, rows) for proc, rows in edits if rows]
         if edits:
             logits = logits.clone()
-            for i, procs in edits:
-                for proc in procs:
-                    proc(logits[i], slots[i])
+            for proc, rows in edits:
+                proc.apply(logits, rows, slots)
         greedy = [s.params.greedy for s in slots]
         tokens = argmax_rows(logits)
         random_rows = [i for i, g in enumerate(greedy) if not g]
