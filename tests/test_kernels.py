@@ -774,6 +774,30 @@ def test_argmax_rows_matches_torch(dtype, shape):
         torch.testing.assert_close(out, x.argmax(-1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("impl", [native, composite], ids=["native", "composite"])
+def test_apply_token_bitmask(impl):
+    """-inf exactly where a masked row's bit is clear; other rows untouched."""
+    rng = torch.Generator().manual_seed(0)
+    n, vocab = 5, 1000  # a partial last word
+    logits = torch.randn(n, vocab, generator=rng)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (n, 32), generator=rng, dtype=torch.int32)
+    bitmask[1] = -1  # all allowed
+    bitmask[3, :10] = 0  # none of the first 320
+    rows = torch.tensor([0, 1, 3])
+    got = logits.clone()
+    impl.apply_token_bitmask(got, bitmask, rows)
+    want = logits.clone()
+    for r in rows.tolist():
+        for t in range(vocab):
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
+                want[r, t] = float("-inf")
+    assert torch.equal(got, want)
+    assert torch.isinf(got[3, :320]).all() and torch.equal(got[1], logits[1])
+    if impl is native:
+        with pytest.raises(RuntimeError, match="outside"):
+            impl.apply_token_bitmask(got, bitmask, torch.tensor([n]))
+
+
 def test_argmax_rows_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="argmax_rows"):
         torch.ops.tokenmill.argmax_rows(torch.empty(2, dtype=torch.long), torch.randn(3, 4))

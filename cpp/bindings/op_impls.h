@@ -398,6 +398,7 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
       "greedy_head(Tensor(a!) token, Tensor x, Tensor weight, Tensor q, Tensor scales, "
       "Tensor bounds) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
 }
 
 }  // namespace tokenmill::ops

@@ -460,6 +460,29 @@ void gguf_packed_rows(Tensor out, Tensor ids, Tensor packed, int64_t ggml_type, 
 }
 
 // out[r] (int64) = the first index of the maximum of row r of x [m, n].
+// logits float32 [n, vocab] (unit column stride); bitmask int32 [n, ceil(vocab / 32)];
+// rows int64: the rows to mask.
+void apply_token_bitmask(Tensor logits, Tensor bitmask, Tensor rows) {
+  const auto i64 = torch::headeronly::ScalarType::Long;
+  STD_TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 &&
+                      logits.scalar_type() == torch::headeronly::ScalarType::Float,
+                  "apply_token_bitmask: logits must be float32 [n, vocab] with unit stride");
+  const int64_t n = logits.size(0), vocab = logits.size(1), words = (vocab + 31) / 32;
+  STD_TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.size(0) == n &&
+                      bitmask.size(1) >= words &&
+                      bitmask.scalar_type() == torch::headeronly::ScalarType::Int,
+                  "apply_token_bitmask: bitmask must be contiguous int32 [n, >= ceil(vocab / 32)]");
+  STD_TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && rows.scalar_type() == i64,
+                  "apply_token_bitmask: rows must be contiguous int64");
+  const auto* r = static_cast<const int64_t*>(rows.data_ptr());
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    STD_TORCH_CHECK(r[i] >= 0 && r[i] < n, "apply_token_bitmask: row ", r[i],
+                    " outside the logits");
+  cpu::apply_token_bitmask(static_cast<float*>(logits.data_ptr()), logits.stride(0),
+                           static_cast<const int32_t*>(bitmask.data_ptr()), bitmask.size(1), r,
+                           rows.size(0), vocab);
+}
+
 void argmax_rows(Tensor out, Tensor x) {
   STD_TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
                   "argmax_rows: x must be [m, n] with unit stride");
@@ -498,6 +521,7 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("load_program", TORCH_BOX(&load_program));
   m.impl("greedy_head", TORCH_BOX(&greedy_head));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
+  m.impl("apply_token_bitmask", TORCH_BOX(&apply_token_bitmask));
 }
 
 // They may take no tensor to dispatch on (a program whose every tensor is fixed).

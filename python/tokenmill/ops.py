@@ -39,6 +39,7 @@ OTHER_OPS = (
     "gguf_linear",
     "gguf_dequantize",
     "gguf_pack",
+    "apply_token_bitmask",
 )
 
 if cuda_kernels_available():
@@ -66,3 +67,4 @@ gguf_dequantize = ops.gguf_dequantize
 gguf_pack = ops.gguf_pack
 gguf_packed_linear = ops.gguf_packed_linear
 gguf_packed_rows = ops.gguf_packed_rows
+apply_token_bitmask = ops.apply_token_bitmask

@@ -208,3 +208,11 @@ def gguf_dequantize(out, qweight, ggml_type, row_start):
 
 def gguf_linear(out, x, qweight, ggml_type):
     out.copy_((x.float() @ _gguf_rows(qweight, ggml_type).t()).to(out.dtype))
+
+
+def apply_token_bitmask(logits, bitmask, rows):
+    """-inf where a row's bitmask (bit t % 32 of word t / 32) clears token t."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    bits = ((bitmask[rows][:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab]
+    logits[rows] = logits[rows].masked_fill(bits == 0, float("-inf"))

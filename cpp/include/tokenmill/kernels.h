@@ -94,6 +94,11 @@ int64_t greedy_head(DType x_dtype, DType w_dtype, const void* x, const void* wei
 // a NaN counting as larger than any number, as torch.argmax has it.
 void argmax_rows(DType dtype, int64_t* out, const void* x, int64_t m, int64_t n, int64_t stride);
 
+// logits[r, t] = -inf for each r in rows[0..count) and token t < vocab whose
+// bit (bit t % 32 of bitmask[r, t / 32], words a row) is clear.
+void apply_token_bitmask(float* logits, int64_t stride, const int32_t* bitmask, int64_t words,
+                         const int64_t* rows, int64_t count, int64_t vocab);
+
 // A GGUF weight [n, k] (GgufType: kernel_params.h) stored as n rows of
 // k / 32 blocks of row_bytes / (k / 32) bytes each.
 struct GgufWeight {

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+import tokenmill.ops  # noqa: F401  (registers torch.ops.tokenmill)
 from tokenmill.engine.batch import SampleSlot
 from tokenmill.structured_output import allowed, fill_bitmask
 
@@ -97,11 +98,10 @@ class GrammarMask(LogitsProcessor):
         return slot.matcher is not None
 
     def apply(self, logits, rows, slots):
-        import xgrammar
-
         bitmask = self._pending.result().to(logits.device)
         self._pending = None
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        torch.ops.tokenmill.apply_token_bitmask(logits, bitmask, index)
         for i in rows:  # what the grammar allows outranks min_tokens' bans
             if len(slots[i].output_ids) < slots[i].params.min_tokens:
                 if not torch.isfinite(logits[i]).any():
