@@ -42,27 +42,6 @@ __device__ __forceinline__ float half_at(const uint8_t* p) {
   return __half2float(h);
 }
 
-__device__ __forceinline__ int64_t block_bytes(GgufType t) {
-  switch (t) {
-    case GgufType::kQ4_0:
-      return 18;
-    case GgufType::kQ4_1:
-      return 20;
-    case GgufType::kQ5_0:
-      return 22;
-    case GgufType::kQ5_1:
-      return 24;
-    case GgufType::kQ8_0:
-      return 34;
-    case GgufType::kQ4_K:
-      return 144;
-    case GgufType::kQ5_K:
-      return 176;
-    default:
-      return 210;  // Q6_K
-  }
-}
-
 __device__ __forceinline__ bool is_k_type(GgufType t) {
   return t == GgufType::kQ4_K || t == GgufType::kQ5_K || t == GgufType::kQ6_K;
 }
@@ -78,11 +57,12 @@ __device__ __forceinline__ void scale_min(const uint8_t* s, int j, int& sc, int&
   }
 }
 
-// The 32 weights of block b (32-weight block, or K sub-block) of a row.
-__device__ __forceinline__ void decode_block(GgufType t, const uint8_t* row, int64_t b,
-                                             float w[32]) {
+// The 32 weights of block b (32-weight block, or K sub-block) of a row whose
+// blocks (K: super-blocks) take `bytes` bytes each.
+__device__ __forceinline__ void decode_block(GgufType t, int64_t bytes, const uint8_t* row,
+                                             int64_t b, float w[32]) {
   if (is_k_type(t)) {
-    const uint8_t* sb = row + (b / 8) * block_bytes(t);
+    const uint8_t* sb = row + (b / 8) * bytes;
     const int s = static_cast<int>(b % 8);
     if (t == GgufType::kQ6_K) {
       const int half = s / 4, quarter = s % 4;
@@ -110,7 +90,7 @@ __device__ __forceinline__ void decode_block(GgufType t, const uint8_t* row, int
     }
     return;
   }
-  const uint8_t* blk = row + b * block_bytes(t);
+  const uint8_t* blk = row + b * bytes;
   const float d = half_at(blk);
   if (t == GgufType::kQ8_0) {
     for (int l = 0; l < 32; ++l)
@@ -144,7 +124,7 @@ template <typename T>
 __global__ void __launch_bounds__(kWarps* kWarpSize)
     gguf_gemv_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t m, int64_t k,
                      int64_t x_stride, int64_t out_stride, const uint8_t* __restrict__ qweight,
-                     GgufType type, int64_t row_bytes, int64_t n) {
+                     GgufType type, int64_t block_bytes, int64_t row_bytes, int64_t n) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   if (row >= n) return;
@@ -153,7 +133,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize)
   float acc[kRowsM] = {};
   for (int64_t b = lane; b < k / 32; b += kWarpSize) {
     float w[32];
-    decode_block(type, qweight + row * row_bytes, b, w);
+    decode_block(type, block_bytes, qweight + row * row_bytes, b, w);
 #pragma unroll
     for (int i = 0; i < kRowsM; ++i) {
       if (i < rows) {
@@ -175,14 +155,14 @@ __global__ void __launch_bounds__(kWarps* kWarpSize)
 // A thread per 32-weight block.
 template <typename T>
 __global__ void gguf_dequantize_kernel(T* __restrict__ out, const uint8_t* __restrict__ qweight,
-                                       GgufType type, int64_t row_bytes, int64_t k, int64_t n0,
-                                       int64_t n1) {
+                                       GgufType type, int64_t block_bytes, int64_t row_bytes,
+                                       int64_t k, int64_t n0, int64_t n1) {
   const int64_t blocks = k / 32;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= (n1 - n0) * blocks) return;
   const int64_t row = n0 + i / blocks, b = i % blocks;
   float w[32];
-  decode_block(type, qweight + row * row_bytes, b, w);
+  decode_block(type, block_bytes, qweight + row * row_bytes, b, w);
   T* dst = out + (row - n0) * k + b * 32;
 #pragma unroll
   for (int j = 0; j < 32; ++j) dst[j] = from_float<T>(w[j]);
@@ -208,27 +188,8 @@ const char* check_type(int64_t ggml_type, int64_t k) {
 }  // namespace
 
 int64_t gguf_row_bytes(int64_t ggml_type, int64_t k) {
-  const int64_t blocks = k / 32;
-  switch (static_cast<GgufType>(ggml_type)) {
-    case GgufType::kQ4_0:
-      return blocks * 18;
-    case GgufType::kQ4_1:
-      return blocks * 20;
-    case GgufType::kQ5_0:
-      return blocks * 22;
-    case GgufType::kQ5_1:
-      return blocks * 24;
-    case GgufType::kQ8_0:
-      return blocks * 34;
-    case GgufType::kQ4_K:
-      return k / 256 * 144;
-    case GgufType::kQ5_K:
-      return k / 256 * 176;
-    case GgufType::kQ6_K:
-      return k / 256 * 210;
-    default:
-      return 0;
-  }
+  const auto t = static_cast<GgufType>(ggml_type);
+  return k / gguf_block_weights(t) * gguf_block_bytes(t);
 }
 
 const char* gguf_linear(DType dtype, void* out, const void* x, int64_t m, int64_t k,
@@ -243,7 +204,7 @@ const char* gguf_linear(DType dtype, void* out, const void* x, int64_t m, int64_
                     static_cast<unsigned>((m + kRowsM - 1) / kRowsM));
     TM_LAUNCH(grid, kWarps * kWarpSize, stream, gguf_gemv_kernel<T>)
     (static_cast<T*>(out), static_cast<const T*>(x), m, k, x_stride, out_stride, qweight, type,
-     row_bytes, n);
+     gguf_block_bytes(type), row_bytes, n);
   });
   return err ? err : last_error();
 }
@@ -257,7 +218,7 @@ const char* gguf_dequantize(DType dtype, void* out, const uint8_t* qweight, int6
   const char* err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     TM_LAUNCH(static_cast<unsigned>((work + 255) / 256), 256, stream, gguf_dequantize_kernel<T>)
-    (static_cast<T*>(out), qweight, type, row_bytes, k, n0, n1);
+    (static_cast<T*>(out), qweight, type, gguf_block_bytes(type), row_bytes, k, n0, n1);
   });
   return err ? err : last_error();
 }

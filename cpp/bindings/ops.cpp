@@ -370,7 +370,7 @@ cpu::GgufWeight gguf_weight(const Tensor& qweight, int64_t ggml_type, int64_t k)
   const auto type = static_cast<tokenmill::GgufType>(ggml_type);
   STD_TORCH_CHECK(qweight.scalar_type() == torch::headeronly::ScalarType::Byte &&
                       qweight.dim() == 2 && qweight.is_contiguous() && k % 32 == 0 &&
-                      qweight.size(1) == k / 32 * cpu::gguf_block_bytes(type),
+                      qweight.size(1) == k / 32 * tokenmill::gguf_block_bytes(type),
                   "qweight must be contiguous uint8 [n, k / 32 * block bytes]");
   return {type, static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1), qweight.size(0),
           k};

@@ -97,27 +97,12 @@ void dispatch(GgufType t, Fn&& fn) {
       return fn(std::integral_constant<GgufType, GgufType::kQ5_1>{});
     case GgufType::kQ8_0:
       return fn(std::integral_constant<GgufType, GgufType::kQ8_0>{});
+    default:
+      throw std::invalid_argument("unsupported GGUF block type");
   }
-  throw std::invalid_argument("unsupported GGUF block type");
 }
 
 }  // namespace
-
-int64_t gguf_block_bytes(GgufType t) {
-  switch (t) {
-    case GgufType::kQ4_0:
-      return 18;
-    case GgufType::kQ4_1:
-      return 20;
-    case GgufType::kQ5_0:
-      return 22;
-    case GgufType::kQ5_1:
-      return 24;
-    case GgufType::kQ8_0:
-      return 34;
-  }
-  return 0;
-}
 
 bool gguf_type_supported(int64_t ggml_type) {
   switch (static_cast<GgufType>(ggml_type)) {
@@ -127,8 +112,9 @@ bool gguf_type_supported(int64_t ggml_type) {
     case GgufType::kQ5_1:
     case GgufType::kQ8_0:
       return true;
+    default:  // the K types run packed only (gguf_packed.cpp)
+      return false;
   }
-  return false;
 }
 
 void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1) {

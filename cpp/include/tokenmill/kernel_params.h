@@ -21,6 +21,33 @@ enum class GgufType {
   kQ6_K = 14
 };
 
+// The bytes of one block of a GGUF type as the file stores it (32 weights;
+// 256 for the K types), 0 for a type tokenmill does not read.
+constexpr int64_t gguf_block_bytes(GgufType t) {
+  switch (t) {
+    case GgufType::kQ4_0:
+      return 18;
+    case GgufType::kQ4_1:
+      return 20;
+    case GgufType::kQ5_0:
+      return 22;
+    case GgufType::kQ5_1:
+      return 24;
+    case GgufType::kQ8_0:
+      return 34;
+    case GgufType::kQ4_K:
+      return 144;
+    case GgufType::kQ5_K:
+      return 176;
+    case GgufType::kQ6_K:
+      return 210;
+  }
+  return 0;
+}
+constexpr int64_t gguf_block_weights(GgufType t) {
+  return t == GgufType::kQ4_K || t == GgufType::kQ5_K || t == GgufType::kQ6_K ? 256 : 32;
+}
+
 // A [rows, heads, dim] view whose last dimension is contiguous.
 struct View3 {
   void* data;

@@ -107,7 +107,6 @@ struct GgufWeight {
   int64_t row_bytes, n, k;
 };
 bool gguf_type_supported(int64_t ggml_type);
-int64_t gguf_block_bytes(GgufType t);
 // Rows r0..r1 of the weight dequantized into out, float32 [r1 - r0, k].
 void gguf_dequantize(const GgufWeight& w, float* out, int64_t r0, int64_t r1);
 // out[m, n] = x[m, k] . dequant(w)^T for m <= 16 float32 rows, reading each block once,
