@@ -7,29 +7,31 @@ from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidParameterError
 
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
 class StructuredOutputsParams:
     """Constrains a request's output, as vLLM's field of the same name: exactly
     one of a JSON schema (`json`, a dict or its text), a regular expression,
-    a choice among strings, a grammar (llguidance's Lark syntax, or GBNF), or
-    any JSON object (`json_object=True`)."""
+    a choice among strings, a grammar (EBNF/GBNF), any JSON object
+    (`json_object=True`), or an xgrammar structural tag (free text with
+    tagged, schema-checked sections: how tool calls are constrained)."""
 
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: dict | None = None
 
     def __post_init__(self):
         given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise InvalidParameterError(
                 "structured_outputs",
-                "structured_outputs takes exactly one of json, regex, choice, grammar and "
-                f"json_object, got {given or 'none'}",
+                "structured_outputs takes exactly one of json, regex, choice, grammar, "
+                f"json_object and structural_tag, got {given or 'none'}",
             )
         if isinstance(self.json, str):
             try:

@@ -95,6 +95,8 @@ class GrammarCompiler:
                 compiled = compiler.compile_regex(spec.regex)
             elif spec.kind == "choice":
                 compiled = compiler.compile_grammar(choice_grammar(spec.choice))
+            elif spec.kind == "structural_tag":
+                compiled = compiler.compile_structural_tag(json.dumps(spec.structural_tag))
             else:
                 if "::=" not in spec.grammar:
                     raise ValueError("grammars are EBNF (GBNF): rules written `name ::= ...`")
