@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from tokenmill.entrypoints.async_engine import AsyncEngine
+from tokenmill.entrypoints.chat import ChatOptions, ChatPlan, plan_chat
 from tokenmill.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,7 +26,7 @@ from tokenmill.entrypoints.responses import (
     response_body,
     usage_body,
 )
-from tokenmill.errors import InvalidParameterError
+from tokenmill.entrypoints.streaming import StreamCall
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
@@ -44,8 +42,10 @@ class Server:
         model_names: list[str],
         api_key: str | None = None,
         max_n: int = 16,
+        chat_options: ChatOptions | None = None,
     ):
         self.engine = engine
+        self.chat_options = chat_options or ChatOptions()
         self.model_names = model_names
         self.api_key = api_key
         self.max_n = max_n
@@ -77,11 +77,20 @@ class Server:
             self._token_text[token_id] = text
         return text
 
-    async def check_structured(self, req, params: SamplingParams) -> None:
+    async def check_structured(self, req, params: SamplingParams, field: str | None = None):
+        """Compiles the request's output constraint; `field` names its source
+        where it is not the request's structured-output field."""
         if req.user is not None:
             logger.info("request from user %r", req.user)
         if params.structured_outputs is not None:
-            await self.engine.compile_constraint(params.structured_outputs, req.structured()[0])
+            field = field or req.structured()[0]
+            await self.engine.compile_constraint(params.structured_outputs, field)
+
+    def stream(self, raw: Request, rid: str, model: str, params, req, chat=None) -> StreamCall:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamCall(
+            self.engine, self.token_text, raw, rid, model, params, req.priority, include_usage, chat
+        )
 
     async def _run(
         self, raw: Request, rid: str, prompt, params: SamplingParams, priority: int
@@ -112,7 +121,7 @@ class Server:
         self.check_n(params)
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
-            return await self._stream(raw, rid, model, prompts, params, req, chat=False)
+            return await self.stream(raw, rid, model, params, req).start(prompts)
         outs = await asyncio.gather(
             *(self._run(raw, f"{rid}-{i}", p, params, req.priority) for i, p in enumerate(prompts))
         )
@@ -187,15 +196,18 @@ class Server:
         return response_body(rid, "text_completion", model, choices, usage)
 
     # ------------------------------------------------------------------ chat
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [m.for_template() for m in req.messages]
-        tok = self.engine.tokenizer
+    def chat_plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        template = req.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
+        return plan_chat(req, self.chat_options, template if isinstance(template, str) else None)
+
+    def chat_prompt(self, req: ChatCompletionRequest, plan: ChatPlan) -> list[int]:
         try:
-            ids = tok.apply_chat_template(
-                messages,
+            ids = self.engine.tokenizer.apply_chat_template(
+                plan.messages,
                 chat_template=req.chat_template,
                 add_generation_prompt=req.add_generation_prompt,
                 tokenize=True,
+                **plan.template_kwargs,
             )
         except Exception as e:  # template errors are the caller's input
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
@@ -208,167 +220,44 @@ class Server:
             top = 0
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        plan = self.chat_plan(req)
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens, top)
-        await self.check_structured(req, params)
+        if plan.constraint is not None:
+            params = dataclasses.replace(params, structured_outputs=plan.constraint)
+        if plan.raw_text:
+            params = dataclasses.replace(params, skip_special_tokens=False)
+        await self.check_structured(req, params, "tools" if plan.constraint else None)
         self.check_n(params)
-        prompt = {"prompt_token_ids": self.chat_prompt(req)}
+        prompt = {"prompt_token_ids": self.chat_prompt(req, plan)}
         rid = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
-            return await self._stream(raw, rid, model, [prompt], params, req, chat=True)
+            return await self.stream(raw, rid, model, params, req, plan).start([prompt])
         out = await self._run(raw, rid, prompt, params, req.priority)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(self.token_text, c.token_ids, c.logprobs, top or 0)
-                if req.logprobs
-                else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in out.outputs
-        ]
+        choices = []
+        for c in out.outputs:
+            parser = plan.parser()
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": parser.message(c.text, plan.with_reasoning),
+                    "logprobs": chat_logprobs(self.token_text, c.token_ids, c.logprobs, top or 0)
+                    if req.logprobs
+                    else None,
+                    "finish_reason": parser.finish_reason(c.finish_reason),
+                    "stop_reason": c.stop_reason,
+                }
+            )
         return response_body(rid, "chat.completion", model, choices, usage_body([out]))
-
-    # ------------------------------------------------------------- streaming
-    async def _stream(self, raw: Request, rid: str, model: str, prompts, params, req, chat: bool):
-        """Validates by starting every request, then streams their deltas as SSE."""
-        gens = [
-            self.engine.generate(f"{rid}-{i}", p, params, req.priority)
-            for i, p in enumerate(prompts)
-        ]
-        queue: asyncio.Queue = asyncio.Queue()
-        started = [asyncio.Event() for _ in gens]
-
-        async def pump(i, agen):
-            try:
-                async for out in agen:
-                    started[i].set()
-                    await queue.put((i, out))
-            except BaseException as e:  # noqa: BLE001  (reported to the stream)
-                started[i].set()
-                await queue.put((i, e))
-            finally:
-                await agen.aclose()
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-        # The first item of each request tells whether the engine accepted it.
-        first = await queue.get()
-        if isinstance(first[1], BaseException):
-            for t in tasks:
-                t.cancel()
-            raise first[1]
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            self._sse(
-                raw, rid, model, params, req, chat, queue, tasks, len(gens), first, include_usage
-            ),
-            media_type="text/event-stream",
-        )
-
-    async def _sse(
-        self, raw, rid, model, params, req, chat, queue, tasks, n_prompts, first, include_usage
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        finished_choice: set[int] = set()
-        done_prompts = 0
-        last: dict[int, RequestOutput] = {}
-
-        def chunk(choices, **extra):
-            body = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": choices,
-                **extra,
-            }
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-        try:
-            if chat:
-                for i in range(params.n):
-                    yield chunk(
-                        [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-            item = first
-            while True:
-                i, out = item
-                if out is None:
-                    done_prompts += 1
-                    if done_prompts == n_prompts:
-                        break
-                elif isinstance(out, BaseException):
-                    err = out if isinstance(out, (InvalidParameterError, APIError)) else None
-                    msg = err.message if err else f"{type(out).__name__}: {out}"
-                    yield f"data: {json.dumps({'error': {'message': msg, 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n"
-                    break
-                else:
-                    last[i] = out
-                    for c in out.outputs:
-                        key = i * params.n + c.index
-                        if key in finished_choice:
-                            continue
-                        start, tstart = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                        delta = c.text[start:]
-                        new_ids = c.token_ids[tstart:]
-                        if not delta and not c.finish_reason:
-                            continue
-                        sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
-                        lp = None
-                        if c.logprobs is not None and params.logprobs is not None:
-                            new_lp = c.logprobs[tstart:]
-                            lp = (
-                                chat_logprobs(self.token_text, new_ids, new_lp, params.logprobs)
-                                if chat
-                                else completion_logprobs(self.token_text, new_ids, new_lp, start)
-                            )
-                        choice = {"index": key, "logprobs": lp, "finish_reason": c.finish_reason}
-                        if chat:
-                            choice["delta"] = {"content": delta}
-                        else:
-                            choice["text"] = delta
-                        if c.finish_reason:
-                            choice["stop_reason"] = c.stop_reason
-                            finished_choice.add(key)
-                        yield chunk([choice])
-                if await raw.is_disconnected():
-                    logger.info("client gone, aborting %s", rid)
-                    return
-                item = await queue.get()
-            if include_usage:
-                yield chunk([], usage=usage_body(list(last.values())))
-            yield "data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                t.cancel()
-            # However the stream ended (client gone, error), unfinished requests
-            # are aborted here rather than through the cancelled tasks alone.
-            for i in range(n_prompts):
-                if i not in last or not last[i].finished:
-                    self.engine.abort(f"{rid}-{i}")
 
     # ------------------------------------------------------------ tokenizer
     def tokenize(self, req: TokenizeRequest) -> dict:
         self.check_model(req.model)
         tok = self.engine.tokenizer
         if req.messages is not None:
-            ids = self.chat_prompt(
-                ChatCompletionRequest(
-                    messages=req.messages, add_generation_prompt=req.add_generation_prompt
-                )
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt
             )
+            ids = self.chat_prompt(chat, self.chat_plan(chat))
         elif req.prompt is not None:
             ids = tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         else:

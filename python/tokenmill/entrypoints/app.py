@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tokenmill
 from tokenmill.entrypoints.api_server import Server
 from tokenmill.entrypoints.async_engine import AsyncEngine, EngineDeadError
+from tokenmill.entrypoints.chat import ChatOptions
 from tokenmill.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -144,11 +145,18 @@ def run_server(args) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
 
     t0 = time.monotonic()
+    try:
+        chat_options = ChatOptions(
+            args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser
+        )
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
     engine_args = EngineArgs.from_cli_args(args)
     llm_engine = LLMEngine(engine_args)
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
     engine = AsyncEngine(llm_engine, name, args.log_stats_interval)
-    server = Server(engine, [name], api_key=args.api_key, max_n=args.max_n)
+    server = Server(engine, [name], args.api_key, args.max_n, chat_options)
     app = build_app(server)
     logger.info(
         "serving %s on http://%s:%d (ready in %.1f s)",

@@ -21,6 +21,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--max-n", type=int, default=16, help="largest n / best_of a request may ask for"
     )
     p.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        default=None,
+        help="the model's tool call format (hermes: <tool_call>, also Qwen; "
+        "llama3_json; mistral: [TOOL_CALLS])",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide whether to call tools (tool_choice "auto")',
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=["deepseek_r1", "qwen3"],
+        default=None,
+        help="put <think>...</think> in reasoning_content (deepseek_r1: the template "
+        "opens the block; qwen3: the model does)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
