@@ -63,6 +63,10 @@ def test_greedy_completions_match_llm_generate(tiny_server, client):
         model=path, prompt=expected[0].prompt_token_ids, max_tokens=12, temperature=0, echo=True
     )
     assert ids.choices[0].text.endswith(expected[0].outputs[0].text)
+    stream = client.completions.create(
+        model=path, prompt=PROMPTS[1], max_tokens=12, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == PROMPTS[1] + expected[1].outputs[0].text
     # echo with logprobs scores the prompt too: its first token has no logprob
     scored = client.completions.create(
         model=path, prompt=PROMPTS[0], max_tokens=3, temperature=0, echo=True, logprobs=2
@@ -313,3 +317,17 @@ def test_beam_search_completions(tiny_server, client):
         json={"prompt": "x", "use_beam_search": True, "n": 3, "best_of": 2},
     )
     assert bad.status_code == 400
+    # a field beam search does not read is refused by name, not ignored
+    for field, value in (("temperature", 0.5), ("logprobs", 2), ("stop", ["x"])):
+        bad = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "x", "use_beam_search": True, "best_of": 2, field: value},
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field
+    for body, field in (
+        ({"prompt": "x", "length_penalty": 0.5}, "length_penalty"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "stream": True, "echo": True, "logprobs": 1}, "echo"),
+    ):
+        bad = httpx.post(f"{server.url}/v1/completions", json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field

@@ -103,6 +103,9 @@ def test_required_and_named_calls_validate_streamed_or_not(client):
         content, calls, finish = streamed(client, **kw)
         assert content == "" and finish == "tool_calls"
         assert calls == {0: [call.function.name, call.function.arguments]}
+    # n > 1: each choice parses on its own
+    out = chat(client, tool_choice="required", parallel_tool_calls=False, n=3, temperature=1.0)
+    assert len(out.choices) == 3 and all(len(valid_calls(c.message)) == 1 for c in out.choices)
     named = {"type": "function", "function": {"name": "local_time"}}
     out = chat(client, tool_choice=named, temperature=1.0, seed=7).choices[0]
     assert [c.function.name for c in valid_calls(out.message)] == ["local_time"]

@@ -105,6 +105,31 @@ def test_constraints_meet_stop_strings_logprobs_and_max_tokens(llm):
 
 
 @pytest.mark.slow
+def test_constraints_survive_preemption_and_prefix_cache_hits(llm):
+    """Preempted sequences are recomputed from their tokens and keep their
+    matchers; prompts sharing a prefix hit the cache; n > 1 forks matchers."""
+    shared = "Here is a list of people described as JSON objects, one per line. " * 4
+    prompts = [shared + f"Person {i}:" for i in range(12)]
+    spec = StructuredOutputsParams(json=PERSON)
+    small = LLM(max_model_len=256, kv_cache_memory=40 * llm.engine.runner.kv_bytes_per_block)
+    outs = small.generate(
+        prompts,
+        SamplingParams(temperature=0.8, seed=9, n=2, max_tokens=80, structured_outputs=spec),
+        use_tqdm=False,
+    )
+    for c in (c for o in outs for c in o.outputs):
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), PERSON)
+        else:  # cut by max_tokens: still a prefix the grammar allows
+            assert c.text.startswith("{")
+    stats = small.engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_hits > 0
+    assert stats.num_free_blocks == stats.num_blocks
+    stopped = sum(c.finish_reason == "stop" for o in outs for c in o.outputs)
+    assert stopped >= 12, "most constrained outputs complete"
+
+
+@pytest.mark.slow
 def test_bad_constraints_are_refused_by_field(llm):
     cases = {
         "structured_outputs.json": {

@@ -32,6 +32,12 @@ from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
+# what a beam search reads of a completion request; any other field given is refused
+BEAM_SEARCH_FIELDS = {
+    *("model", "prompt", "n", "best_of", "max_tokens", "ignore_eos", "length_penalty"),
+    *("use_beam_search", "stream", "priority", "user"),
+}
+
 
 class Server:
     """Routes over one AsyncEngine."""
@@ -114,6 +120,8 @@ class Server:
         prompts = req.prompts()
         if req.use_beam_search:
             return await self.beam_completions(req, raw, model, prompts)
+        if "length_penalty" in req.model_fields_set:
+            raise APIError(400, "length_penalty needs use_beam_search", param="length_penalty")
         params = req.sampling_params(req.max_tokens, req.logprobs)
         await self.check_structured(req, params)
         if req.echo and req.logprobs is not None and not req.stream:
@@ -121,7 +129,11 @@ class Server:
         self.check_n(params)
         rid = f"cmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
-            return await self.stream(raw, rid, model, params, req).start(prompts)
+            if req.echo and req.logprobs is not None:
+                raise APIError(400, "echo with logprobs cannot be streamed", param="echo")
+            call = self.stream(raw, rid, model, params, req)
+            call.echo = req.echo
+            return await call.start(prompts)
         outs = await asyncio.gather(
             *(self._run(raw, f"{rid}-{i}", p, params, req.priority) for i, p in enumerate(prompts))
         )
@@ -160,6 +172,9 @@ class Server:
     ):
         if req.stream:
             raise APIError(400, "beam search cannot be streamed", param="stream")
+        unused = sorted(req.model_fields_set - BEAM_SEARCH_FIELDS)
+        if unused:
+            raise APIError(400, f"{unused[0]} does not apply to beam search", param=unused[0])
         width = req.best_of or req.n
         if req.n < 1 or width < req.n:
             raise APIError(400, f"best_of must be at least n ({req.n})", param="best_of")

@@ -140,6 +140,8 @@ class _Sampling(BaseModel):
                 raise InvalidParameterError(
                     "logit_bias", "logit_bias keys must be token ids"
                 ) from e
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParameterError("stream_options", "stream_options needs stream=true")
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise InvalidParameterError("best_of", "best_of > n cannot be streamed")
         return SamplingParams(**kw)

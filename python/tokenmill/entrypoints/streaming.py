@@ -41,6 +41,7 @@ class StreamCall:
     priority: int
     include_usage: bool
     chat: ChatPlan | None  # None for completions
+    echo: bool = False  # completions: each choice's first chunk starts with its prompt
 
     async def start(self, prompts: list) -> StreamingResponse:
         """Starts every request; the first item tells whether the engine
@@ -70,6 +71,11 @@ class StreamCall:
         return StreamingResponse(
             self.events(queue, tasks, len(gens), first), media_type="text/event-stream"
         )
+
+    def prompt_text(self, out: RequestOutput) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        return self.engine.tokenizer.decode(out.prompt_token_ids)
 
     def chunk(self, created: int, choices: list, **extra) -> str:
         body = {
@@ -130,6 +136,8 @@ class StreamCall:
                         else:
                             if not text and not c.finish_reason:
                                 continue
+                            if self.echo and key not in sent_tokens:
+                                text = self.prompt_text(out) + text
                             choice["text"] = text
                         sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
                         if c.logprobs is not None and params.logprobs is not None:
