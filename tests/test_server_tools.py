@@ -5,6 +5,7 @@ content."""
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -37,8 +38,24 @@ TIME = {
         },
     },
 }
+# For the random tiny model: its byte tokens can spell overlong UTF-8, which
+# xgrammar counts as one character and a decoder as three, so no maxLength.
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo", "Lima"]},
+                "hour": {"type": "integer", "minimum": 0, "maximum": 23},
+            },
+            "required": ["city", "hour"],
+        },
+    },
+}
 TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (*TOOLS, ALARM)}
 ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 # A template that takes tools itself (as Hermes and Qwen templates do); it
 # fails when the tools do not reach it.
@@ -201,6 +218,79 @@ def test_bad_tool_requests_are_400s_naming_the_field(client):
             chat(client, **kw)
         assert e.value.body["param"] == field, (field, e.value.body)
     assert chat(client, max_tokens=4, tool_choice="none").choices[0].message.content is not None
+
+
+HERMES_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{%- for c in m.tool_calls %}
+<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.mark.slow
+def test_round_trip_on_a_tiny_model_with_a_hermes_template(tiny_model, tmp_path):
+    template = tmp_path / "hermes.jinja"
+    template.write_text(HERMES_TEMPLATE)
+    flags = ("--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--chat-template")
+    server = ServerProcess(
+        tiny_model("qwen2"),
+        "--kv-cache-memory",
+        "32MiB",
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "float32",
+        *flags,
+        str(template),
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        kw = dict(tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=1)
+        # (the tiny tokenizer spends about a token a byte, and its context is 512)
+        kw.update(tools=[ALARM], max_tokens=120, messages=[{"role": "user", "content": "Wake"}])
+
+        def tokens(content):
+            body = {"messages": [{"role": "user", "content": content}]}
+            return httpx.post(f"{server.url}/tokenize", json=body).json()["tokens"]
+
+        first = chat(client, **kw).choices[0]
+        (call,) = valid_calls(first.message)
+        _, calls, _ = streamed(client, **kw)
+        assert calls == {0: [call.function.name, call.function.arguments]}
+        history = [
+            *kw["messages"],
+            first.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "set"},
+        ]
+        # the final answer: the history (with the call written by the template) fits
+        for seed in range(3):
+            out = chat(client, messages=history, tool_choice="none", max_tokens=24, seed=seed)
+            message = out.choices[0].message
+            assert message.content and not message.tool_calls
+            # the call and its result are in the prompt
+            assert out.usage.prompt_tokens > len(tokens("Wake")) + len(call.function.arguments) // 2
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")

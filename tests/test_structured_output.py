@@ -10,7 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 from tokenmill.errors import InvalidParameterError
-from tokenmill.structured_output import StructuredOutputError, choice_grammar
+from tokenmill.structured_output import (
+    StructuredOutputError,
+    bounded_strings_as_patterns,
+    choice_grammar,
+)
 
 PERSON = {
     "type": "object",
@@ -61,6 +65,27 @@ def test_params_take_exactly_one_constraint():
 
 def test_choice_grammar_escapes_quotes_and_control_characters():
     assert choice_grammar(['a"b', "c\\d", "e\nf"]) == 'root ::= "a\\"b" | "c\\\\d" | "e\\x0af"'
+
+
+def test_length_bounded_strings_admit_no_control_characters(llm):
+    schema = {
+        "type": "object",
+        "properties": {"type": {"type": "string", "minLength": 1, "maxLength": 3}},
+        "required": ["type"],
+    }
+    rewritten = bounded_strings_as_patterns(schema)
+    assert rewritten["properties"]["type"] == {"type": "string", "pattern": "^[\\s\\S]{1,3}$"}
+    for value in ("a", "abc", "é🙂x", "", "abcd"):  # the pattern keeps the bounds
+        valid = jsonschema.Draft202012Validator(schema).is_valid({"type": value})
+        assert jsonschema.Draft202012Validator(rewritten).is_valid({"type": value}) == valid
+    grammar = llm.engine.inputs.grammars.compile(StructuredOutputsParams(json=schema)).result()
+    for text, ok in (
+        ('{"type": "ab"}', True),
+        ('{"type": "a\x0bb"}', False),
+        ('{"type": "a\tb"}', False),
+    ):
+        matcher = grammar.matcher().matcher
+        assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
 
 
 @pytest.mark.slow

@@ -87,6 +87,28 @@ def test_any_cut_parses_like_the_whole_text(fmt, before, calls, after, points, t
     assert parse(ToolCallParser(fmt), cut(short, points)) == parse(ToolCallParser(fmt), [short])
 
 
+@pytest.mark.parametrize("name", sorted(TOOL_CALL_FORMATS))
+def test_every_byte_boundary_parses_like_the_whole_text(name):
+    fmt = TOOL_CALL_FORMATS[name]
+    text = (
+        "Let me look. "
+        + fmt.write("get_weather", '{"city": "Zürich \\"HB\\" {x}", "days": [1, {"a": null}]}')
+        + "\n"
+        + fmt.write("now", "{}")
+        + " Done 🙂"
+    )
+    whole = parse(ToolCallParser(fmt), [text])
+    assert whole[2] == [
+        ("get_weather", '{"city": "Zürich \\"HB\\" {x}", "days": [1, {"a": null}]}'),
+        ("now", "{}"),
+    ]
+    raw = text.encode()
+    for k in range(len(raw) + 1):  # a cut inside a character waits for the rest of it
+        head = raw[:k].decode(errors="ignore")
+        assert parse(ToolCallParser(fmt), [head, text[len(head) :]]) == whole
+    assert parse(ToolCallParser(fmt), list(text)) == whole
+
+
 def test_text_that_only_looks_like_a_call_stays_content():
     fmt = TOOL_CALL_FORMATS["hermes"]
     for text in [

@@ -89,14 +89,17 @@ class GrammarCompiler:
             if spec.kind in ("json", "json_object"):
                 schema = spec.json if spec.kind == "json" else {"type": "object"}
                 compiled = compiler.compile_json_schema(
-                    json.dumps(schema), any_whitespace=False, separators=JSON_SEPARATORS
+                    json.dumps(bounded_strings_as_patterns(schema)),
+                    any_whitespace=False,
+                    separators=JSON_SEPARATORS,
                 )
             elif spec.kind == "regex":
                 compiled = compiler.compile_regex(spec.regex)
             elif spec.kind == "choice":
                 compiled = compiler.compile_grammar(choice_grammar(spec.choice))
             elif spec.kind == "structural_tag":
-                compiled = compiler.compile_structural_tag(json.dumps(spec.structural_tag))
+                tag = bounded_strings_as_patterns(spec.structural_tag)
+                compiled = compiler.compile_structural_tag(json.dumps(tag))
             else:
                 if "::=" not in spec.grammar:
                     raise ValueError("grammars are EBNF (GBNF): rules written `name ::= ...`")
@@ -117,6 +120,26 @@ class GrammarCompiler:
             )
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         return self._compiler
+
+
+def bounded_strings_as_patterns(schema):
+    """The schema with each string's minLength/maxLength written as a pattern.
+
+    xgrammar (0.2.9) turns a length-bounded string into a repetition of any
+    character but a quote, a backslash, CR and LF: raw control characters
+    pass (invalid JSON, which a model with byte tokens writes) and escapes do
+    not; its pattern path excludes control characters. The pattern keeps the bounds, in characters, so
+    outputs still validate against the original schema."""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings_as_patterns(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not out.keys() & {"pattern", "format"}:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+    return out
 
 
 def choice_grammar(choices: list[str]) -> str:
