@@ -96,7 +96,7 @@ def compare_backends(steps: int, walks: int) -> None:
     import xgrammar as xgr
     from tokenmill.loader.gguf import gguf_metadata
     from tokenmill.loader.hf import resolve_model_path
-    from tokenmill.structured_output import JSON_OPTIONS
+    from tokenmill.structured_output import JSON_SEPARATORS
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(gguf_metadata(resolve_model_path(None)))
@@ -114,13 +114,18 @@ def compare_backends(steps: int, walks: int) -> None:
         for _ in range(walks):
             with Timer() as t:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    schema, overrides=JSON_OPTIONS
+                    schema,
+                    overrides={
+                        "whitespace_flexible": False,
+                        "item_separator": JSON_SEPARATORS[0],
+                        "key_separator": JSON_SEPARATORS[1],
+                    },
                 )
                 llg = llguidance.LLMatcher(llg_tok, grammar, log_level=0)
             times["llguidance"]["compile"].append(t.seconds)
             with Timer() as t:
                 compiled = compiler.compile_json_schema(
-                    json.dumps(schema), any_whitespace=False, separators=(", ", ": ")
+                    json.dumps(schema), any_whitespace=False, separators=JSON_SEPARATORS
                 )
             times["xgrammar"]["compile"].append(t.seconds)
             xm = xgr.GrammarMatcher(compiled)

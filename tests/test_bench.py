@@ -36,6 +36,7 @@ BENCHES = {
     ),
     "tp": (["--num-requests", "2"], "TP"),
     "serve": (["--launch", "--num-requests", "3", "--workload", "workload_small.json"], "TTFT"),
+    "structured": (["--batches", "1", "--max-tokens", "4"], "ratio"),
 }
 
 
@@ -69,3 +70,19 @@ def test_gpu_bench_runs():
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+@NEEDS_SMOLLM2
+@pytest.mark.skipif(
+    importlib.util.find_spec("llguidance") is None, reason="llguidance (the peer) is not installed"
+)
+def test_grammar_backends_bench_runs():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.structured", "--backends", "--steps", "4", "--walks", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "llguidance" in run.stdout and "xgrammar" in run.stdout, run.stdout[-2000:]
