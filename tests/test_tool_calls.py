@@ -270,3 +270,22 @@ def test_tools_reach_the_template_or_the_system_message():
     # a template that takes tools gets the arguments as objects
     plan = plan_chat(history, ChatOptions(), "tools")
     assert plan.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+
+
+def test_llm_chat_hands_tools_and_template_kwargs_to_the_template(tiny_model):
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(tiny_model("llama"), dtype="float32", kv_cache_memory="16MiB", max_model_len=256)
+    template = "{% for t in tools %}{{ t.function.name }};{% endfor %}{{ greeting }}"
+    tools = [{"type": "function", "function": WEATHER}]
+    ids = llm.apply_chat_template([], template, tools=tools, greeting="The")
+    assert llm.get_tokenizer().decode(ids) == "get_weather;The"
+    [out] = llm.chat(
+        [{"role": "user", "content": "x"}],
+        SamplingParams(max_tokens=2),
+        use_tqdm=False,
+        chat_template=template,
+        tools=tools,
+        chat_template_kwargs={"greeting": "The"},
+    )
+    assert out.prompt_token_ids == ids

@@ -60,11 +60,22 @@ class LLM:
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Applies the chat template to each conversation, then generates."""
+        """Applies the chat template to each conversation, then generates.
+        `tools` (OpenAI function tools) and `chat_template_kwargs` go to the
+        template; the outputs are the model's text (the server parses calls)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         prompts = [
-            {"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt)}
+            {
+                "prompt_token_ids": self.apply_chat_template(
+                    c, chat_template, add_generation_prompt, **extra
+                )
+            }
             for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -94,7 +105,7 @@ class LLM:
         return results
 
     def apply_chat_template(
-        self, messages, chat_template=None, add_generation_prompt=True
+        self, messages, chat_template=None, add_generation_prompt=True, **template_kwargs
     ) -> list[int]:
         tok = self.llm_engine.tokenizer
         ids = tok.apply_chat_template(
@@ -102,6 +113,7 @@ class LLM:
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
+            **template_kwargs,
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
