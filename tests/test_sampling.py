@@ -35,6 +35,10 @@ def slot(params, out=(), prompt=(1, 2), gen=None):
         (dict(stop=[""]), "stop"),
         (dict(logit_bias={"a": 1}), "logit_bias"),
         (dict(temperature="hot"), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(frequency_penalty=float("-inf")), "frequency_penalty"),
+        (dict(logit_bias={1: float("nan")}), "logit_bias"),
     ],
 )
 def test_sampling_params_name_the_bad_field(kwargs, param):

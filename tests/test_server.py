@@ -193,6 +193,35 @@ def test_bad_requests_get_4xx_error_json_and_server_keeps_serving(tiny_server, n
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
 
 
+# Each names its field: (route, raw JSON, param)
+BAD_FIELDS = [
+    ("/v1/completions", '{"prompt": "x", "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"prompt": "x", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", '{"prompt": "x", "logit_bias": {"1": -Infinity}}', "logit_bias.1"),
+    ("/v1/completions", '{"prompt": "x", "logit_bias": {"100000": 1}}', "logit_bias"),
+    ("/v1/completions", '{"prompt": "x", "stop_token_ids": [100000]}', "stop_token_ids"),
+    ("/v1/completions", '{"prompt": "x \\ud800"}', "prompt"),
+    ("/v1/completions", '{"prompt": "x", "stop": ["\\udfff"]}', "stop"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "\\ud83d"}]}',
+        "messages.content",
+    ),
+    ("/tokenize", '{"prompt": "\\udc00"}', "prompt"),
+    ("/detokenize", '{"tokens": [100000]}', "tokens"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", BAD_FIELDS, ids=[b[1] for b in BAD_FIELDS])
+def test_bad_values_are_400s_naming_the_field(tiny_server, route, body, param):
+    server, _ = tiny_server
+    r = httpx.post(
+        f"{server.url}{route}", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == param, r.text[:300]
+
+
 def test_unknown_model_is_404(tiny_server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)

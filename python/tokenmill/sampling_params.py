@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidParameterError
@@ -118,7 +119,7 @@ class SamplingParams:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("n", "top_k", "min_tokens"):
             if not is_int(getattr(self, name)):
@@ -132,7 +133,7 @@ class SamplingParams:
             "repetition_penalty",
         ):
             if not is_num(getattr(self, name)):
-                fail(name, "must be a number")
+                fail(name, "must be a finite number")
         if self.n < 1:
             fail("n", f"must be at least 1, got {self.n}")
         if self.best_of is not None:

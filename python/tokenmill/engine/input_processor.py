@@ -99,6 +99,16 @@ class InputProcessor:
             raise InvalidParameterError(
                 "prompt", f"prompt token ids must be in [0, {self.vocab_size})"
             )
+        ids_of = {
+            "stop_token_ids": params.stop_token_ids,
+            "logit_bias": list(params.logit_bias or ()),
+        }
+        for name, given in ids_of.items():
+            bad = [t for t in given if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidParameterError(
+                    name, f"{name} holds token ids outside [0, {self.vocab_size}): {bad[:4]}"
+                )
         if params.num_sequences > self.max_num_seqs:
             raise InvalidParameterError(
                 "n", f"n must be at most {self.max_num_seqs} sequences per request"

@@ -81,6 +81,9 @@ def build_app(server: Server) -> FastAPI:
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, InvalidParameterError):  # raised by a model's own check
+            return error_response(400, cause.message, "BadRequestError", cause.param)
 
         def message(err) -> str:
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.errors import InvalidParameterError
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
@@ -38,11 +38,39 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class _Sampling(BaseModel):
+class _Request(BaseModel):
+    """A request body: unknown fields, NaN or infinite numbers and text that
+    is not Unicode (lone surrogates, which JSON's \\u escapes can spell) are
+    refused by name."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data):
+        _check_text(data, "")
+        return data
+
+
+def _check_text(value, path: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = path or "body"
+            raise InvalidParameterError(where, f"{where} is not valid Unicode: {e.reason}") from e
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, path)
+            _check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, path)
+
+
+class _Sampling(_Request):
     """Fields common to completions and chat. Anything else is refused by
     name (extra="forbid"): a field tokenmill would ignore is an error."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int = 1
@@ -270,8 +298,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -279,7 +306,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
