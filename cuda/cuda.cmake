@@ -17,24 +17,25 @@ elseif(TOKENMILL_CUDA)
 endif()
 
 if(_tm_cuda)
-  if(TOKENMILL_CUDA_ARCHS)
-    set(CMAKE_CUDA_ARCHITECTURES ${TOKENMILL_CUDA_ARCHS})
-  elseif(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-    set(_tm_default_archs ON)
-  endif()
   enable_language(CUDA)
-  if(_tm_default_archs)
+  # The targets come from TOKENMILL_CUDA_ARCHS alone, on every configure: the
+  # CMAKE_CUDA_ARCHITECTURES cache entry holds the compiler's own default
+  # after the first configure, which would narrow a re-configured build.
+  if(TOKENMILL_CUDA_ARCHS)
+    set(_tm_archs_list ${TOKENMILL_CUDA_ARCHS})
+  else()
     # Ampere, Ada, Hopper; Blackwell when the toolkit knows it.
-    set(CMAKE_CUDA_ARCHITECTURES 80 89 90a)
+    set(_tm_archs_list 80 89 90a)
     if(CMAKE_CUDA_COMPILER_VERSION VERSION_GREATER_EQUAL 12.8)
-      list(APPEND CMAKE_CUDA_ARCHITECTURES 100a 120a)
+      list(APPEND _tm_archs_list 100a 120a)
     endif()
   endif()
   find_package(CUDAToolkit REQUIRED)
-  message(STATUS "tokenmill: CUDA kernels for sm ${CMAKE_CUDA_ARCHITECTURES}")
+  message(STATUS "tokenmill: CUDA kernels for sm ${_tm_archs_list}")
   add_library(tokenmill_cuda STATIC ${TOKENMILL_GPU_SOURCES})
-  set_target_properties(tokenmill_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON
-                                                  POSITION_INDEPENDENT_CODE ON)
+  set_target_properties(
+    tokenmill_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON POSITION_INDEPENDENT_CODE ON
+                              CUDA_ARCHITECTURES "${_tm_archs_list}")
   target_include_directories(tokenmill_cuda PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/cuda
                                                    ${CMAKE_CURRENT_SOURCE_DIR}/cpp/include)
   target_link_libraries(tokenmill_cuda PUBLIC CUDA::cudart)
@@ -48,7 +49,7 @@ if(_tm_cuda)
     set_target_properties(_cuda_ops PROPERTIES PREFIX "")
     install(TARGETS _cuda_ops LIBRARY DESTINATION tokenmill)
     # The wheel records which GPUs its kernels serve (tokenmill.devices reads it).
-    string(JOIN "," _tm_archs ${CMAKE_CUDA_ARCHITECTURES})
+    string(JOIN "," _tm_archs ${_tm_archs_list})
     file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/cuda_archs.txt "${_tm_archs}\n")
     install(FILES ${CMAKE_CURRENT_BINARY_DIR}/cuda_archs.txt DESTINATION tokenmill)
   endif()
