@@ -41,3 +41,26 @@ def test_huge_page_empty_is_a_writable_tensor_of_the_shape():
     assert t.shape == (3, 4, 5) and t.dtype == torch.bfloat16 and t.is_contiguous()
     t.copy_(torch.randn(3, 4, 5))
     assert t.abs().sum() > 0
+
+
+def test_the_cgroup_limit_bounds_the_memory_a_process_may_take(tmp_path, monkeypatch):
+    from tokenmill import cpu_policy
+
+    assert cpu_policy.cgroup_memory_headroom(str(tmp_path)) is None  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert cpu_policy.cgroup_memory_headroom(str(tmp_path)) is None
+    (tmp_path / "memory.max").write_text(f"{2 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{512 << 20}\n")
+    assert cpu_policy.cgroup_memory_headroom(str(tmp_path)) == (2 << 30) - (512 << 20)
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{1 << 30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{256 << 20}\n")
+    assert cpu_policy.cgroup_memory_headroom(str(v1)) == (1 << 30) - (256 << 20)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cpu_policy.cgroup_memory_headroom(str(v1)) is None
+    # a pod's limit, not the host's free memory, sizes the default KV cache
+    monkeypatch.setattr(cpu_policy, "cgroup_memory_headroom", lambda: 600 << 20)
+    assert cpu_policy.available_memory_bytes() == 600 << 20
+    assert cpu_policy.default_cpu_kv_budget() <= 300 << 20

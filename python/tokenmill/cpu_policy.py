@@ -61,15 +61,40 @@ def cpu_has_avx2() -> bool:
 
 
 def available_memory_bytes() -> int:
-    """MemAvailable of /proc/meminfo (or the free pages where there is none)."""
+    """Memory this process can still take: MemAvailable of /proc/meminfo (or
+    the free pages where there is none), within the container's cgroup limit."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if free is None:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    headroom = cgroup_memory_headroom()
+    return free if headroom is None else min(free, headroom)
+
+
+def cgroup_memory_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """The cgroup's memory limit less its usage (v2, else v1); None without a limit."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(os.path.join(root, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(root, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        # v2 says "max"; v1 says a page-rounded 2**63 when unlimited
+        if limit == "max" or int(limit) >= 1 << 60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def small_m(dtype: torch.dtype, packed_dtype: torch.dtype | None = None) -> int:
