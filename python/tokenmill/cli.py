@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model id, folder or .gguf (default: embedded SmolLM2)",
     )
+    serve.add_argument("--model", dest="model_flag", default=None, help="the model, as a flag")
     from tokenmill.entrypoints.server_args import add_server_args
 
     add_server_args(serve)
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.model_flag is not None:
+        if args.model is not None and args.model != args.model_flag:
+            parser.error(f"two models given: {args.model} and --model {args.model_flag}")
+        args.model = args.model_flag
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun every rank runs this command; ranks above 0 hold model shards.
         from tokenmill.worker import run_worker

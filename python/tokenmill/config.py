@@ -26,8 +26,8 @@ def parse_memory(value) -> float | int | None:
     return int(number * base ** "KMGT".index(unit) * base)
 
 
-def _arg(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
+def _arg(help: str, metadata_aliases: tuple[str, ...] = (), **kw):
+    return field(metadata={"help": help, "aliases": metadata_aliases}, **kw)
 
 
 @dataclass
@@ -74,10 +74,23 @@ class EngineArgs:
     enable_chunked_prefill: bool = _arg("split long prompts across steps", default=True)
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
     seed: int = _arg("seed of unseeded sampling", default=0)
-    tensor_parallel_size: int = _arg("devices to shard the model over", default=1)
+    tensor_parallel_size: int = _arg(
+        "devices to shard the model over", default=1, metadata_aliases=("-tp",)
+    )
     trust_remote_code: bool = _arg("allow custom code from the hub", default=False)
     chat_template: str | None = _arg("Jinja chat template file or string", default=None)
     max_logprobs: int = _arg("most logprobs a request may ask for", default=20)
+    quantization: str | None = _arg(
+        "the checkpoint's quantization (gptq, awq, gguf), checked against it "
+        "(default: whatever it holds)",
+        default=None,
+    )
+    generation_config: str = _arg(
+        "auto: the model's generation_config.json gives default sampling parameters "
+        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) that a request "
+        "overrides; vllm: tokenmill's own defaults",
+        default="auto",
+    )
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -98,6 +111,10 @@ class EngineArgs:
             raise InvalidParameterError(
                 "gpu_memory_utilization", "gpu_memory_utilization must be in (0, 1]"
             )
+        if self.generation_config not in ("auto", "vllm"):
+            raise InvalidParameterError(
+                "generation_config", "generation_config must be auto or vllm"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, f"{name} must be at least 1")
@@ -108,17 +125,17 @@ class EngineArgs:
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
             if f.type in ("bool", bool):
                 parser.add_argument(
-                    flag,
+                    *flags,
                     action=argparse.BooleanOptionalAction,
                     default=f.default,
                     help=f.metadata["help"],
                 )
             else:
                 kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-                parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+                parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"])
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -42,6 +42,7 @@ def resolve_model(args: EngineArgs) -> ModelSpec:
     if path.endswith(".gguf"):
         gguf_file, path = path, gguf_metadata(path)
     config = load_config(path)
+    _check_quantization(args.quantization, config, gguf_file)
     if gguf_file:
         # No dtype of its own: bfloat16, 1.7-2.2x float32's decode speed on CPUs
         # with or without bf16 instructions (bench/latency.py).
@@ -53,6 +54,19 @@ def resolve_model(args: EngineArgs) -> ModelSpec:
         }
     device = resolve_device(args.device)
     return ModelSpec(path, config, _max_model_len(args, config), device, gguf_file)
+
+
+def _check_quantization(asked: str | None, config, gguf_file: str | None) -> None:
+    held = (
+        "gguf"
+        if gguf_file
+        else (getattr(config, "quantization_config", None) or {}).get("quant_method")
+    )
+    if asked is not None and asked.lower() != (held or "").lower():
+        raise InvalidParameterError(
+            "quantization",
+            f"quantization={asked!r}, but the checkpoint is {held or 'not quantized'}",
+        )
 
 
 def _max_model_len(args: EngineArgs, cfg) -> int:

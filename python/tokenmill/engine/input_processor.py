@@ -8,6 +8,7 @@ from tokenmill import _core
 from tokenmill.engine.core import EngineRequest
 from tokenmill.engine.strategies import BeamSearchStrategy, SamplingStrategy
 from tokenmill.errors import InvalidParameterError, PromptTooLongError
+from tokenmill.loader.hf import sampling_defaults
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.structured_output import GrammarCompiler
 
@@ -24,6 +25,10 @@ class InputProcessor:
         self.eos_token_id, self.extra_stop_ids = _eos_ids(generation_config, hf_config, tokenizer)
         stop_ids = [t for t in [self.eos_token_id, *self.extra_stop_ids] if t is not None]
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, stop_ids)
+        # what a request leaves unset takes the model's generation config (--generation-config)
+        self.sampling_defaults = (
+            sampling_defaults(generation_config) if args.generation_config == "auto" else {}
+        )
         self._ids = itertools.count()
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -1,6 +1,7 @@
 """Flags of ``tokenmill serve`` that are not engine arguments."""
 
 import argparse
+import json
 import os
 
 
@@ -9,14 +10,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key",
-        default=os.environ.get("TOKENMILL_API_KEY"),
-        help="required bearer token (or TOKENMILL_API_KEY)",
+        default=os.environ.get("TOKENMILL_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        help="required bearer token (or TOKENMILL_API_KEY, or VLLM_API_KEY)",
     )
     p.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="model name clients use (default: the model argument)",
+        help="names clients use for the model, the first in responses (default: the model)",
     )
+    p.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS origins (JSON)")
+    p.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods (JSON)")
+    p.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers (JSON)")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS credentials")
+    p.add_argument(
+        "--uvicorn-log-level",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        default="warning",
+    )
+    p.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     p.add_argument(
         "--max-n", type=int, default=16, help="largest n / best_of a request may ask for"
     )

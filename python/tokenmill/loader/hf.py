@@ -61,6 +61,26 @@ def load_generation_config(path: str) -> dict:
         return json.load(f)
 
 
+# generation_config.json keys that are default sampling parameters, as vLLM reads them
+_SAMPLING_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def sampling_defaults(generation_config: dict) -> dict:
+    """SamplingParams fields the model's generation config sets."""
+    return {
+        field: generation_config[key]
+        for key, field in _SAMPLING_KEYS.items()
+        if generation_config.get(key) is not None
+    }
+
+
 def safetensors_files(path: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
