@@ -32,6 +32,8 @@ from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
+DISCONNECT_POLL_S = 0.5
+
 # what a beam search reads of a completion request; any other field given is refused
 BEAM_SEARCH_FIELDS = {
     *("model", "prompt", "n", "best_of", "max_tokens", "ignore_eos", "length_penalty"),
@@ -52,6 +54,8 @@ class Server:
     ):
         self.engine = engine
         self.chat_options = chat_options or ChatOptions()
+        self.sampling_defaults = engine.engine.inputs.sampling_defaults
+        self.log_requests = True
         self.model_names = model_names
         self.api_key = api_key
         self.max_n = max_n
@@ -86,7 +90,7 @@ class Server:
     async def check_structured(self, req, params: SamplingParams, field: str | None = None):
         """Compiles the request's output constraint; `field` names its source
         where it is not the request's structured-output field."""
-        if req.user is not None:
+        if req.user is not None and self.log_requests:
             logger.info("request from user %r", req.user)
         if params.structured_outputs is not None:
             field = field or req.structured()[0]
@@ -101,18 +105,29 @@ class Server:
     async def _run(
         self, raw: Request, rid: str, prompt, params: SamplingParams, priority: int
     ) -> RequestOutput:
-        """Collects a request's final output, aborting it if the client goes away."""
-        final = None
+        """Collects a request's final output; a client that goes away (gives up
+        waiting) has the request aborted within half a second."""
         agen = self.engine.generate(rid, prompt, params, priority)
-        try:
+
+        async def collect():
+            final = None
             async for out in agen:
                 final = out
-                if not out.finished and await raw.is_disconnected():
+            return final
+
+        task = asyncio.create_task(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await raw.is_disconnected():
                     logger.info("client gone, aborting %s", rid)
                     raise asyncio.CancelledError
         finally:
-            await agen.aclose()
-        return final
+            if not task.done():
+                task.cancel()  # the engine's generator aborts the request as it closes
+                await asyncio.gather(task, return_exceptions=True)
 
     # ------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, raw: Request):
@@ -122,7 +137,7 @@ class Server:
             return await self.beam_completions(req, raw, model, prompts)
         if "length_penalty" in req.model_fields_set:
             raise APIError(400, "length_penalty needs use_beam_search", param="length_penalty")
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, self.sampling_defaults)
         await self.check_structured(req, params)
         if req.echo and req.logprobs is not None and not req.stream:
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
@@ -236,7 +251,8 @@ class Server:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         plan = self.chat_plan(req)
-        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, top)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = req.sampling_params(max_tokens, top, self.sampling_defaults)
         if plan.constraint is not None:
             params = dataclasses.replace(params, structured_outputs=plan.constraint)
         if plan.raw_text:
@@ -268,6 +284,8 @@ class Server:
     def tokenize(self, req: TokenizeRequest) -> dict:
         self.check_model(req.model)
         tok = self.engine.tokenizer
+        if req.messages == []:
+            raise APIError(400, "messages must not be empty", param="messages")
         if req.messages is not None:
             chat = ChatCompletionRequest(
                 messages=req.messages, add_generation_prompt=req.add_generation_prompt

@@ -30,6 +30,43 @@ logger = logging.getLogger("tokenmill.server")
 MAX_BODY_BYTES = 4 << 20
 
 
+class Guard:
+    """Body size, API key and the request log, as plain ASGI: a wrapping
+    middleware of Starlette's would hide a client's disconnect from the
+    routes (Request.is_disconnected), so requests could outlive their clients."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            response = error_response(
+                413, f"request body larger than {MAX_BODY_BYTES} bytes", "RequestTooLarge"
+            )
+            return await response(scope, receive, send)
+        path = scope["path"]
+        key = self.server.api_key
+        if key and path not in ("/health", "/metrics"):
+            if headers.get(b"authorization") != f"Bearer {key}".encode():
+                response = error_response(401, "invalid or missing API key", "AuthenticationError")
+                return await response(scope, receive, send)
+        t0, status = time.monotonic(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_status)
+        if self.server.log_requests and path.startswith("/v1/") and scope["method"] == "POST":
+            logger.info("POST %s -> %d in %.3f s", path, status[0], time.monotonic() - t0)
+
+
 def build_app(server: Server) -> FastAPI:
     engine = server.engine
 
@@ -41,27 +78,7 @@ def build_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(
-                413, f"request body larger than {MAX_BODY_BYTES} bytes", "RequestTooLarge"
-            )
-        if server.api_key and request.url.path not in ("/health", "/metrics"):
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return error_response(401, "invalid or missing API key", "AuthenticationError")
-        t0 = time.monotonic()
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            logger.info(
-                "%s %s -> %d in %.3f s",
-                request.method,
-                request.url.path,
-                response.status_code,
-                time.monotonic() - t0,
-            )
-        return response
+    app.add_middleware(Guard, server=server)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -157,10 +174,21 @@ def run_server(args) -> int:
         return 2
     engine_args = EngineArgs.from_cli_args(args)
     llm_engine = LLMEngine(engine_args)
-    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    names = args.served_model_name or [args.model or "SmolLM2-135M-Instruct"]
+    name = names[0]
     engine = AsyncEngine(llm_engine, name, args.log_stats_interval)
-    server = Server(engine, [name], args.api_key, args.max_n, chat_options)
+    server = Server(engine, names, args.api_key, args.max_n, chat_options)
+    server.log_requests = not args.disable_log_requests
     app = build_app(server)
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=args.allowed_origins,
+        allow_methods=args.allowed_methods,
+        allow_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
+    )
     logger.info(
         "serving %s on http://%s:%d (ready in %.1f s)",
         name,
@@ -172,7 +200,7 @@ def run_server(args) -> int:
         app,
         host=args.host,
         port=args.port,
-        log_level="warning",
+        log_level=args.uvicorn_log_level,
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     _graceful_server_class()(config).run()

@@ -73,21 +73,21 @@ class _Sampling(_Request):
     name (extra="forbid"): a field tokenmill would ignore is an error."""
 
     model: str | None = None
-    n: int = 1
-    best_of: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
     stream: bool = False
@@ -132,11 +132,17 @@ class _Sampling(_Request):
         except TypeError as e:
             raise InvalidParameterError(field, f"{field} has an unknown field: {e}") from e
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict | None = None
+    ) -> SamplingParams:
+        """The request's parameters; what it leaves unset takes `defaults`
+        (the model's generation config)."""
+        defaults = defaults or {}
         kw = dict(
+            {k: v for k, v in defaults.items() if k != "max_tokens"},
             n=self.n,
             best_of=self.best_of,
-            max_tokens=max_tokens,
+            max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
             min_tokens=self.min_tokens,
             seed=self.seed,
             stop=self.stop or [],
@@ -176,9 +182,9 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -286,10 +292,10 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
