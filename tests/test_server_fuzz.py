@@ -50,7 +50,7 @@ def test_generated_requests_get_no_5xx(server):
         def run(case):
             response = case.call(base_url=server.url, timeout=60)
             check(case, response)
-            statuses.setdefault(op.path, []).append(response.status_code)
+            statuses.setdefault(case.path, []).append(response.status_code)
 
         run()
     for path in ("/tokenize", "/v1/chat/completions", "/v1/completions"):
