@@ -90,6 +90,31 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     assert replays and set(replays) == {5}, "decode steps did not replay the graph of their size"
 
 
+def test_deferred_graphs_are_captured_one_at_a_time_and_give_the_same_tokens(tiny_model):
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    path = tiny_model("llama")
+    prompts = [{"prompt_token_ids": p} for p in ([5, 9, 2, 7], [3] * 11, [8, 1, 4])]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = LLM(path, dtype="float32", kv_cache_memory="64MiB", enforce_eager=True).generate(
+        prompts, greedy, use_tqdm=False
+    )
+    llm = LLM(path, dtype="float32", kv_cache_memory="64MiB")
+    llm.llm_engine = LLMEngine(llm.llm_engine.args, defer_graphs=True)
+    runner = llm.llm_engine.runner
+    assert runner.graphs.graphs == {} and runner.graphs.pending
+    got = llm.generate(prompts, greedy, use_tqdm=False)  # eager until captured
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    captures = 1
+    while runner.capture_pending_graph():
+        captures += 1
+    assert captures == 8 and sorted(runner.graphs.graphs) == list(range(1, 9))
+    assert not runner.capture_pending_graph()
+    got = llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
 def test_a_program_runs_every_native_op_as_the_op_itself():
     """One recorded run of every op that a program knows, replayed on new inputs: each
     must decode its arguments as its own schema has them."""

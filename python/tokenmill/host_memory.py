@@ -25,15 +25,17 @@ _HUGE_PAGE = 2 << 20
 _ALIGN = 4096
 
 
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
+def huge_page_buffer(nbytes: int, huge: bool = True) -> torch.Tensor:
     """A zeroed uint8 CPU tensor of ``nbytes`` in anonymous memory advised for
-    huge pages; plain pages where the OS offers none."""
+    huge pages (plain pages where the OS offers none, or with huge=False).
+    The OS zeroes each page at its first touch: nothing is written here."""
     # Private: shared anonymous memory is shmem, which has its own THP setting.
     flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=flags)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    advice = "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE"
+    if hasattr(mmap, advice):
         try:
-            region.madvise(mmap.MADV_HUGEPAGE)
+            region.madvise(getattr(mmap, advice))
         except OSError:
             pass
     whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
@@ -41,10 +43,11 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return whole[skip : skip + nbytes]
 
 
-def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised-looking (zeroed) CPU tensor on huge pages."""
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = True) -> torch.Tensor:
+    """An uninitialised-looking (zeroed) CPU tensor on huge pages (huge=True)
+    or plain ones."""
     numel = math.prod(shape)
-    return huge_page_buffer(numel * dtype.itemsize).view(dtype).view(shape)
+    return huge_page_buffer(numel * dtype.itemsize, huge).view(dtype).view(shape)
 
 
 def move_to_huge_pages(module: nn.Module) -> int:

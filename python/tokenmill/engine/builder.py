@@ -84,16 +84,21 @@ def _max_model_len(args: EngineArgs, cfg) -> int:
 
 
 def build_runner(
-    args: EngineArgs, spec: ModelSpec, rank: int = 0, init_method: str | None = None
+    args: EngineArgs,
+    spec: ModelSpec,
+    rank: int = 0,
+    init_method: str | None = None,
+    defer_graphs: bool = False,
 ) -> ModelRunner:
     """Joins the tensor-parallel group (if any), loads this rank's shard of
-    the model and allocates its KV cache; on CUDA it captures decode graphs."""
+    the model and allocates its KV cache; it captures decode graphs, or
+    leaves them for later (defer_graphs)."""
     torch.manual_seed(args.seed)
     workers = None
     if args.tensor_parallel_size > 1:
         workers = distributed.start(args, spec.hf_config, spec.device, rank, init_method)
     model = load_model(spec, resolve_dtype(args.dtype, spec.hf_config, spec.device))
-    return ModelRunner(args, model, spec.device, spec.max_model_len, workers)
+    return ModelRunner(args, model, spec.device, spec.max_model_len, workers, defer_graphs)
 
 
 def build_scheduler(args: EngineArgs, spec: ModelSpec, num_blocks: int) -> _core.Scheduler:

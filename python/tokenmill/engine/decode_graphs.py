@@ -59,6 +59,9 @@ class DecodeGraphs:
 
     With capture=False (devices without graphs, and tests) `run` executes the
     same padded forward eagerly, so the padding logic is exercised anywhere.
+    With defer=True the graphs are captured one per `capture_next()` call (a
+    server calls it while idle, after it is up); sizes not captured yet run
+    eagerly meanwhile.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class DecodeGraphs:
         max_blocks: int,
         capture: bool = True,
         every_size: bool = False,
+        defer: bool = False,
     ):
         self.model = model
         self.sizes = graph_batch_sizes(max_batch, every_size)
@@ -86,8 +90,13 @@ class DecodeGraphs:
         if self.input_ids.device.type == "cpu":
             self._host = [t.numpy() for t in self._inputs()]
         self.graphs: dict[int, _CudaGraph | OpGraph] = {}
-        if capture:
-            self._capture_all()
+        # largest first, so smaller ones reuse its memory
+        self._pending = list(reversed(self.sizes)) if capture else []
+        self._capture_time = 0.0
+        self._pool = None
+        if capture and not defer:
+            while self.capture_next():
+                pass
 
     def _inputs(self) -> tuple[torch.Tensor, ...]:
         return self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables
@@ -101,29 +110,41 @@ class DecodeGraphs:
         )
         return self.model(self.input_ids[:n], self.positions[:n], meta)
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
     @torch.inference_mode()
-    def _capture_all(self) -> None:
+    def capture_next(self) -> bool:
+        """Captures the next batch size's graph; whether any remain."""
+        if not self._pending:
+            return False
         t0 = time.monotonic()
         cuda = self.input_ids.device.type == "cuda"
-        pool = torch.cuda.graph_pool_handle() if cuda else None
-        for n in reversed(self.sizes):  # largest first, so smaller ones reuse its memory
-            graph = _CudaGraph(pool) if cuda else OpGraph()
-            try:
-                graph.capture(functools.partial(self._forward, n))
-            except GraphCaptureError as e:
-                logger.info("decode steps run without graphs: %s", e)
-                self.graphs.clear()
-                return
-            self.graphs[n] = graph
+        if cuda and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        n = self._pending.pop(0)
+        graph = _CudaGraph(self._pool) if cuda else OpGraph()
+        try:
+            graph.capture(functools.partial(self._forward, n))
+        except GraphCaptureError as e:
+            logger.info("decode steps run without graphs: %s", e)
+            self.graphs.clear()
+            self._pending.clear()
+            return False
+        self.graphs[n] = graph
         if cuda:
             torch.cuda.synchronize()
-        logger.info(
-            "captured %d %s graphs for decode batches up to %d in %.2f s",
-            len(self.graphs),
-            "CUDA" if cuda else "operator",
-            self.max_batch,
-            time.monotonic() - t0,
-        )
+        self._capture_time += time.monotonic() - t0
+        if not self._pending:
+            logger.info(
+                "captured %d %s graphs for decode batches up to %d in %.2f s",
+                len(self.graphs),
+                "CUDA" if cuda else "operator",
+                self.max_batch,
+                self._capture_time,
+            )
+        return bool(self._pending)
 
     def can_run(self, step) -> bool:
         n = len(step.seq_lens)

@@ -28,7 +28,9 @@ class LLMEngine:
     Its step is the core's step between the input side (tokenize, validate)
     and the output side (detokenize, stop strings, outputs)."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, defer_graphs: bool = False):
+        """defer_graphs: leave decode graphs for `runner.capture_pending_graph()`
+        (a server captures them while idle, after it answers /health)."""
         t0 = time.monotonic()
         self.args = args
         spec = resolve_model(args)
@@ -37,7 +39,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(args.tokenizer or spec.path, args.trust_remote_code)
         if args.chat_template:
             self.tokenizer.chat_template = _read_template(args.chat_template)
-        runner = build_runner(args, spec)
+        runner = build_runner(args, spec, defer_graphs=defer_graphs)
         self.core = EngineCore(build_scheduler(args, spec, runner.num_blocks), runner)
         self.inputs = InputProcessor(
             self.tokenizer,

@@ -20,6 +20,7 @@ from tokenmill.engine.batch import RunnerOutput, SamplingBatch, StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.engine.sampler import Sampler, argmax_rows
 from tokenmill.errors import KVCacheTooSmallError
+from tokenmill.host_memory import huge_page_empty
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
 from tokenmill.layers.linear import linear
@@ -39,6 +40,7 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         workers: distributed.WorkerGroup | None = None,
+        defer_graphs: bool = False,
     ):
         self.args = args
         self.device = device
@@ -71,8 +73,9 @@ class ModelRunner:
                 min(top, args.max_num_seqs),
                 -(-max_model_len // args.block_size),
                 every_size=device.type == "cpu",
+                defer=defer_graphs and workers is None,
             )
-            self.graphs = graphs if graphs.graphs else None
+            self.graphs = graphs if graphs.graphs or graphs.pending else None
         self.argmax_weight = self._argmax_weight()
         self.greedy_head = self._greedy_head()
 
@@ -192,12 +195,17 @@ class ModelRunner:
         layers = self.model.attention_layers
         a = layers[0]
         shape = (len(layers), 2, num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
-        # Committed at start-up (zeroed), so that an overcommitted host fails
-        # here rather than mid-request and no step pays for first-touch page
-        # faults. On CPUs not on huge pages: their first touch (direct
-        # compaction) cost 0.7-1.6 s per GiB against 0.43 s for plain pages,
-        # while decode attention, which reads scattered blocks, ran no faster on them.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # Anonymous memory the OS zeroes page by page at first touch: no
+            # zeroing pass at start-up (1 s for the default 4 GiB), and a
+            # container is charged for the blocks in use. The first touch costs
+            # about 0.4 s per GiB, 10 us per token of the default model, once.
+            # Not on huge pages: their first touch (direct compaction) cost
+            # 0.7-1.6 s per GiB, and decode attention, which reads scattered
+            # blocks, ran no faster on them.
+            self.kv_cache = huge_page_empty(shape, self.dtype, huge=False)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.key_cache, layer.value_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
@@ -286,6 +294,15 @@ class ModelRunner:
         """Float32 logits at the step's logit rows (tensor-parallel workers run
         this; their logits are gathered on every rank)."""
         return self.model.compute_logits(self.hidden_states(step))
+
+    def capture_pending_graph(self) -> bool:
+        """Captures one decode graph left for later (defer_graphs); whether
+        any remain. The engine calls it between steps while idle."""
+        if self.graphs is None or not self.graphs.capture_next():
+            if self.graphs is not None and not self.graphs.graphs and not self.graphs.pending:
+                self.graphs = None  # capture failed: plain forwards
+            return False
+        return True
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers, if any."""

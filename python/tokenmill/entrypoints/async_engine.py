@@ -132,6 +132,8 @@ class AsyncEngine:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
                     self.metrics.observe_engine(self.engine.stats())
+                    if self.engine.runner.capture_pending_graph():
+                        continue  # one decode graph at a time while idle
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
