@@ -1,11 +1,15 @@
-"""Load generator for any OpenAI-compatible server: throughput, TTFT and
-inter-token latency percentiles, from a token-id workload.
+"""Load generator for OpenAI-compatible servers: start-up time, throughput,
+TTFT and inter-token latency percentiles, from a token-id workload.
 
   python -m bench.serve --base-url http://127.0.0.1:8000/v1 --workload workload_small.json [--rate 4]
   python -m bench.serve --launch            # start `tokenmill serve` itself, timing start-up to /health
+  python -m bench.serve --launch --vllm-python /path/to/venv/bin/python
+                                            # then vLLM's server on the same model and arrivals
 
-Requests stream (stream=true); --rate gives Poisson arrivals, otherwise all
-are sent at once.
+With --launch each server starts (the second start: files are in the page
+cache), is timed to its first 200 on /health, serves the workload and stops
+before the next one starts. Requests stream (stream=true); --rate gives
+Poisson arrivals (seeded), otherwise all are sent at once.
 """
 
 from __future__ import annotations
@@ -65,22 +69,53 @@ async def run(url, model, requests, rate):
     return results, wall
 
 
-def launch(port: int):
+def launch(port: int, cmd: list[str] | None = None, timeout: float = 600):
+    """Starts a server (tokenmill serve by default) and times it to /health."""
+    cmd = cmd or [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while True:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.perf_counter() - t0 < timeout:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, time.perf_counter() - t0
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
+            raise RuntimeError(f"{cmd[:4]} exited during start-up")
         time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not answer /health in {timeout} s")
+
+
+def vllm_command(python: str, port: int) -> list[str]:
+    """vLLM's server on the default model, dequantized (its best CPU dtype,
+    bfloat16 where the CPU has AVX512-BF16, float32 otherwise)."""
+    from tokenmill.cpu_policy import cpu_has_native_bf16
+    from tokenmill.loader.gguf import gguf_to_hf
+    from tokenmill.loader.hf import default_model_path
+
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    return [
+        *(python, "-m", "vllm.entrypoints.openai.api_server", "--model"),
+        *(gguf_to_hf(default_model_path()), "--port", str(port), "--dtype", dtype),
+        *("--enforce-eager", "--served-model-name", "SmolLM2-135M-Instruct"),
+    ]
+
+
+def measure(url, model, requests, rate, seed):
+    random.seed(seed)
+    results, wall = asyncio.run(run(url, model, requests, rate))
+    ttft = [s[0] - t0 for t0, s in results if s]
+    itl = [b - a for _, s in results for a, b in zip(s, s[1:], strict=False)]
+    out_tokens = sum(r["max_tokens"] for r in requests)
+    total = out_tokens + sum(len(r["prompt_token_ids"]) for r in requests)
+    return {
+        "out_tok_s": out_tokens / wall,
+        "total_tok_s": total / wall,
+        "wall": wall,
+        "ttft": [pct(ttft, q) * 1e3 for q in (50, 90, 99)],
+        "itl": [pct(itl, q) * 1e3 for q in (50, 90, 99)],
+    }
 
 
 def main():
@@ -94,34 +129,42 @@ def main():
     ap.add_argument("--workload", default="workload_small.json")
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson (0: all at once)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the arrivals")
     ap.add_argument("--launch", action="store_true", help="start tokenmill serve on a free port")
+    ap.add_argument("--vllm-python", default=None, help="with --launch: also vLLM, from this venv")
     ap.add_argument("--port", type=int, default=8123)
     args = ap.parse_args()
-    proc = None
+    requests = load_workload(args.workload, args.num_requests)
+    engines = [("server", None)]
     if args.launch:
-        proc, startup = launch(args.port)
-        print(f"tokenmill serve: first 200 on /health after {startup:.2f} s")
-        args.base_url = f"http://127.0.0.1:{args.port}/v1"
-    try:
-        model = args.model or httpx.get(f"{args.base_url}/models").json()["data"][0]["id"]
-        requests = load_workload(args.workload, args.num_requests)
-        results, wall = asyncio.run(run(args.base_url, model, requests, args.rate))
-    finally:
-        if proc:
-            proc.terminate()
-            proc.wait()
-    ttft = [s[0] - t0 for t0, s in results if s]
-    itl = [b - a for _, s in results for a, b in zip(s, s[1:], strict=False)]
-    out_tokens = sum(r["max_tokens"] for r in requests)
-    total = out_tokens + sum(len(r["prompt_token_ids"]) for r in requests)
-    print(
-        f"{len(requests)} requests in {wall:.1f} s: {out_tokens / wall:.1f} output tok/s, {total / wall:.1f} total tok/s"
-    )
-    rows = [
-        ["TTFT ms"] + [pct(ttft, q) * 1e3 for q in (50, 90, 99)],
-        ["ITL ms"] + [pct(itl, q) * 1e3 for q in (50, 90, 99)],
-    ]
-    print(table(rows, ["", "p50", "p90", "p99"]))
+        engines = [("tokenmill", None)]
+        if args.vllm_python:
+            engines.append(("vLLM", vllm_command(args.vllm_python, args.port)))
+    rows, startup = [], []
+    for name, cmd in engines:
+        proc = None
+        if args.launch:
+            launch(args.port, cmd)[0].terminate()  # a first start fills the page cache
+            proc, seconds = launch(args.port, cmd)
+            startup.append([name, seconds])
+            print(f"{name}: first 200 on /health after {seconds:.2f} s", flush=True)
+            args.base_url = f"http://127.0.0.1:{args.port}/v1"
+        try:
+            model = args.model or httpx.get(f"{args.base_url}/models").json()["data"][0]["id"]
+            m = measure(args.base_url, model, requests, args.rate, args.seed)
+        finally:
+            if proc:
+                proc.terminate()
+                proc.wait()
+        print(
+            f"{name}: {len(requests)} requests in {m['wall']:.1f} s: "
+            f"{m['out_tok_s']:.1f} output tok/s, {m['total_tok_s']:.1f} total tok/s"
+        )
+        rows.append([name, "TTFT ms", *m["ttft"]])
+        rows.append([name, "ITL ms", *m["itl"]])
+    if startup:
+        print(table(startup, ["server", "start-up s (to /health)"]))
+    print(table(rows, ["server", "", "p50", "p90", "p99"]))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ class GraphCaptureError(RuntimeError):
 
 
 class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing here runs under torch.compile; torch's wrapper that would
+        # keep dynamo out of __torch_dispatch__ imports torch._dynamo on the
+        # first capture, a second of start-up.
+        return False
+
     def __init__(self):
         super().__init__()
         # (op, args, kwargs, [(where in args or kwargs, slot)], [(output index, slot)])
