@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -139,12 +140,17 @@ def main():
     if args.launch:
         engines = [("tokenmill", None)]
         if args.vllm_python:
+            # vLLM's best CPU settings on a quiet two-core machine (bench/peers/vllm_runner.py)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
             engines.append(("vLLM", vllm_command(args.vllm_python, args.port)))
     rows, startup = [], []
     for name, cmd in engines:
         proc = None
         if args.launch:
-            launch(args.port, cmd)[0].terminate()  # a first start fills the page cache
+            first, _ = launch(args.port, cmd)  # a first start fills the page cache
+            first.terminate()
+            first.wait()
             proc, seconds = launch(args.port, cmd)
             startup.append([name, seconds])
             print(f"{name}: first 200 on /health after {seconds:.2f} s", flush=True)
