@@ -1,5 +1,6 @@
 """CPU weights moved onto huge pages keep their values, dtypes and sharing."""
 
+import pytest
 import torch
 from tokenmill.host_memory import huge_page_empty, move_to_huge_pages
 from torch import nn
@@ -64,3 +65,25 @@ def test_the_cgroup_limit_bounds_the_memory_a_process_may_take(tmp_path, monkeyp
     monkeypatch.setattr(cpu_policy, "cgroup_memory_headroom", lambda: 600 << 20)
     assert cpu_policy.available_memory_bytes() == 600 << 20
     assert cpu_policy.default_cpu_kv_budget() <= 300 << 20
+
+
+def test_kv_memory_commits_in_the_background_without_touching_data():
+    import os
+    import platform
+
+    from tokenmill.host_memory import commit_in_background
+
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    if (major, minor) < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+
+    def rss_kib():
+        with open(f"/proc/{os.getpid()}/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0])
+
+    t = huge_page_empty((64 << 20,), torch.uint8, huge=False)
+    t[123] = 7  # a write before the commit survives it
+    before = rss_kib()
+    commit_in_background(t).join()
+    assert rss_kib() - before > 60 << 10
+    assert t[123] == 7 and int(t.count_nonzero()) == 1

@@ -91,7 +91,6 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
 
 
 def test_deferred_graphs_are_captured_one_at_a_time_and_give_the_same_tokens(tiny_model):
-    from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
 
     path = tiny_model("llama")
@@ -106,11 +105,12 @@ def test_deferred_graphs_are_captured_one_at_a_time_and_give_the_same_tokens(tin
     assert runner.graphs.graphs == {} and runner.graphs.pending
     got = llm.generate(prompts, greedy, use_tqdm=False)  # eager until captured
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    captures = 1
-    while runner.capture_pending_graph():
-        captures += 1
-    assert captures == 8 and sorted(runner.graphs.graphs) == list(range(1, 9))
-    assert not runner.capture_pending_graph()
+    steps = 1
+    while runner.finish_start_up_step():
+        steps += 1
+    assert steps == 9  # the KV cache's commit, then a graph per batch size
+    assert sorted(runner.graphs.graphs) == list(range(1, 9))
+    assert not runner.finish_start_up_step()
     got = llm.generate(prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
 

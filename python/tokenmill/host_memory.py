@@ -12,9 +12,11 @@ huge page's first touch costs more (see ModelRunner._allocate_kv_cache).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
+import threading
 
 import torch
 from torch import nn
@@ -48,6 +50,29 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = Tru
     or plain ones."""
     numel = math.prod(shape)
     return huge_page_buffer(numel * dtype.itemsize, huge).view(dtype).view(shape)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def commit_in_background(t: torch.Tensor) -> threading.Thread:
+    """Faults in the pages of an anonymous-memory tensor on a thread, without
+    writing to them (madvise MADV_POPULATE_WRITE, through ctypes, which lets
+    go of the GIL): the memory is committed soon after start-up, so RSS stays
+    flat under load, while the caller goes on and may already write to it.
+    Older kernels refuse the advice; the pages then commit at first touch."""
+
+    def populate():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        start = t.data_ptr() - t.data_ptr() % _ALIGN
+        end = t.data_ptr() + t.numel() * t.element_size()
+        if libc.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+            log.debug("KV memory commits at first touch (madvise: errno %d)", ctypes.get_errno())
+
+    thread = threading.Thread(target=populate, name="tokenmill-commit", daemon=True)
+    thread.start()
+    return thread
 
 
 def move_to_huge_pages(module: nn.Module) -> int:

@@ -29,8 +29,9 @@ class LLMEngine:
     and the output side (detokenize, stop strings, outputs)."""
 
     def __init__(self, args: EngineArgs, defer_graphs: bool = False):
-        """defer_graphs: leave decode graphs for `runner.capture_pending_graph()`
-        (a server captures them while idle, after it answers /health)."""
+        """defer_graphs: leave committing the KV cache and capturing decode
+        graphs to `runner.finish_start_up_step()` (a server calls it while
+        idle, after it answers /health)."""
         t0 = time.monotonic()
         self.args = args
         spec = resolve_model(args)

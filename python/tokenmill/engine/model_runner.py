@@ -20,7 +20,7 @@ from tokenmill.engine.batch import RunnerOutput, SamplingBatch, StepInputs
 from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.engine.sampler import Sampler, argmax_rows
 from tokenmill.errors import KVCacheTooSmallError
-from tokenmill.host_memory import huge_page_empty
+from tokenmill.host_memory import commit_in_background, huge_page_empty
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.greedy_head import GreedyHead
 from tokenmill.layers.linear import linear
@@ -43,6 +43,8 @@ class ModelRunner:
         defer_graphs: bool = False,
     ):
         self.args = args
+        self.defer_start_up = defer_graphs
+        self._commit_pending = False
         self.device = device
         self.model = model
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -196,14 +198,16 @@ class ModelRunner:
         a = layers[0]
         shape = (len(layers), 2, num_blocks, a.num_kv_heads, self.args.block_size, a.head_size)
         if self.device.type == "cpu":
-            # Anonymous memory the OS zeroes page by page at first touch: no
-            # zeroing pass at start-up (1 s for the default 4 GiB), and a
-            # container is charged for the blocks in use. The first touch costs
-            # about 0.4 s per GiB, 10 us per token of the default model, once.
-            # Not on huge pages: their first touch (direct compaction) cost
-            # 0.7-1.6 s per GiB, and decode attention, which reads scattered
-            # blocks, ran no faster on them.
+            # Anonymous memory, zero as the OS hands it out, committed by a
+            # thread: no zeroing pass holds up start-up (1 s for the default
+            # 4 GiB), and RSS does not creep up under load as blocks are first
+            # used. Not on huge pages: their first touch (direct compaction)
+            # cost 0.7-1.6 s per GiB, and decode attention, which reads
+            # scattered blocks, ran no faster on them.
             self.kv_cache = huge_page_empty(shape, self.dtype, huge=False)
+            self._commit_pending = True
+            if not self.defer_start_up:
+                self.finish_start_up_step()
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
@@ -295,9 +299,14 @@ class ModelRunner:
         this; their logits are gathered on every rank)."""
         return self.model.compute_logits(self.hidden_states(step))
 
-    def capture_pending_graph(self) -> bool:
-        """Captures one decode graph left for later (defer_graphs); whether
-        any remain. The engine calls it between steps while idle."""
+    def finish_start_up_step(self) -> bool:
+        """One piece of the start-up left for later (defer_graphs): committing
+        the KV cache, then a decode graph per call; whether any remains. The
+        server calls it while idle, after it answers /health."""
+        if self._commit_pending:
+            self._commit_pending = False
+            commit_in_background(self.kv_cache)
+            return True
         if self.graphs is None or not self.graphs.capture_next():
             if self.graphs is not None and not self.graphs.graphs and not self.graphs.pending:
                 self.graphs = None  # capture failed: plain forwards

@@ -132,8 +132,8 @@ class AsyncEngine:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
                     self.metrics.observe_engine(self.engine.stats())
-                    if self.engine.runner.capture_pending_graph():
-                        continue  # one decode graph at a time while idle
+                    if self.engine.runner.finish_start_up_step():
+                        continue  # deferred start-up work, a piece at a time while idle
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
