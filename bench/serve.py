@@ -1,7 +1,7 @@
 """Load generator for OpenAI-compatible servers: start-up time, throughput,
 TTFT and inter-token latency percentiles, from a token-id workload.
 
-  python -m bench.serve --base-url http://127.0.0.1:8000/v1 --workload workload_small.json [--rate 4]
+  python -m bench.serve --base-url http://127.0.0.1:8000/v1 --workload workload_small.json [--rates 4]
   python -m bench.serve --launch            # start `tokenmill serve` itself, timing start-up to /health
   python -m bench.serve --launch --vllm-python /path/to/venv/bin/python
                                             # then vLLM's server on the same model and arrivals
@@ -9,7 +9,10 @@ TTFT and inter-token latency percentiles, from a token-id workload.
 With --launch each server starts (the second start: files are in the page
 cache), is timed to its first 200 on /health, serves the workload and stops
 before the next one starts. Requests stream (stream=true); --rate gives
-Poisson arrivals (seeded), otherwise all are sent at once.
+Poisson arrivals (seeded), 0 sends all at once.
+
+  python -m bench.serve --launch --vllm-python VENV/bin/python --workload workload_main.json \
+      --num-requests 64 --rates 0.6,1.0,0          # the latency-under-load comparison
 """
 
 from __future__ import annotations
@@ -129,7 +132,11 @@ def main():
     )
     ap.add_argument("--workload", default="workload_small.json")
     ap.add_argument("--num-requests", type=int, default=None)
-    ap.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson (0: all at once)")
+    ap.add_argument(
+        "--rates",
+        default="0",
+        help="requests/s, Poisson, comma-separated, each a run (0: all at once, saturation)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrivals")
     ap.add_argument("--launch", action="store_true", help="start tokenmill serve on a free port")
     ap.add_argument("--vllm-python", default=None, help="with --launch: also vLLM, from this venv")
@@ -144,6 +151,7 @@ def main():
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
             engines.append(("vLLM", vllm_command(args.vllm_python, args.port)))
+    rates = [float(r) for r in args.rates.split(",")]
     rows, startup = [], []
     for name, cmd in engines:
         proc = None
@@ -157,20 +165,33 @@ def main():
             args.base_url = f"http://127.0.0.1:{args.port}/v1"
         try:
             model = args.model or httpx.get(f"{args.base_url}/models").json()["data"][0]["id"]
-            m = measure(args.base_url, model, requests, args.rate, args.seed)
+            for rate in rates:
+                m = measure(args.base_url, model, requests, rate, args.seed)
+                print(
+                    f"{name} at {rate or 'saturation'} req/s: {len(requests)} requests in "
+                    f"{m['wall']:.1f} s: {m['out_tok_s']:.1f} output tok/s, "
+                    f"{m['total_tok_s']:.1f} total tok/s",
+                    flush=True,
+                )
+                rows.append([name, rate or "all", m["out_tok_s"], *m["ttft"], *m["itl"]])
         finally:
             if proc:
                 proc.terminate()
                 proc.wait()
-        print(
-            f"{name}: {len(requests)} requests in {m['wall']:.1f} s: "
-            f"{m['out_tok_s']:.1f} output tok/s, {m['total_tok_s']:.1f} total tok/s"
-        )
-        rows.append([name, "TTFT ms", *m["ttft"]])
-        rows.append([name, "ITL ms", *m["itl"]])
     if startup:
         print(table(startup, ["server", "start-up s (to /health)"]))
-    print(table(rows, ["server", "", "p50", "p90", "p99"]))
+    header = [
+        "server",
+        "req/s",
+        "out tok/s",
+        "TTFT p50 ms",
+        "p90",
+        "p99",
+        "ITL p50 ms",
+        "p90",
+        "p99",
+    ]
+    print(table(rows, header))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("max_model_len", &SchedulerConfig::max_model_len)
       .def_readwrite("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill)
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
-      .def_readwrite("priority_policy", &SchedulerConfig::priority_policy);
+      .def_readwrite("priority_policy", &SchedulerConfig::priority_policy)
+      .def_readwrite("max_step_ms", &SchedulerConfig::max_step_ms);
 
   py::class_<RequestParams>(m, "RequestParams")
       .def(py::init<>())
@@ -165,6 +166,16 @@ PYBIND11_MODULE(_core, m) {
       .def("has_request", &Scheduler::has_request, py::arg("request_id"))
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
+      .def("observe_step", &Scheduler::observe_step, py::arg("num_tokens"), py::arg("num_rows"),
+           py::arg("ms"), "Feed a measured step time to the cost model behind max_step_ms.")
+      .def_property_readonly(
+          "cost_model",
+          [](const Scheduler& s) {
+            const auto& c = s.cost_model().coefficients();
+            return py::make_tuple(s.cost_model().fitted(), c[0], c[1], c[2]);
+          },
+          "(fitted, fixed ms, ms per token, ms per sampling row)")
+      .def_property_readonly("last_token_budget", &Scheduler::last_token_budget)
       .def("block_table",
            [](const Scheduler& s, SeqId id) {
              const Sequence* q = s.sequence(id);

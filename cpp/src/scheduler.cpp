@@ -285,6 +285,23 @@ bool Scheduler::admit_waiting(Request& req, int& budget, int& seq_slots, Schedul
   return true;
 }
 
+// Running sequences of the request that have only their next token to compute.
+static int decoding_rows(const Request& req) {
+  int rows = 0;
+  for (const auto& s : req.seqs)
+    rows += s->status == SeqStatus::kRunning &&
+            static_cast<int64_t>(s->tokens.size()) - s->num_computed == 1;
+  return rows;
+}
+
+int Scheduler::token_budget(int decode_rows) const {
+  const int most = config_.max_num_batched_tokens;
+  if (config_.max_step_ms <= 0 || decode_rows == 0 || !cost_.fitted()) return most;
+  // One more row: a prompt finishing in this step samples too.
+  const int fits = cost_.tokens_within(config_.max_step_ms, decode_rows + 1);
+  return std::clamp(fits, std::min(most, decode_rows + config_.block_size), most);
+}
+
 std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
   auto out = std::make_unique<SchedulerOutput>();
   out->query_start_loc.push_back(0);
@@ -295,15 +312,18 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
   out->seq_ids.reserve(expect);
   out->request_ids.reserve(expect);
   out->query_start_loc.reserve(expect + 1);
-  int budget = config_.max_num_batched_tokens;
-
   std::vector<Request*> order;
   order.reserve(running_.size());
-  int running_width = 0;
+  int running_width = 0, decode_rows = 0;
   for (auto& kv : running_) {
     order.push_back(kv.second);
     running_width += group_width(*kv.second);
+    decode_rows += decoding_rows(*kv.second);
   }
+  // Decoding requests first: a prefill chunk never takes the budget they need.
+  std::stable_partition(order.begin(), order.end(),
+                        [](const Request* r) { return decoding_rows(*r) > 0; });
+  int budget = last_budget_ = token_budget(decode_rows);
   size_t end = order.size();
   for (size_t i = 0; i < end && budget > 0; ++i) {
     Request& req = *order[i];

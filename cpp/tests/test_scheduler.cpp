@@ -223,3 +223,63 @@ TEST(Scheduler, AbortFreesBlocksImmediately) {
   EXPECT_EQ(s.stats().num_free_blocks, 16);
   EXPECT_FALSE(s.has_unfinished());
 }
+
+TEST(StepCostModel, FitsALinearCostAndInvertsIt) {
+  StepCostModel m;
+  EXPECT_FALSE(m.fitted());
+  for (int i = 0; i < 40; ++i) {
+    const int rows = 1 + i % 7, tokens = rows + (i * 37) % 300;
+    m.observe(tokens, rows, 5.0 + 0.5 * tokens + 2.0 * rows);
+  }
+  ASSERT_TRUE(m.fitted());
+  EXPECT_NEAR(m.coefficients()[0], 5.0, 0.1);
+  EXPECT_NEAR(m.coefficients()[1], 0.5, 0.01);
+  EXPECT_NEAR(m.coefficients()[2], 2.0, 0.1);
+  EXPECT_NEAR(m.predict(100, 4), 63.0, 0.5);
+  EXPECT_EQ(m.tokens_within(63.1, 4), 100);
+  EXPECT_EQ(m.tokens_within(4.0, 4), 0);
+}
+
+TEST(StepCostModel, DecodeOnlyStepsStillGiveAModel) {
+  StepCostModel m;  // tokens == rows: cost cannot be split; it goes to tokens
+  for (int i = 1; i <= 20; ++i) m.observe(i, i, 3.0 + 1.5 * i);
+  ASSERT_TRUE(m.fitted());
+  EXPECT_NEAR(m.predict(10, 10), 18.0, 0.5);
+  EXPECT_GE(m.coefficients()[1], 1.0);
+}
+
+TEST(Scheduler, StepTimeTargetBoundsPrefillBesideDecodes) {
+  SchedulerConfig c;
+  c.num_blocks = 256;
+  c.block_size = 4;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = 512;
+  c.max_model_len = 512;
+  c.max_step_ms = 40;
+  Scheduler s(c);
+  // A synthetic device: 4 ms a step plus 0.25 ms a token.
+  auto cost = [](const SchedulerOutput& o) { return 4.0 + 0.25 * o.num_tokens(); };
+  for (int i = 0; i < 12; ++i) s.observe_step(8 + 29 * i, 1 + i % 4, 4.0 + 0.25 * (8 + 29 * i));
+  for (int r = 0; r < 4; ++r) s.add_request(r, prompt(5, 10 * r), params(60));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);  // the four short prompts, then they decode
+  ASSERT_EQ(out->num_tokens(), 20);
+  s.add_request(9, prompt(400, 1000), params(4));
+  int steps_with_prefill = 0, finished = 0;
+  for (int k = 0; k < 200 && s.has_unfinished(); ++k) {
+    int decoding = 0;
+    auto r = step(s, out);
+    finished += static_cast<int>(r.finished_requests.size());
+    for (size_t i = 0; i < out->seq_ids.size(); ++i)
+      decoding += out->query_start_loc[i + 1] - out->query_start_loc[i] == 1;
+    const bool prefill = out->num_tokens() > decoding;
+    steps_with_prefill += prefill;
+    if (prefill && decoding > 0) {
+      EXPECT_LE(cost(*out), c.max_step_ms + 1e-9) << "step " << k;
+      EXPECT_GE(out->num_tokens() - decoding, c.block_size);  // the prompt still advances
+    }
+    s.observe_step(out->num_tokens(), static_cast<int>(out->sample_rows.size()), cost(*out));
+  }
+  EXPECT_EQ(finished, 5);
+  EXPECT_GE(steps_with_prefill, 3);  // the 400-token prompt took several chunks
+}

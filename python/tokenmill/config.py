@@ -72,6 +72,12 @@ class EngineArgs:
     )
     enable_prefix_caching: bool = _arg("reuse KV blocks across requests by content", default=True)
     enable_chunked_prefill: bool = _arg("split long prompts across steps", default=True)
+    max_itl_ms: float | None = _arg(
+        "step-time target while sequences decode: prefill chunks join a step only as far as a "
+        "cost model fitted to measured steps predicts they fit (0: the token budget alone; "
+        "default 150)",
+        default=None,
+    )
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
     seed: int = _arg("seed of unseeded sampling", default=0)
     tensor_parallel_size: int = _arg(
@@ -134,7 +140,9 @@ class EngineArgs:
                     help=f.metadata["help"],
                 )
             else:
-                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
+                    str(f.type), str
+                )
                 parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"])
 
     @classmethod

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tokenmill/block_manager.h"
+#include "tokenmill/step_cost.h"
 
 namespace tokenmill {
 
@@ -25,6 +26,10 @@ struct SchedulerConfig {
   bool enable_chunked_prefill = true;
   bool enable_prefix_caching = true;
   bool priority_policy = false;  // false: first come, first served
+  // Step-time target (ms) while sequences decode: a step then takes only the
+  // prefill tokens the cost model predicts fit beside the decode rows (at
+  // least a block's worth, so prompts still advance). 0: the token budget alone.
+  double max_step_ms = 0;
 };
 
 struct RequestParams {
@@ -160,6 +165,13 @@ class Scheduler {
   const Sequence* sequence(SeqId id) const;
   // Throws std::logic_error when any block-accounting invariant is broken.
   void check_invariants() const;
+  // A step's measured time, for the cost model behind max_step_ms.
+  void observe_step(int num_tokens, int num_rows, double ms) {
+    cost_.observe(num_tokens, num_rows, ms);
+  }
+  const StepCostModel& cost_model() const { return cost_; }
+  // The token budget the last schedule() chose.
+  int last_token_budget() const { return last_budget_; }
 
  private:
   struct QueueKey {
@@ -181,6 +193,7 @@ class Scheduler {
   Sequence& fork(Request& req, const Sequence& parent, UpdateResult& result);
   void release_if_done(RequestId id, UpdateResult* result);
   bool check_stop(const Request& req, Sequence& seq, int32_t token, FinishReason& reason) const;
+  int token_budget(int decode_rows) const;
 
   SchedulerConfig config_;
   BlockManager blocks_;
@@ -197,6 +210,8 @@ class Scheduler {
   std::map<QueueKey, Request*> running_;
   uint64_t next_arrival_ = 0;
   SeqId next_seq_id_ = 0;
+  StepCostModel cost_;
+  int last_budget_ = 0;
 };
 
 }  // namespace tokenmill

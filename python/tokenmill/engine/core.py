@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from tokenmill.engine.events import (
     RequestStarted,
     SequenceFinished,
     SequenceForked,
+    StepTime,
     TokenAppended,
 )
 from tokenmill.engine.model_runner import ModelRunner
@@ -44,6 +47,8 @@ class EngineCore:
     def __init__(self, scheduler: _core.Scheduler, runner: ModelRunner):
         self.scheduler = scheduler
         self.runner = runner
+        # measured steps, for the metrics (the scheduler keeps its own fit)
+        self.step_times: deque[StepTime] = deque(maxlen=4096)
         self.strategies: dict[int, RequestStrategy] = {}
         self.prompt_tokens = self.generation_tokens = self.preemptions = 0
         self._finishing: list[tuple[int, int]] = []  # (request, sequence) ended by stop strings
@@ -80,7 +85,12 @@ class EngineCore:
         events = self._plan_events(plan)
         if plan.num_seqs:
             batch, sampled = self._batch(plan)
+            t0 = time.perf_counter()
             output = self.runner.execute(plan, batch)
+            ms = (time.perf_counter() - t0) * 1e3
+            self.scheduler.observe_step(plan.num_tokens, len(plan.sample_rows), ms)
+            decodes = int(np.count_nonzero(np.diff(plan.query_start_loc) == 1))
+            self.step_times.append(StepTime(plan.num_tokens - decodes, decodes, ms))
             tokens, counts, slots = self._continuations(plan, batch, output, sampled)
             result = self.scheduler.update(plan, tokens, counts)
             events += self._mirror(result, batch, output, slots, sampled)

@@ -69,6 +69,15 @@ EngineEvent = (
 
 
 @dataclass(frozen=True)
+class StepTime:
+    """One step as run: prefill tokens, decode rows, and its time."""
+
+    prefill_tokens: int
+    decode_rows: int
+    ms: float
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """The engine's gauges and counters, as metrics and logs read them."""
 

@@ -140,6 +140,9 @@ class AsyncEngine:
                 for out in self.engine.step():
                     self._deliver(out)
                 self.metrics.observe_engine(self.engine.stats())
+                steps = self.engine.core.step_times
+                self.metrics.observe_steps(steps)
+                steps.clear()
                 if time.monotonic() - last_log > self.log_interval:
                     last_log = time.monotonic()
                     self._log_stats()
@@ -196,13 +199,18 @@ class AsyncEngine:
 
     def _log_stats(self) -> None:
         st = self.engine.stats()
+        fitted, fixed, per_token, per_row = self.engine.core.scheduler.cost_model
         logger.info(
-            "running %d seqs, waiting %d reqs, KV cache %.1f%% used, %d prompt + %d generated tokens so far",
+            "running %d seqs, waiting %d reqs, KV cache %.1f%% used, %d prompt + %d generated "
+            "tokens so far; step cost %s",
             st.num_running_seqs,
             st.num_waiting_requests,
             100 * st.kv_cache_usage,
             st.prompt_tokens,
             st.generation_tokens,
+            f"{fixed:.1f} ms + {per_token:.3f} ms/token + {per_row:.3f} ms/row"
+            if fitted
+            else "not fitted yet",
         )
 
 

@@ -66,6 +66,14 @@ class EngineMetrics:
         self.queue_time = histogram(
             "request_queue_time_seconds", "Time from arrival to first scheduling"
         )
+        self.step_time = histogram("step_time_seconds", "Time of one engine step's forward")
+        self.prefill_tokens_per_step = Histogram(
+            "tokenmill:prefill_tokens_per_step",
+            "Prompt tokens a step computed beside its decode rows (the step-time budget's choice)",
+            labels,
+            buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        ).labels(model_name)
         self._seen = {}
 
     def observe_engine(self, st: EngineStats) -> None:
@@ -85,6 +93,12 @@ class EngineMetrics:
             if delta > 0:
                 getattr(self, name).inc(delta)
                 self._seen[name] = value
+
+    def observe_steps(self, steps) -> None:
+        """Steps as run (engine.core.step_times, drained by the caller)."""
+        for st in steps:
+            self.step_time.observe(st.ms / 1e3)
+            self.prefill_tokens_per_step.observe(st.prefill_tokens)
 
     def observe_finished(self, out: RequestOutput) -> None:
         self.finished.inc()
