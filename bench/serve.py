@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--launch", action="store_true", help="start tokenmill serve on a free port")
     ap.add_argument("--vllm-python", default=None, help="with --launch: also vLLM, from this venv")
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds idle after /health")
     args = ap.parse_args()
     requests = load_workload(args.workload, args.num_requests)
     engines = [("server", None)]
@@ -162,6 +163,9 @@ def main():
             proc, seconds = launch(args.port, cmd)
             startup.append([name, seconds])
             print(f"{name}: first 200 on /health after {seconds:.2f} s", flush=True)
+            # steady state: tokenmill commits its KV cache and captures decode
+            # graphs once it is up and idle; vLLM warms up before /health
+            time.sleep(args.settle)
             args.base_url = f"http://127.0.0.1:{args.port}/v1"
         try:
             model = args.model or httpx.get(f"{args.base_url}/models").json()["data"][0]["id"]

@@ -28,6 +28,7 @@ def run_tokenmill(model, requests, dtype, args):
         dtype=dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_itl_ms=args.max_itl_ms,
         enable_prefix_caching=False,
         device=args.device,
         **({} if args.gguf_blocks is None else {"gguf_blocks": args.gguf_blocks}),
@@ -107,6 +108,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument(
+        "--max-itl-ms", type=float, default=None, help="step-time target (default: the engine's)"
+    )
     ap.add_argument(
         "--hf-requests", type=int, default=32, help="requests given to transformers (0 skips it)"
     )
