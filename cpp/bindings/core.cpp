@@ -166,15 +166,16 @@ PYBIND11_MODULE(_core, m) {
       .def("has_request", &Scheduler::has_request, py::arg("request_id"))
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
-      .def("observe_step", &Scheduler::observe_step, py::arg("num_tokens"), py::arg("num_rows"),
-           py::arg("ms"), "Feed a measured step time to the cost model behind max_step_ms.")
+      .def("observe_step", &Scheduler::observe_step, py::arg("prefill_tokens"),
+           py::arg("decode_rows"), py::arg("ms"),
+           "Feed a measured step time to the cost model behind max_step_ms.")
       .def_property_readonly(
           "cost_model",
           [](const Scheduler& s) {
             const auto& c = s.cost_model().coefficients();
             return py::make_tuple(s.cost_model().fitted(), c[0], c[1], c[2]);
           },
-          "(fitted, fixed ms, ms per token, ms per sampling row)")
+          "(fitted, fixed ms, ms per prompt token, ms per decode row)")
       .def_property_readonly("last_token_budget", &Scheduler::last_token_budget)
       .def("block_table",
            [](const Scheduler& s, SeqId id) {

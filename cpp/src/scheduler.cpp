@@ -297,8 +297,7 @@ static int decoding_rows(const Request& req) {
 int Scheduler::token_budget(int decode_rows) const {
   const int most = config_.max_num_batched_tokens;
   if (config_.max_step_ms <= 0 || decode_rows == 0 || !cost_.fitted()) return most;
-  // One more row: a prompt finishing in this step samples too.
-  const int fits = cost_.tokens_within(config_.max_step_ms, decode_rows + 1);
+  const int fits = decode_rows + cost_.tokens_within(config_.max_step_ms, decode_rows);
   return std::clamp(fits, std::min(most, decode_rows + config_.block_size), most);
 }
 

@@ -228,24 +228,27 @@ TEST(StepCostModel, FitsALinearCostAndInvertsIt) {
   StepCostModel m;
   EXPECT_FALSE(m.fitted());
   for (int i = 0; i < 40; ++i) {
-    const int rows = 1 + i % 7, tokens = rows + (i * 37) % 300;
-    m.observe(tokens, rows, 5.0 + 0.5 * tokens + 2.0 * rows);
+    const int rows = i % 7, prompt = i % 3 == 0 ? 0 : (i * 37) % 300;
+    m.observe(prompt, rows, 5.0 + 0.5 * prompt + 2.0 * rows);
   }
   ASSERT_TRUE(m.fitted());
-  EXPECT_NEAR(m.coefficients()[0], 5.0, 0.1);
-  EXPECT_NEAR(m.coefficients()[1], 0.5, 0.01);
-  EXPECT_NEAR(m.coefficients()[2], 2.0, 0.1);
-  EXPECT_NEAR(m.predict(100, 4), 63.0, 0.5);
+  EXPECT_NEAR(m.coefficients()[0], 5.0, 0.01);
+  EXPECT_NEAR(m.coefficients()[1], 0.5, 0.001);
+  EXPECT_NEAR(m.coefficients()[2], 2.0, 0.01);
+  EXPECT_NEAR(m.predict(100, 4), 63.0, 0.05);
   EXPECT_EQ(m.tokens_within(63.1, 4), 100);
-  EXPECT_EQ(m.tokens_within(4.0, 4), 0);
+  EXPECT_EQ(m.tokens_within(12.0, 4), 0);
 }
 
-TEST(StepCostModel, DecodeOnlyStepsStillGiveAModel) {
-  StepCostModel m;  // tokens == rows: cost cannot be split; it goes to tokens
-  for (int i = 1; i <= 20; ++i) m.observe(i, i, 3.0 + 1.5 * i);
+TEST(StepCostModel, DecodeStepsAloneDoNotFitPromptCost) {
+  StepCostModel m;  // a decode row costs more than a prompt token; only mixed steps tell
+  for (int i = 1; i <= 20; ++i) m.observe(0, i, 3.0 + 1.5 * i);
+  EXPECT_FALSE(m.fitted());
+  m.observe(200, 4, 3.0 + 0.1 * 200 + 1.5 * 4);
+  m.observe(100, 0, 3.0 + 0.1 * 100);
   ASSERT_TRUE(m.fitted());
-  EXPECT_NEAR(m.predict(10, 10), 18.0, 0.5);
-  EXPECT_GE(m.coefficients()[1], 1.0);
+  EXPECT_NEAR(m.coefficients()[1], 0.1, 0.01);
+  EXPECT_NEAR(m.coefficients()[2], 1.5, 0.01);
 }
 
 TEST(Scheduler, StepTimeTargetBoundsPrefillBesideDecodes) {
@@ -257,9 +260,17 @@ TEST(Scheduler, StepTimeTargetBoundsPrefillBesideDecodes) {
   c.max_model_len = 512;
   c.max_step_ms = 40;
   Scheduler s(c);
-  // A synthetic device: 4 ms a step plus 0.25 ms a token.
-  auto cost = [](const SchedulerOutput& o) { return 4.0 + 0.25 * o.num_tokens(); };
-  for (int i = 0; i < 12; ++i) s.observe_step(8 + 29 * i, 1 + i % 4, 4.0 + 0.25 * (8 + 29 * i));
+  // A synthetic device: 4 ms a step, 0.25 ms a prompt token, 1 ms a decode row.
+  auto decoding = [](const SchedulerOutput& o) {
+    int rows = 0;
+    for (size_t i = 0; i + 1 < o.query_start_loc.size(); ++i)
+      rows += o.query_start_loc[i + 1] - o.query_start_loc[i] == 1;
+    return rows;
+  };
+  auto cost = [&](const SchedulerOutput& o) {
+    return 4.0 + 0.25 * (o.num_tokens() - decoding(o)) + 1.0 * decoding(o);
+  };
+  for (int i = 0; i < 12; ++i) s.observe_step(29 * i, i % 4, 4.0 + 0.25 * 29 * i + 1.0 * (i % 4));
   for (int r = 0; r < 4; ++r) s.add_request(r, prompt(5, 10 * r), params(60));
   std::unique_ptr<SchedulerOutput> out;
   step(s, out);  // the four short prompts, then they decode
@@ -267,18 +278,16 @@ TEST(Scheduler, StepTimeTargetBoundsPrefillBesideDecodes) {
   s.add_request(9, prompt(400, 1000), params(4));
   int steps_with_prefill = 0, finished = 0;
   for (int k = 0; k < 200 && s.has_unfinished(); ++k) {
-    int decoding = 0;
     auto r = step(s, out);
     finished += static_cast<int>(r.finished_requests.size());
-    for (size_t i = 0; i < out->seq_ids.size(); ++i)
-      decoding += out->query_start_loc[i + 1] - out->query_start_loc[i] == 1;
-    const bool prefill = out->num_tokens() > decoding;
+    const int rows = decoding(*out);
+    const bool prefill = out->num_tokens() > rows;
     steps_with_prefill += prefill;
-    if (prefill && decoding > 0) {
+    if (prefill && rows > 0) {
       EXPECT_LE(cost(*out), c.max_step_ms + 1e-9) << "step " << k;
-      EXPECT_GE(out->num_tokens() - decoding, c.block_size);  // the prompt still advances
+      EXPECT_GE(out->num_tokens() - rows, c.block_size);  // the prompt still advances
     }
-    s.observe_step(out->num_tokens(), static_cast<int>(out->sample_rows.size()), cost(*out));
+    s.observe_step(out->num_tokens() - rows, rows, cost(*out));
   }
   EXPECT_EQ(finished, 5);
   EXPECT_GE(steps_with_prefill, 3);  // the 400-token prompt took several chunks

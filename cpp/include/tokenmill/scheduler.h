@@ -166,8 +166,8 @@ class Scheduler {
   // Throws std::logic_error when any block-accounting invariant is broken.
   void check_invariants() const;
   // A step's measured time, for the cost model behind max_step_ms.
-  void observe_step(int num_tokens, int num_rows, double ms) {
-    cost_.observe(num_tokens, num_rows, ms);
+  void observe_step(int prefill_tokens, int decode_rows, double ms) {
+    cost_.observe(prefill_tokens, decode_rows, ms);
   }
   const StepCostModel& cost_model() const { return cost_; }
   // The token budget the last schedule() chose.

@@ -88,8 +88,8 @@ class EngineCore:
             t0 = time.perf_counter()
             output = self.runner.execute(plan, batch)
             ms = (time.perf_counter() - t0) * 1e3
-            self.scheduler.observe_step(plan.num_tokens, len(plan.sample_rows), ms)
             decodes = int(np.count_nonzero(np.diff(plan.query_start_loc) == 1))
+            self.scheduler.observe_step(plan.num_tokens - decodes, decodes, ms)
             self.step_times.append(StepTime(plan.num_tokens - decodes, decodes, ms))
             tokens, counts, slots = self._continuations(plan, batch, output, sampled)
             result = self.scheduler.update(plan, tokens, counts)

@@ -208,7 +208,7 @@ class AsyncEngine:
             100 * st.kv_cache_usage,
             st.prompt_tokens,
             st.generation_tokens,
-            f"{fixed:.1f} ms + {per_token:.3f} ms/token + {per_row:.3f} ms/row"
+            f"{fixed:.1f} ms + {per_token:.3f} ms/prompt token + {per_row:.3f} ms/decode row"
             if fitted
             else "not fitted yet",
         )
