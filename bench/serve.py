@@ -142,11 +142,17 @@ def main():
     ap.add_argument("--vllm-python", default=None, help="with --launch: also vLLM, from this venv")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--settle", type=float, default=5.0, help="seconds idle after /health")
+    ap.add_argument(
+        "--tokenmill-args",
+        default="",
+        help="extra flags for tokenmill serve, e.g. '--max-itl-ms 0'",
+    )
     args = ap.parse_args()
     requests = load_workload(args.workload, args.num_requests)
     engines = [("server", None)]
     if args.launch:
-        engines = [("tokenmill", None)]
+        cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(args.port)]
+        engines = [("tokenmill", cmd + args.tokenmill_args.split())]
         if args.vllm_python:
             # vLLM's best CPU settings on a quiet two-core machine (bench/peers/vllm_runner.py)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")

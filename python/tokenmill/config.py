@@ -75,7 +75,7 @@ class EngineArgs:
     max_itl_ms: float | None = _arg(
         "step-time target while sequences decode: prefill chunks join a step only as far as a "
         "cost model fitted to measured steps predicts they fit (0: the token budget alone; "
-        "default 150)",
+        "default 250)",
         default=None,
     )
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")

@@ -101,10 +101,13 @@ def build_runner(
     return ModelRunner(args, model, spec.device, spec.max_model_len, workers, defer_graphs)
 
 
-# A decode step of the default model takes 5-60 ms on two CPU cores and a
-# 2,048-token prefill chunk 1-2 s: 150 ms keeps streams smooth while a
-# prompt fills in beside them, and binds nowhere a step is cheap.
-DEFAULT_MAX_ITL_MS = 150.0
+# On two CPU cores a decode step of the default model takes 10-40 ms and a
+# 2,048-token prefill chunk over a second. Measured with bench/serve.py at
+# 0.6 req/s (workload_main, prompts up to 512 tokens): a 150 ms target split
+# prompts that fit one step anyway (TTFT p50 411 ms, ITL p99 148 ms), 250 ms
+# gave TTFT p50 274 ms and ITL p99 108 ms, no target 266 / 34 ms; the target
+# is there for long prompts, which it cuts from one 1.2 s stall into ~target steps.
+DEFAULT_MAX_ITL_MS = 250.0
 
 
 def build_scheduler(args: EngineArgs, spec: ModelSpec, num_blocks: int) -> _core.Scheduler:
