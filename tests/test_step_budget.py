@@ -13,12 +13,13 @@ from tokenmill import _core
 FIXED_MS, PER_PROMPT_TOKEN_MS, PER_DECODE_ROW_MS = 3.0, 0.2, 0.9
 
 
-def decode_rows(plan) -> int:
-    return int(np.count_nonzero(np.diff(np.asarray(plan.query_start_loc)) == 1))
+def decode_rows(plan, sampled: set[int]) -> int:
+    """Sequences of the plan that have sampled before (a one-token chunk of
+    a prompt also has one token to compute, but is prefill)."""
+    return sum(seq in sampled for seq in plan.seq_ids)
 
 
-def synthetic_ms(plan) -> float:
-    rows = decode_rows(plan)
+def synthetic_ms(plan, rows: int) -> float:
     return FIXED_MS + PER_PROMPT_TOKEN_MS * (plan.num_tokens - rows) + PER_DECODE_ROW_MS * rows
 
 
@@ -44,6 +45,7 @@ def test_no_decode_step_exceeds_the_budget_and_everything_finishes(
     prefix = list(range(5000, 5000 + shared))  # a shared prefix: prefix-cache hits
     pending = sorted(zip(arrivals, range(len(prompts)), strict=False))
     finished: set[int] = set()
+    sampled: set[int] = set()
     for step in range(3000):
         while pending and pending[0][0] <= step:
             _, i = pending.pop(0)
@@ -53,17 +55,19 @@ def test_no_decode_step_exceeds_the_budget_and_everything_finishes(
         if not s.has_unfinished() and not pending:
             break
         plan = s.schedule()
-        decodes = decode_rows(plan)
+        decodes = decode_rows(plan, sampled)
         prefill = plan.num_tokens - decodes
         if decodes and prefill > c.block_size:
             # (within a token's cost: the fit is exact only up to rounding)
-            assert synthetic_ms(plan) <= budget_ms + PER_PROMPT_TOKEN_MS, (plan.num_tokens, decodes)
+            ms = synthetic_ms(plan, decodes)
+            assert ms <= budget_ms + PER_PROMPT_TOKEN_MS, (plan.num_tokens, decodes)
         tokens = np.full(sum(plan.num_samples), 7, dtype=np.int32)
         result = s.update(plan, tokens)
         s.check_invariants()
         finished.update(result.finished_requests)
+        sampled.update(seq for seq, n in zip(plan.seq_ids, plan.num_samples, strict=True) if n)
         if plan.num_seqs:
-            s.observe_step(plan.num_tokens - decodes, decodes, synthetic_ms(plan))
+            s.observe_step(plan.num_tokens - decodes, decodes, synthetic_ms(plan, decodes))
     assert finished == set(range(len(prompts)))
     assert s.stats().num_free_blocks == c.num_blocks
 
