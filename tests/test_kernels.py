@@ -263,6 +263,71 @@ def test_paged_attention_one_long_decode(backend, dtype, heads, window, with_sin
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", [40, 700])
+def test_paged_attention_verifies_drafts_as_decode_steps(backend, dtype, context):
+    """Decoding sequences (num_decode_seqs) with several query tokens, a
+    token and its drafts, beside a prompt: against float64, and on the CPU
+    each token's output is bitwise the output of a decode step of that token
+    alone (so speculative decoding changes no greedy token)."""
+    native_cpu = backend == (native, "cpu")
+    impl, device = needs(backend, "paged_attention")
+    num_heads, num_kv, head_size, block_size = 9, 3, 64, 16
+    seqs = [(6, context), (1, 90), (4, context // 2), (30, 30)]  # 3 decoding, then a prompt
+    seq_lens = [c for _, c in seqs]
+    qsl = [0]
+    for q, _ in seqs:
+        qsl.append(qsl[-1] + q)
+    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
+    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
+    tables = random_tables(seq_lens, block_size, num_blocks, torch.Generator().manual_seed(3))
+    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype, device=device)
+    out = poisoned(query.shape, dtype, device)
+    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
+    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.1, num_decode_seqs=3)
+    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.1)
+    assert rel_err(out, ref) < TOL[dtype]
+    if not native_cpu:  # the bitwise property is the CPU kernels' (the GPU's: to come)
+        return
+    for s, (q_len, ctx) in enumerate(seqs[:3]):
+        for r in range(q_len):
+            row = qsl[s] + r
+            alone = poisoned((1, *query.shape[1:]), dtype, device)
+            lens = torch.tensor([ctx - q_len + r + 1], dtype=torch.int32)
+            impl.paged_attention(
+                alone, query[row : row + 1], kc, vc, tables[s : s + 1], lens,
+                torch.tensor([0, 1], dtype=torch.int32), 0.1, num_decode_seqs=1,
+            )  # fmt: skip
+            assert torch.equal(alone[0], out[row]), (s, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpu_decode_rows_do_not_depend_on_the_batch(dtype, block_size):
+    """A decode row's output on the CPU is bitwise the same alone and in a
+    batch (one whose size changes how the kernel splits its work), short and
+    long contexts alike: batch-invariant greedy decoding rests on it."""
+    num_heads, num_kv, head_size = 9, 3, 64
+    contexts = [1, 17, 300, 511, 512, 513, 900, 1300, 64, 2000]
+    seq_lens = contexts + [40]  # and a prompt chunk
+    qsl = list(range(len(contexts) + 1)) + [len(contexts) + 40]
+    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
+    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, "cpu")
+    tables = random_tables(seq_lens, block_size, num_blocks, torch.Generator().manual_seed(4))
+    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype)
+    out = poisoned(query.shape, dtype, "cpu")
+    args = [torch.tensor(x, dtype=torch.int32) for x in (seq_lens, qsl)]
+    native.paged_attention(out, query, kc, vc, tables, *args, 0.1, num_decode_seqs=len(contexts))
+    for s, ctx in enumerate(contexts):
+        alone = poisoned((1, *query.shape[1:]), dtype, "cpu")
+        native.paged_attention(
+            alone, query[s : s + 1], kc, vc, tables[s : s + 1],
+            torch.tensor([ctx], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), 0.1,
+        )  # fmt: skip
+        assert torch.equal(alone[0], out[s]), ctx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 576), (33, 4096)])
 def test_rms_norm(backend, dtype, shape):

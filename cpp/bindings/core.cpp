@@ -32,6 +32,23 @@ py::array_t<int32_t> block_tables(SchedulerOutput& o, py::handle owner) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "tokenmill native core: paged KV block manager and scheduler";
 
+  py::class_<SpeculativeConfig>(m, "SpeculativeConfig")
+      .def(py::init<>())
+      .def_readwrite("num_tokens", &SpeculativeConfig::num_tokens)
+      .def_readwrite("min_ngram", &SpeculativeConfig::min_ngram)
+      .def_readwrite("max_ngram", &SpeculativeConfig::max_ngram);
+
+  m.def(
+      "propose_ngram",
+      [](const std::vector<int32_t>& tokens, int min_n, int max_n, int k) {
+        std::vector<int32_t> draft;
+        propose_ngram(tokens, min_n, max_n, k, draft);
+        return draft;
+      },
+      py::arg("tokens"), py::arg("min_n"), py::arg("max_n"), py::arg("k"),
+      "Up to k tokens that followed the latest earlier occurrence of the longest "
+      "tail (min_n..max_n tokens) of `tokens`.");
+
   py::class_<SchedulerConfig>(m, "SchedulerConfig")
       .def(py::init<>())
       .def_readwrite("num_blocks", &SchedulerConfig::num_blocks)
@@ -42,7 +59,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill)
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
       .def_readwrite("priority_policy", &SchedulerConfig::priority_policy)
-      .def_readwrite("max_step_ms", &SchedulerConfig::max_step_ms);
+      .def_readwrite("max_step_ms", &SchedulerConfig::max_step_ms)
+      .def_readwrite("aging_steps", &SchedulerConfig::aging_steps)
+      .def_readwrite("speculative", &SchedulerConfig::speculative);
 
   py::class_<RequestParams>(m, "RequestParams")
       .def(py::init<>())
@@ -54,7 +73,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("ignore_eos", &RequestParams::ignore_eos)
       .def_readwrite("priority", &RequestParams::priority)
       .def_readwrite("cache_salt", &RequestParams::cache_salt)
-      .def_readwrite("restart_on_preempt", &RequestParams::restart_on_preempt);
+      .def_readwrite("restart_on_preempt", &RequestParams::restart_on_preempt)
+      .def_readwrite("speculate", &RequestParams::speculate);
 
   py::class_<SchedulerOutput>(m, "SchedulerOutput")
       .def_property_readonly("num_seqs", &SchedulerOutput::num_seqs)
@@ -67,6 +87,12 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly(
           "num_samples",
           [](py::object s) { return view(s.cast<SchedulerOutput&>().num_samples, s); })
+      .def_property_readonly(
+          "num_draft", [](py::object s) { return view(s.cast<SchedulerOutput&>().num_draft, s); })
+      .def_readonly("decode_tokens", &SchedulerOutput::decode_tokens)
+      .def_readonly("num_decode_seqs", &SchedulerOutput::num_decode_seqs)
+      .def_readonly("prefill_context", &SchedulerOutput::prefill_context)
+      .def_readonly("decode_context", &SchedulerOutput::decode_context)
       .def_property_readonly(
           "input_ids", [](py::object s) { return view(s.cast<SchedulerOutput&>().input_ids, s); })
       .def_property_readonly(
@@ -125,7 +151,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_blocks", &SchedulerStats::num_blocks)
       .def_property_readonly("prefix_queries",
                              [](const SchedulerStats& s) { return s.prefix.queries; })
-      .def_property_readonly("prefix_hits", [](const SchedulerStats& s) { return s.prefix.hits; });
+      .def_property_readonly("prefix_hits", [](const SchedulerStats& s) { return s.prefix.hits; })
+      .def_readonly("draft_tokens", &SchedulerStats::draft_tokens)
+      .def_readonly("accepted_tokens", &SchedulerStats::accepted_tokens);
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>())
@@ -160,22 +188,28 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("out"), py::arg("tokens"), py::arg("counts") = py::none(),
           "Continue each sampled sequence with counts[i] tokens (default: its num_samples): the "
-          "first extends it, the others fork children, none drops it. Then apply the stop "
+          "first extends it, the others fork children, none drops it; a sequence with draft "
+          "tokens appends its accepted drafts and one more token instead. Then apply the stop "
           "conditions. Returns the events in the order made.")
       .def("has_unfinished", &Scheduler::has_unfinished)
       .def("has_request", &Scheduler::has_request, py::arg("request_id"))
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
-      .def("observe_step", &Scheduler::observe_step, py::arg("prefill_tokens"),
-           py::arg("decode_rows"), py::arg("ms"),
+      .def("observe_step",
+           py::overload_cast<const SchedulerOutput&, double>(&Scheduler::observe_step),
+           py::arg("out"), py::arg("ms"),
+           "Feed a step's measured time to the cost model behind max_step_ms.")
+      .def("observe_step", py::overload_cast<int, int, double>(&Scheduler::observe_step),
+           py::arg("prefill_tokens"), py::arg("decode_rows"), py::arg("ms"),
            "Feed a measured step time to the cost model behind max_step_ms.")
       .def_property_readonly(
           "cost_model",
           [](const Scheduler& s) {
             const auto& c = s.cost_model().coefficients();
-            return py::make_tuple(s.cost_model().fitted(), c[0], c[1], c[2]);
+            return py::make_tuple(s.cost_model().fitted(), c[0], c[1], c[2], c[3]);
           },
-          "(fitted, fixed ms, ms per prompt token, ms per decode row)")
+          "(fitted, fixed ms, ms per prompt token, ms per decode row, ms per thousand tokens of "
+          "attention context)")
       .def_property_readonly("last_token_budget", &Scheduler::last_token_budget)
       .def("block_table",
            [](const Scheduler& s, SeqId id) {

@@ -82,7 +82,7 @@ template <class B>
 void paged_attention(Tensor out, Tensor query, Tensor key_cache, Tensor value_cache,
                      Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, double scale,
                      int64_t sliding_window, double softcap, std::optional<Tensor> alibi_slopes,
-                     std::optional<Tensor> sinks) {
+                     std::optional<Tensor> sinks, int64_t num_decode_seqs) {
   check_int32(block_tables, "block_tables");
   check_int32(seq_lens, "seq_lens");
   check_int32(query_start_loc, "query_start_loc");
@@ -111,6 +111,7 @@ void paged_attention(Tensor out, Tensor query, Tensor key_cache, Tensor value_ca
   p.scale = static_cast<float>(scale);
   p.sliding_window = static_cast<int>(sliding_window);
   p.softcap = static_cast<float>(softcap);
+  p.num_decode_seqs = static_cast<int>(num_decode_seqs);
   if (alibi_slopes.has_value()) {
     STD_TORCH_CHECK(alibi_slopes->scalar_type() == torch::headeronly::ScalarType::Float &&
                         alibi_slopes->numel() == p.num_heads,
@@ -349,8 +350,8 @@ inline void define_ops(torch::stable::detail::StableLibrary& m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, "
-      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> "
-      "()");
+      "int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, "
+      "int num_decode_seqs=0) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def(

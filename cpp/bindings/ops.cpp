@@ -115,8 +115,10 @@ void execute_program(const std::vector<Tensor>& tensors, const std::vector<int64
         const int64_t window = integer();
         const double softcap = real();
         std::optional<Tensor> alibi = maybe();
+        std::optional<Tensor> sinks = maybe();
+        const int64_t decode_seqs = integer();
         ops::paged_attention<Cpu>(out, q, kc, vc, tables, lens, starts, scale, window, softcap,
-                                  alibi, maybe());
+                                  alibi, sinks, decode_seqs);
         break;
       }
       case ProgramOp::kRmsNorm: {

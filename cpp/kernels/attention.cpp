@@ -192,30 +192,51 @@ TM_MULTIVERSION void attend_item(const PagedAttentionParams& p, int seq, int kvh
 
 // A unit of work: query rows [q_begin, q_end) of one sequence for KV heads
 // [kvh0, kvh1) (several only for decode), or for a decode item split over its
-// context, the KV blocks [block_begin, block_end) into partials[partial].
+// context, the KV blocks [block_begin, block_end) into partials[partial]. A
+// decode item attends the single row q_begin.
 struct Item {
   int seq, kvh0, kvh1, q_begin, q_end;
   int block_begin = 0, block_end = std::numeric_limits<int>::max(), partial = -1;
+  bool decode = false;
 };
 
 // Decode items whose context was split, and where their partials start.
 struct Split {
-  int seq, kvh, first, count;
+  int seq, row, kvh, first, count;
+};
+
+// Query row `row` of sequence `seq` as a one-token sequence of its own.
+struct RowView {
+  PagedAttentionParams p;
+  int32_t starts[2], len;
+  RowView(const PagedAttentionParams& src, int seq, int row) : p(src) {
+    const int q_len = src.query_start_loc[seq + 1] - src.query_start_loc[seq];
+    starts[0] = src.query_start_loc[seq] + row;
+    starts[1] = starts[0] + 1;
+    len = src.seq_lens[seq] - q_len + row + 1;
+    p.block_tables = src.block_tables + seq * src.block_table_stride;
+    p.seq_lens = &len;
+    p.query_start_loc = starts;
+    p.num_seqs = 1;
+  }
+  RowView(const RowView&) = delete;
+  RowView& operator=(const RowView&) = delete;
 };
 
 // Many decode sequences: one item per sequence, all its KV heads, so that an
 // item streams whole cache blocks (measured here: 25% faster reads than
-// per-head slices of them). Few: one item per KV head, and long contexts split
-// into parts of at least kMinSplitTokens, so that there are about four items
-// per thread.
+// per-head slices of them). Few: one item per KV head. Either way a decode
+// row's context is attended in parts of kPartTokens, each a softmax of its
+// own, merged in order: the row's output is a function of its context alone,
+// whatever else the batch holds (and a lone long context gives every thread
+// work).
 constexpr int kItemsPerThread = 4;
-constexpr int kMinSplitTokens = 128;
+constexpr int kPartTokens = 512;
 
-int context_parts(const PagedAttentionParams& p, int seq, int64_t num_items, int threads) {
+int context_parts(const PagedAttentionParams& p, int seq) {
   const int blocks = (p.seq_lens[seq] + p.block_size - 1) / p.block_size;
-  const int by_length = blocks * p.block_size / kMinSplitTokens;
-  const int64_t wanted = (kItemsPerThread * threads + num_items - 1) / num_items;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_length, wanted)));
+  const int part_blocks = std::max(1, kPartTokens / p.block_size);
+  return (blocks + part_blocks - 1) / part_blocks;
 }
 
 }  // namespace
@@ -226,32 +247,49 @@ void paged_attention(const PagedAttentionParams& p) {
   dispatch_dtype(p.dtype, [](auto) {});  // rejects unsupported dtypes
   const bool fast = decode_fast_path_supported(p);
   auto q_len = [&](int s) { return p.query_start_loc[s + 1] - p.query_start_loc[s]; };
-  int64_t num_tiles = 0;
-  for (int s = 0; s < p.num_seqs; ++s)
-    num_tiles += (q_len(s) + kQueryTile - 1) / kQueryTile * p.num_kv_heads;
+  // Decoding sequences (with drafts, several query tokens) attend each token
+  // through the decode path on its own.
+  auto decodes = [&](int s) { return fast && (q_len(s) == 1 || s < p.num_decode_seqs); };
   const int threads = omp_get_max_threads();
   const bool whole_seqs = fast && p.num_seqs >= kItemsPerThread * threads;
   std::vector<Item> items;
   std::vector<Split> splits;
   int num_partials = 0;
   for (int s = 0; s < p.num_seqs; ++s) {
-    const bool decode = fast && q_len(s) == 1;
-    if (decode && whole_seqs) {
-      items.push_back({s, 0, p.num_kv_heads, 0, 1});
-      continue;
-    }
-    const int parts = decode ? context_parts(p, s, num_tiles, threads) : 1;
-    for (int h = 0; h < p.num_kv_heads; ++h) {
-      if (parts == 1) {
+    if (!decodes(s)) {
+      for (int h = 0; h < p.num_kv_heads; ++h)
         for (int q0 = 0; q0 < q_len(s); q0 += kQueryTile)
           items.push_back({s, h, h + 1, q0, std::min(q_len(s), q0 + kQueryTile)});
+      continue;
+    }
+    for (int r = 0; r < q_len(s); ++r) {
+      Item row{s, 0, p.num_kv_heads, r, r + 1};
+      row.decode = true;
+      const RowView v(p, s, r);
+      const int parts = context_parts(v.p, 0);
+      if (whole_seqs && parts == 1) {
+        items.push_back(row);
         continue;
       }
-      const int blocks = (p.seq_lens[s] + p.block_size - 1) / p.block_size;
-      splits.push_back({s, h, num_partials, parts});
-      for (int i = 0; i < parts; ++i)
-        items.push_back(
-            {s, h, h + 1, 0, 1, blocks * i / parts, blocks * (i + 1) / parts, num_partials++});
+      const int blocks = (v.len + p.block_size - 1) / p.block_size;
+      for (int h = 0; h < p.num_kv_heads; ++h) {
+        row.kvh0 = h;
+        row.kvh1 = h + 1;
+        if (parts == 1) {
+          items.push_back(row);
+          continue;
+        }
+        splits.push_back({s, r, h, num_partials, parts});
+        for (int i = 0; i < parts; ++i) {
+          row.block_begin = blocks * i / parts;
+          row.block_end = blocks * (i + 1) / parts;
+          row.partial = num_partials++;
+          items.push_back(row);
+        }
+        row.block_begin = 0;
+        row.block_end = std::numeric_limits<int>::max();
+        row.partial = -1;
+      }
     }
   }
   std::vector<DecodePartial> partials(num_partials);
@@ -265,14 +303,19 @@ void paged_attention(const PagedAttentionParams& p) {
     for (int64_t i = 0; i < num_items; ++i) {
       const Item& it = items[i];
       DecodePartial* partial = it.partial < 0 ? nullptr : &partials[it.partial];
-      if (!(fast && q_len(it.seq) == 1 &&
-            decode_fast_path(p, it.seq, it.kvh0, it.kvh1, it.block_begin, it.block_end, dw,
-                             partial)))
-        for (int h = it.kvh0; h < it.kvh1; ++h) attend_item(p, it.seq, h, it.q_begin, it.q_end, w);
+      if (it.decode) {
+        const RowView v(p, it.seq, it.q_begin);
+        if (decode_fast_path(v.p, 0, it.kvh0, it.kvh1, it.block_begin, it.block_end, dw, partial))
+          continue;
+      }
+      for (int h = it.kvh0; h < it.kvh1; ++h) attend_item(p, it.seq, h, it.q_begin, it.q_end, w);
     }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < num_splits; ++i)
-      decode_merge(p, splits[i].seq, splits[i].kvh, &partials[splits[i].first], splits[i].count);
+    for (int64_t i = 0; i < num_splits; ++i) {
+      const Split& sp = splits[i];
+      const RowView v(p, sp.seq, sp.row);
+      decode_merge(v.p, 0, sp.kvh, &partials[sp.first], sp.count);
+    }
   }
 }
 

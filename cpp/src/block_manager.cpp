@@ -21,6 +21,16 @@ void FreeBlockQueue::push_back(BlockId b) {
   ++size_;
 }
 
+void FreeBlockQueue::push_front(BlockId b) {
+  if (head_ < 0) return push_back(b);
+  next_[b] = head_;
+  prev_[b] = -1;
+  prev_[head_] = b;
+  head_ = b;
+  in_queue_[b] = true;
+  ++size_;
+}
+
 BlockId FreeBlockQueue::pop_front() {
   BlockId b = head_;
   remove(b);
@@ -162,6 +172,15 @@ void BlockManager::free(std::vector<BlockId>& table) {
   for (auto it = table.rbegin(); it != table.rend(); ++it)
     if (--ref_[*it] == 0) free_.push_back(*it);
   table.clear();
+}
+
+void BlockManager::truncate(std::vector<BlockId>& table, int keep) {
+  while (static_cast<int>(table.size()) > keep) {
+    const BlockId b = table.back();
+    table.pop_back();
+    // Nothing in it is worth keeping: reused before any cached block.
+    if (--ref_[b] == 0) hash_[b] ? free_.push_back(b) : free_.push_front(b);
+  }
 }
 
 void BlockManager::check_consistency() const {

@@ -292,3 +292,53 @@ TEST(Scheduler, StepTimeTargetBoundsPrefillBesideDecodes) {
   EXPECT_EQ(finished, 5);
   EXPECT_GE(steps_with_prefill, 3);  // the 400-token prompt took several chunks
 }
+
+TEST(StepCostModel, AttentionContextIsATermOfItsOwn) {
+  StepCostModel m;
+  for (int i = 0; i < 60; ++i) {
+    StepShape st{i % 3 == 0 ? 0 : (i * 37) % 300, i % 9, (i % 4) * 0.7, (i * 13 % 11) * 1.3};
+    m.observe(st, 2.0 + 0.1 * st.prefill_tokens + 0.5 * st.decode_rows +
+                      3.0 * (st.prefill_context + st.decode_context));
+  }
+  ASSERT_TRUE(m.fitted());
+  EXPECT_NEAR(m.coefficients()[0], 2.0, 0.01);
+  EXPECT_NEAR(m.coefficients()[1], 0.1, 0.001);
+  EXPECT_NEAR(m.coefficients()[2], 0.5, 0.01);
+  EXPECT_NEAR(m.coefficients()[3], 3.0, 0.01);
+  // long contexts of the decode rows leave room for fewer prompt tokens
+  EXPECT_LT(m.tokens_within(50, 8, 10.0), m.tokens_within(50, 8, 1.0));
+}
+
+TEST(StepCostModel, CostsStayNonNegativeWhenStepsHaveFewShapes) {
+  StepCostModel m;  // two shapes only: many fits explain them; none may go negative
+  for (int i = 0; i < 30; ++i) {
+    m.observe(StepShape{0, 16, 0, 0.13}, 1.9 + 0.01 * (i % 3));
+    m.observe(StepShape{112, 0, 0.45, 0}, 2.55 + 0.01 * (i % 2));
+  }
+  ASSERT_TRUE(m.fitted());
+  for (double c : m.coefficients()) EXPECT_GE(c, 0);
+  EXPECT_NEAR(m.predict(StepShape{0, 16, 0, 0.13}), 1.91, 0.05);
+  EXPECT_NEAR(m.predict(StepShape{112, 0, 0.45, 0}), 2.555, 0.05);
+}
+
+TEST(Scheduler, AWaitingRequestsAgeRaisesTheStepTarget) {
+  SchedulerConfig c = small_config(64, 64);
+  c.max_num_seqs = 1;  // the second request waits until the first is done
+  c.max_model_len = 64;
+  c.max_step_ms = 10;
+  c.aging_steps = 4;
+  Scheduler s(c);
+  for (int i = 0; i < 12; ++i)
+    s.observe_step(10 * i, 1 + i % 3, 2.0 + 0.5 * 10 * i + 1.0 * (1 + i % 3));
+  s.add_request(1, prompt(4), params(30));
+  std::unique_ptr<SchedulerOutput> out;
+  step(s, out);
+  s.add_request(2, prompt(40, 500), params(2));
+  std::vector<int> budgets;
+  for (int k = 0; k < 12; ++k) {
+    step(s, out);
+    budgets.push_back(s.last_token_budget());
+  }
+  EXPECT_GT(budgets.back(), budgets.front());
+  EXPECT_TRUE(std::is_sorted(budgets.begin(), budgets.end()));
+}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -24,6 +25,65 @@ def parse_memory(value) -> float | int | None:
         return number if number < 1 else int(number)
     base = 1024 if binary else 1000
     return int(number * base ** "KMGT".index(unit) * base)
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, in the keys of vLLM's speculative_config."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5  # most draft tokens per sequence and step
+    prompt_lookup_max: int = 4  # ngram: the longest tail matched
+    prompt_lookup_min: int = 2  # ngram: the shortest
+
+    @classmethod
+    def parse(cls, value) -> SpeculativeConfig | None:
+        """From a dict or its JSON text (None or empty: no speculation)."""
+        if value is None or value == "" or isinstance(value, cls):
+            return value or None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidParameterError(
+                    "speculative_config", f"speculative_config is not JSON: {e}"
+                ) from None
+        if not isinstance(value, dict):
+            raise InvalidParameterError(
+                "speculative_config", "speculative_config must be an object"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise InvalidParameterError(
+                "speculative_config",
+                f"speculative_config: unsupported keys {unknown} (tokenmill takes {sorted(names)})",
+            )
+        config = cls(**value)
+        if config.method not in SPECULATIVE_METHODS:
+            raise InvalidParameterError(
+                "speculative_config",
+                f"speculative_config: method {config.method!r} is not available "
+                f"(tokenmill offers {', '.join(SPECULATIVE_METHODS)})",
+            )
+        ints = (config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise InvalidParameterError(
+                "speculative_config", "speculative_config: token counts must be integers"
+            )
+        if not 1 <= config.num_speculative_tokens <= 16:
+            raise InvalidParameterError(
+                "speculative_config", "num_speculative_tokens must be in [1, 16]"
+            )
+        if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
+            raise InvalidParameterError(
+                "speculative_config",
+                "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max",
+            )
+        return config
 
 
 def _arg(help: str, metadata_aliases: tuple[str, ...] = (), **kw):
@@ -78,6 +138,12 @@ class EngineArgs:
         "default 250)",
         default=None,
     )
+    speculative_config: str | dict | None = _arg(
+        'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 5, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy output is unchanged and '
+        "sampled output keeps its distribution",
+        default=None,
+    )
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
     seed: int = _arg("seed of unseeded sampling", default=0)
     tensor_parallel_size: int = _arg(
@@ -125,6 +191,11 @@ class EngineArgs:
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, f"{name} must be at least 1")
         self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        self.speculative_config = self.speculative  # checked now, and parsed once
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip=("model",)) -> None:

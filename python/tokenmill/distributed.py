@@ -103,7 +103,7 @@ def broadcast_step(step: StepInputs | None) -> StepInputs | None:
         if step is None:
             dist.broadcast(header, 0)
             return None
-        header[0] = 1
+        header[0], header[1] = 1, step.num_decode_seqs
         arrays = [np.ascontiguousarray(getattr(step, f), dtype=np.int32) for f in _FIELDS]
         for i, a in enumerate(arrays):
             header[2 + 2 * i], header[3 + 2 * i] = (
@@ -128,7 +128,7 @@ def broadcast_step(step: StepInputs | None) -> StepInputs | None:
         a = payload[offset : offset + size].numpy()
         values[f] = a.reshape(r, c) if c >= 0 else a
         offset += size
-    return StepInputs(**values)
+    return StepInputs(**values, num_decode_seqs=int(header[1]))
 
 
 def launched_by_torchrun() -> bool:

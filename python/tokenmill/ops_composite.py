@@ -34,6 +34,7 @@ def paged_attention(
     softcap=0.0,
     alibi_slopes=None,
     sinks=None,
+    num_decode_seqs=0,  # a hint for the native kernels' order of work
 ):
     num_kv_heads, block_size, head_size = key_cache.shape[1:]
     q_all = query.reshape(query.shape[0], -1, head_size)

@@ -35,6 +35,7 @@ class FreeBlockQueue {
  public:
   explicit FreeBlockQueue(int num_blocks);
   void push_back(BlockId b);
+  void push_front(BlockId b);
   BlockId pop_front();
   void remove(BlockId b);
   bool contains(BlockId b) const { return in_queue_[b]; }
@@ -91,6 +92,10 @@ class BlockManager {
   // Drops one reference on each block; tail blocks are queued for eviction
   // before head blocks.
   void free(std::vector<BlockId>& table);
+
+  // Drops `table`'s blocks past its first `keep` (those of rejected draft
+  // tokens); blocks no table holds any more are the next to be reused.
+  void truncate(std::vector<BlockId>& table, int keep);
 
   // Throws std::logic_error if the free queue and ref counts disagree.
   void check_consistency() const;

@@ -77,6 +77,10 @@ struct PagedAttentionParams {
   // [num_heads] or null: a learned logit per head that joins each softmax's
   // denominator without a value (GPT-OSS's attention sinks).
   const float* sinks = nullptr;
+  // The first num_decode_seqs sequences decode: a token, perhaps with draft
+  // tokens after it. Each of their query tokens is attended as a decode step
+  // attends its one token, so verifying drafts changes no token's output.
+  int num_decode_seqs = 0;
 };
 
 enum class Activation { kSilu, kGeluExact, kGeluTanh };

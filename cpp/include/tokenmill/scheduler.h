@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tokenmill/block_manager.h"
+#include "tokenmill/speculation.h"
 #include "tokenmill/step_cost.h"
 
 namespace tokenmill {
@@ -28,8 +29,13 @@ struct SchedulerConfig {
   bool priority_policy = false;  // false: first come, first served
   // Step-time target (ms) while sequences decode: a step then takes only the
   // prefill tokens the cost model predicts fit beside the decode rows (at
-  // least a block's worth, so prompts still advance). 0: the token budget alone.
+  // least a block's worth, so prompts still advance). 0: the token budget
+  // alone. The target grows by itself for every aging_steps steps the
+  // longest-waiting request has waited, so that TTFT stays bounded under load.
   double max_step_ms = 0;
+  int aging_steps = 8;
+  // Draft tokens for decoding sequences, verified in the same step.
+  SpeculativeConfig speculative;
 };
 
 struct RequestParams {
@@ -45,6 +51,8 @@ struct RequestParams {
   // recomputing every sequence; beam search, whose beams must advance
   // together, uses it.
   bool restart_on_preempt = false;
+  // Whether its sequences may carry draft tokens (speculative decoding).
+  bool speculate = true;
 };
 
 enum class SeqStatus { kWaiting, kRunning, kPreempted, kFinished };
@@ -62,6 +70,8 @@ struct Sequence {
   SeqStatus status = SeqStatus::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int32_t stop_token = -1;  // the stop id that finished it, if any
+  // Draft tokens scheduled after its next token this step, awaiting update().
+  std::vector<int32_t> draft;
 
   int num_output_tokens() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
 };
@@ -71,7 +81,9 @@ struct Request {
   RequestParams params;
   uint64_t arrival;  // monotonically increasing admission order
   std::vector<std::unique_ptr<Sequence>> seqs;
-  bool forked = false;  // n sequences exist (after the first sample)
+  bool forked = false;        // n sequences exist (after the first sample)
+  int waited_steps = 0;       // steps it has been waiting (to start or resume)
+  AcceptanceRate acceptance;  // of its draft tokens
 
   int num_live() const;
   bool finished() const { return num_live() == 0; }
@@ -79,7 +91,10 @@ struct Request {
 
 // What one engine step computes. Per scheduled sequence: its new tokens'
 // offsets in the flat token arrays, its context length, and how many tokens
-// to sample from its last row (0 while a prompt is still being chunked).
+// to sample from its last row (0 while a prompt is still being chunked). A
+// sequence with draft tokens (num_draft > 0) has them after its next token
+// and a sample row for each of them and for that token: update() is then
+// given the tokens it continues with, the accepted drafts then one more.
 struct SchedulerOutput {
   std::vector<SeqId> seq_ids;
   std::vector<RequestId> request_ids;
@@ -91,6 +106,13 @@ struct SchedulerOutput {
   std::vector<int32_t> seq_lens;         // [num_seqs] context after step
   std::vector<int32_t> block_tables;     // [num_seqs, max_blocks] padded 0
   std::vector<int32_t> sample_rows;      // token rows whose logits sample
+  std::vector<int32_t> num_draft;        // [num_seqs] draft tokens verified
+  int decode_tokens = 0;                 // tokens of sequences past their prompt, drafts included
+  int num_decode_seqs = 0;               // how many sequences, from the first, are decoding ones
+  // Attention context (query tokens x the context each attends to, in
+  // thousands) of the prompt tokens and of the decoding sequences' tokens.
+  double prefill_context = 0, decode_context = 0;
+
   int max_blocks = 0;
   std::vector<BlockCopy> block_copies;  // perform before the forward
   std::vector<RequestId> preempted;
@@ -100,6 +122,9 @@ struct SchedulerOutput {
   std::vector<std::pair<RequestId, int32_t>> admitted;
 
   int num_seqs() const { return static_cast<int>(seq_ids.size()); }
+  StepShape shape() const {
+    return {num_tokens() - decode_tokens, decode_tokens, prefill_context, decode_context};
+  }
   int num_tokens() const { return static_cast<int>(input_ids.size()); }
 };
 
@@ -131,6 +156,8 @@ struct SchedulerStats {
   int num_free_blocks;
   int num_blocks;
   PrefixCacheStats prefix;
+  int64_t draft_tokens;     // verified since start
+  int64_t accepted_tokens;  // of those, accepted
 };
 
 class Scheduler {
@@ -151,7 +178,10 @@ class Scheduler {
   // in order from `tokens`: the first extends the sequence, each further one
   // a child forked from it (sharing its blocks, copy on write); a count of 0
   // drops the sequence (finished as aborted). Then applies the stop
-  // conditions. Sequences that sampled nothing must have a count of 0.
+  // conditions. Sequences that sampled nothing must have a count of 0. A
+  // sequence with draft tokens instead appends all of its 1..num_draft + 1
+  // tokens: its accepted drafts (which must equal them), then one more; the
+  // KV of rejected drafts is dropped.
   UpdateResult update(const SchedulerOutput& out, const int32_t* tokens, int64_t num_tokens,
                       const int32_t* counts);
   // The same with out.num_samples as the counts.
@@ -166,6 +196,7 @@ class Scheduler {
   // Throws std::logic_error when any block-accounting invariant is broken.
   void check_invariants() const;
   // A step's measured time, for the cost model behind max_step_ms.
+  void observe_step(const SchedulerOutput& out, double ms) { cost_.observe(out.shape(), ms); }
   void observe_step(int prefill_tokens, int decode_rows, double ms) {
     cost_.observe(prefill_tokens, decode_rows, ms);
   }
@@ -193,7 +224,11 @@ class Scheduler {
   Sequence& fork(Request& req, const Sequence& parent, UpdateResult& result);
   void release_if_done(RequestId id, UpdateResult* result);
   bool check_stop(const Request& req, Sequence& seq, int32_t token, FinishReason& reason) const;
-  int token_budget(int decode_rows) const;
+  int token_budget(int decode_rows, double decode_context, int waited_steps) const;
+  void propose_drafts(const std::vector<Request*>& order, int decode_rows);
+  bool speculates(const Request& req) const;
+  void append_verified(Request& req, Sequence& seq, const int32_t* toks, int count,
+                       int64_t first_sample, UpdateResult& result, std::vector<RequestId>& done);
 
   SchedulerConfig config_;
   BlockManager blocks_;
@@ -212,6 +247,9 @@ class Scheduler {
   SeqId next_seq_id_ = 0;
   StepCostModel cost_;
   int last_budget_ = 0;
+  int64_t draft_tokens_ = 0, accepted_tokens_ = 0;
+  std::vector<DraftChoice> choices_;
+  std::vector<Sequence*> drafted_;
 };
 
 }  // namespace tokenmill

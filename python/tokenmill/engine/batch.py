@@ -25,6 +25,7 @@ class StepInputs:
     block_tables: np.ndarray  # [num_seqs, max_blocks]
     copies: np.ndarray  # [num_copies, 2]
     rows: np.ndarray  # token rows whose logits the step needs
+    num_decode_seqs: int = 0  # the first sequences decode (a token, perhaps drafts)
 
     @classmethod
     def from_plan(cls, plan, rows) -> StepInputs:
@@ -39,6 +40,7 @@ class StepInputs:
             plan.block_tables,
             copies,
             np.asarray(rows, dtype=np.int32),
+            plan.num_decode_seqs,
         )
 
     @property

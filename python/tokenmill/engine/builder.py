@@ -123,6 +123,10 @@ def build_scheduler(args: EngineArgs, spec: ModelSpec, num_blocks: int) -> _core
     c.enable_prefix_caching = args.enable_prefix_caching
     c.priority_policy = args.scheduling_policy == "priority"
     c.max_step_ms = DEFAULT_MAX_ITL_MS if args.max_itl_ms is None else args.max_itl_ms
+    if args.speculative is not None:
+        c.speculative.num_tokens = args.speculative.num_speculative_tokens
+        c.speculative.min_ngram = args.speculative.prompt_lookup_min
+        c.speculative.max_ngram = args.speculative.prompt_lookup_max
     return _core.Scheduler(c)
 
 

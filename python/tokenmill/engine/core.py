@@ -88,8 +88,8 @@ class EngineCore:
             t0 = time.perf_counter()
             output = self.runner.execute(plan, batch)
             ms = (time.perf_counter() - t0) * 1e3
-            decodes = int(np.count_nonzero(np.diff(plan.query_start_loc) == 1))
-            self.scheduler.observe_step(plan.num_tokens - decodes, decodes, ms)
+            decodes = plan.decode_tokens
+            self.scheduler.observe_step(plan, ms)
             self.step_times.append(StepTime(plan.num_tokens - decodes, decodes, ms))
             tokens, counts, slots = self._continuations(plan, batch, output, sampled)
             result = self.scheduler.update(plan, tokens, counts)
@@ -108,6 +108,8 @@ class EngineCore:
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            st.draft_tokens,
+            st.accepted_tokens,
         )
 
     # ------------------------------------------------------------------ parts
@@ -134,20 +136,27 @@ class EngineCore:
         sampled: dict[int, RequestStrategy] = {}
         strategies = self.strategies
         row = 0
-        for i, (rid, k) in enumerate(
-            zip(plan.request_ids.tolist(), plan.num_samples.tolist(), strict=True)
+        for i, (rid, k, drafts) in enumerate(
+            zip(
+                plan.request_ids.tolist(),
+                plan.num_samples.tolist(),
+                plan.num_draft.tolist(),
+                strict=True,
+            )
         ):
             strategy = strategies[rid]
             strategy.schedule(batch, plan, i, row, k)
             if k:
                 sampled[rid] = strategy
-                row += 1
+                row += 1 + drafts  # a row per draft token and one after them
         return batch, sampled
 
     def _continuations(self, plan, batch: SamplingBatch, output: RunnerOutput, sampled: dict):
         """Tokens for update() in plan order, their count per sequence (None:
         the plan's num_samples) and per token the runner slot it came from (-1: none; None: itself)."""
-        if not batch.logprob_rows:  # one slot per sample, in plan order
+        if (
+            not batch.logprob_rows and not plan.num_draft.any()
+        ):  # one slot per sample, in plan order
             return output.tokens, None, None
         chosen: dict[int, list[int]] = {}
         for strategy in sampled.values():
@@ -161,7 +170,7 @@ class EngineCore:
             toks = chosen.get(seq, [])
             counts[i] = len(toks)
             tokens += toks
-            slots += slot_of.get(seq, [-1] * len(toks))
+            slots += slot_of.get(seq, [-1] * len(toks))[: len(toks)]
         return np.asarray(tokens, np.int32), counts, slots
 
     def _mirror(self, result, batch, output, slots, sampled) -> list[EngineEvent]:

@@ -5,7 +5,9 @@ or surrounding Python (on a CPU), not their work, bounds small batches. Each
 batch size in `sizes` is captured once into a graph that reads its inputs
 from static buffers; a step copies its inputs into those buffers, padded up
 to the next captured size (padding tokens write to no cache slot), and
-replays the graph.
+replays the graph. Attention reads each sequence's query tokens from
+query_start_loc at run time, so a graph of n tokens also runs a decode step
+of up to n tokens over fewer sequences: one that verifies draft tokens.
 """
 
 from __future__ import annotations
@@ -99,7 +101,14 @@ class DecodeGraphs:
                 pass
 
     def _inputs(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables
+        return (
+            self.input_ids,
+            self.positions,
+            self.slot_mapping,
+            self.seq_lens,
+            self.block_tables,
+            self.query_start_loc,
+        )
 
     def _forward(self, n: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -107,6 +116,7 @@ class DecodeGraphs:
             block_tables=self.block_tables[:n],
             seq_lens=self.seq_lens[:n],
             query_start_loc=self.query_start_loc[: n + 1],
+            num_decode_seqs=n,
         )
         return self.model(self.input_ids[:n], self.positions[:n], meta)
 
@@ -147,28 +157,35 @@ class DecodeGraphs:
         return bool(self._pending)
 
     def can_run(self, step) -> bool:
-        n = len(step.seq_lens)
+        n = len(step.input_ids)
         return (
             0 < n <= self.max_batch
-            and len(step.input_ids) == n
+            and step.num_decode_seqs == len(step.seq_lens)
             and step.block_tables.shape[1] <= self.max_blocks
         )
 
     @torch.inference_mode()
     def run(self, step) -> torch.Tensor:
-        """Hidden states of a decode-only step (one token per sequence)."""
-        n = len(step.seq_lens)
+        """Hidden states of a step of at most max_batch tokens."""
+        n, b = len(step.input_ids), len(step.seq_lens)
         size = next(s for s in self.sizes if s >= n)
         width = step.block_tables.shape[1]
-        ids, positions, slots, lens, tables = self._host or self._inputs()
-        values = (step.input_ids, step.positions, step.slot_mapping, step.seq_lens)
-        for buf, value in zip((ids, positions, slots, lens), values, strict=True):
+        ids, positions, slots, lens, tables, starts = self._host or self._inputs()
+        values = (step.input_ids, step.positions, step.slot_mapping)
+        for buf, value in zip((ids, positions, slots), values, strict=True):
             _write(buf[:n], value)
-        _write(tables[:n, :width], step.block_tables)
-        # Padding rows: no cache write, a one-token context in block 0.
+        _write(lens[:b], step.seq_lens)
+        _write(tables[:b, :width], step.block_tables)
+        _write(starts[: b + 1], step.query_start_loc)
+        # Padding: tokens that write no cache slot, in one sequence over block
+        # 0 (a query per token); the sequences after it have no query tokens.
         slots[n:size] = -1
-        lens[n:size] = 1
-        tables[n:size, 0] = 0
+        tables[b:size] = 0
+        lens[b:size] = 1
+        starts[b + 1 : size + 1] = size
+        if n < size:
+            lens[b] = size - n
+            positions[n:size] = np.arange(size - n) if self._host else torch.arange(size - n)
         if size in self.graphs:
             return self.graphs[size].replay()[:n]
         return self._forward(size)[:n]

@@ -90,6 +90,8 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     preemptions: int
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified
+    accepted_tokens: int = 0  # of those, accepted
 
     @property
     def kv_cache_usage(self) -> float:

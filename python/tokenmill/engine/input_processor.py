@@ -69,6 +69,7 @@ class InputProcessor:
         core.eos_token_id = -1 if self.eos_token_id is None else self.eos_token_id
         core.ignore_eos = params.ignore_eos
         core.priority = priority
+        core.speculate = grammar is None  # a grammar's state would follow each draft
         if params.prompt_logprobs is not None:
             # Cached prompt blocks would skip the forward that yields their logprobs.
             core.cache_salt = (1 << 63) | rid

@@ -330,6 +330,7 @@ class ModelRunner:
                 block_tables=self._tensor(step.block_tables, "block_tables"),
                 seq_lens=self._tensor(step.seq_lens, "seq_lens"),
                 query_start_loc=self._tensor(step.query_start_loc, "query_start_loc"),
+                num_decode_seqs=step.num_decode_seqs,
             )
             hidden = self.model(
                 self._tensor(step.input_ids, "input_ids"),

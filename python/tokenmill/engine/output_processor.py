@@ -116,6 +116,8 @@ class OutputProcessor:
 
     def _append(self, state: RequestState, e: TokenAppended, now: float) -> None:
         seq = state.seq(e.seq_id)
+        if seq.finished:  # a stop string ended it earlier in this step
+            return
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
         state.metrics.last_token_time = now

@@ -66,13 +66,17 @@ class SamplingStrategy(RequestStrategy):
         # seq id -> its place in the grammar (structured outputs)
         self.matchers: dict[int, GrammarMatcher] = {first_seq: grammar.matcher()} if grammar else {}
         self.prompt_recorded = 0  # prompt positions whose logprobs are computed
-        self._slots: dict[int, tuple[int, int]] = {}
+        self._slots: dict[int, tuple[int, int]] = {}  # seq -> (first slot, number)
+        self._drafts: dict[int, list[int]] = {}  # seq -> its draft tokens this step
 
     def schedule(self, batch, plan, i, row, num_samples):
         seq = int(plan.seq_ids[i])
         if self.params.prompt_logprobs is not None and seq == self.first_seq:
             self._add_prompt_target(batch, plan, i)
-        if num_samples:
+        drafts = int(plan.num_draft[i])
+        if drafts:
+            self._add_draft_slots(batch, plan, i, row, drafts)
+        elif num_samples:
             self._slots[seq] = (len(batch.slots), num_samples)
             out = self.outputs[seq]
             for _ in range(num_samples):
@@ -88,6 +92,27 @@ class SamplingStrategy(RequestStrategy):
                         self.matchers.get(seq),
                     )
                 )
+
+    def _add_draft_slots(self, batch: SamplingBatch, plan, i: int, row: int, k: int) -> None:
+        """A slot per draft token and one after them, each sampling as if the
+        drafts before it were accepted."""
+        seq = int(plan.seq_ids[i])
+        start = int(plan.query_start_loc[i]) + 1
+        draft = self._drafts[seq] = plan.input_ids[start : start + k].tolist()
+        self._slots[seq] = (len(batch.slots), k + 1)
+        out = self.outputs[seq]
+        for j in range(k + 1):
+            batch.slots.append(
+                SampleSlot(
+                    self.params,
+                    out + draft[:j],
+                    self.prompt_ids,
+                    self.generator,
+                    self.eos_token_id,
+                    row + j,
+                    seq,
+                )
+            )
 
     def _add_prompt_target(self, batch: SamplingBatch, plan, i: int) -> None:
         start, end = int(plan.query_start_loc[i]), int(plan.query_start_loc[i + 1])
@@ -105,6 +130,16 @@ class SamplingStrategy(RequestStrategy):
     def choose(self, output):
         chosen = {seq: output.tokens[s : s + k].tolist() for seq, (s, k) in self._slots.items()}
         self._slots.clear()
+        for seq, draft in self._drafts.items():
+            # Each slot drew from the target model given the drafts before it,
+            # so a draft token is accepted exactly when its slot drew it (for a
+            # proposer that proposes one token, the rejection-sampling rule).
+            tokens = chosen[seq]
+            accepted = 0
+            while accepted < len(draft) and tokens[accepted] == draft[accepted]:
+                accepted += 1
+            chosen[seq] = tokens[: accepted + 1]
+        self._drafts.clear()
         return chosen
 
     def mirror(self, event):

@@ -199,7 +199,7 @@ class AsyncEngine:
 
     def _log_stats(self) -> None:
         st = self.engine.stats()
-        fitted, fixed, per_token, per_row = self.engine.core.scheduler.cost_model
+        fitted, fixed, per_token, per_row, per_context = self.engine.core.scheduler.cost_model
         logger.info(
             "running %d seqs, waiting %d reqs, KV cache %.1f%% used, %d prompt + %d generated "
             "tokens so far; step cost %s",
@@ -208,7 +208,8 @@ class AsyncEngine:
             100 * st.kv_cache_usage,
             st.prompt_tokens,
             st.generation_tokens,
-            f"{fixed:.1f} ms + {per_token:.3f} ms/prompt token + {per_row:.3f} ms/decode row"
+            f"{fixed:.1f} ms + {per_token:.3f} ms/prompt token + {per_row:.3f} ms/decode row "
+            f"+ {per_context:.3f} ms/1k tokens of attention context"
             if fitted
             else "not fitted yet",
         )

@@ -58,6 +58,12 @@ class EngineMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens received")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks")
+        self.draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding)"
+        )
+        self.accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted (speculative decoding)"
+        )
         self.finished = counter("request_success", "Requests finished")
         self.aborted = counter("request_aborted", "Requests aborted (client gone or cancelled)")
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token")
@@ -88,6 +94,8 @@ class EngineMetrics:
             ("prompt_tokens", st.prompt_tokens),
             ("generation_tokens", st.generation_tokens),
             ("preemptions", st.preemptions),
+            ("draft_tokens", st.draft_tokens),
+            ("accepted_tokens", st.accepted_tokens),
         ):
             delta = value - self._seen.get(name, 0)
             if delta > 0:

@@ -22,6 +22,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     seq_lens: torch.Tensor  # int32 [num_seqs]
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    num_decode_seqs: int = 0  # the first sequences are decoding ones (a token, perhaps drafts)
 
 
 class PagedAttention(nn.Module):
@@ -63,6 +64,7 @@ class PagedAttention(nn.Module):
             self.softcap,
             None,
             None if self.sinks is None else self.sinks.float(),
+            meta.num_decode_seqs,
         )
         return out
 

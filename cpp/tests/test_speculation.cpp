@@ -1,0 +1,145 @@
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "tokenmill/scheduler.h"
+
+using namespace tokenmill;
+
+TEST(Ngram, ProposesWhatFollowedTheLatestLongestMatch) {
+  // tail "3 4" occurs twice before; the latest occurrence is followed by 9 9
+  std::vector<int32_t> t{1, 3, 4, 5, 6, 2, 3, 4, 9, 9, 7, 3, 4};
+  std::vector<int32_t> d;
+  propose_ngram(t, 2, 4, 3, d);
+  EXPECT_EQ(d, (std::vector<int32_t>{9, 9, 7}));
+  // a longer match wins over a later shorter one: "2 3 4" only occurs at 5
+  t = {2, 3, 4, 8, 1, 3, 4, 5, 2, 3, 4};
+  propose_ngram(t, 2, 4, 2, d);
+  EXPECT_EQ(d, (std::vector<int32_t>{8, 1}));
+  propose_ngram({1, 2, 3, 4}, 2, 4, 3, d);
+  EXPECT_TRUE(d.empty());
+  // the draft stops at the end of the text
+  propose_ngram({5, 6, 5, 6}, 2, 2, 4, d);
+  EXPECT_EQ(d, (std::vector<int32_t>{5, 6}));
+}
+
+TEST(DraftLengths, SmallBatchesVerifyLikelyTokensLargeOnesNone) {
+  StepCostModel cost;
+  // fixed 5 ms, 0.5 ms a decode row, 0.05 a prompt token
+  for (int i = 0; i < 40; ++i) {
+    const int rows = 1 + (i * 7) % 64, prompt = (i % 3) * 100;
+    cost.observe(prompt, rows, 5 + 0.05 * prompt + 0.5 * rows);
+  }
+  ASSERT_TRUE(cost.fitted());
+  std::vector<DraftChoice> one{{0.9, 5}};
+  choose_draft_lengths(one, 1, cost);
+  EXPECT_EQ(one[0].length, 5);
+  std::vector<DraftChoice> poor{{0.05, 5}};
+  choose_draft_lengths(poor, 1, cost);
+  EXPECT_EQ(poor[0].length, 0);
+  std::vector<DraftChoice> many(64, DraftChoice{0.6, 5});
+  choose_draft_lengths(many, 64, cost);
+  for (const auto& c : many) EXPECT_EQ(c.length, 0);
+}
+
+namespace {
+
+SchedulerConfig spec_config(int k) {
+  SchedulerConfig c;
+  c.num_blocks = 64;
+  c.block_size = 4;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = 64;
+  c.max_model_len = 64;
+  c.speculative.num_tokens = k;
+  return c;
+}
+
+// A device where a step costs 5 ms and a verified token 0.05 ms more.
+void cheap_rows(Scheduler& s) {
+  for (int i = 0; i < 10; ++i)
+    s.observe_step(i % 2 ? 100 : 0, 1 + i, 5 + 0.01 * (i % 2 ? 100 : 0) + 0.05 * (1 + i));
+}
+
+}  // namespace
+
+TEST(Scheduler, DraftsAreVerifiedAndRejectedOnesRolledBack) {
+  Scheduler s(spec_config(4));
+  cheap_rows(s);
+  RequestParams p;
+  p.max_tokens = 20;
+  s.add_request(1, {1, 2, 3, 4, 5, 6, 1, 2}, p);
+  auto out = s.schedule();  // prefill
+  int32_t tok = 3;
+  s.update(*out, &tok, 1);
+  // "1 2 3" occurred: the draft is what followed, 4 5 6 1
+  out = s.schedule();
+  ASSERT_EQ(out->num_draft.size(), 1u);
+  ASSERT_EQ(out->num_draft[0], 4);
+  EXPECT_EQ(out->input_ids, (std::vector<int32_t>{3, 4, 5, 6, 1}));
+  EXPECT_EQ(out->positions, (std::vector<int32_t>{8, 9, 10, 11, 12}));
+  EXPECT_EQ(out->seq_lens[0], 13);
+  EXPECT_EQ(out->sample_rows, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(out->decode_tokens, 5);
+  const SeqId seq = out->seq_ids[0];
+  EXPECT_EQ(s.block_manager().blocks_for(13),
+            static_cast<int>(s.sequence(seq)->block_table.size()));
+  // accept 4 5, then the target says 9
+  std::vector<int32_t> toks{4, 5, 9};
+  int32_t count = 3;
+  auto r = s.update(*out, toks.data(), 3, &count);
+  EXPECT_EQ(r.of(EventKind::kAppended).size(), 3u);
+  const Sequence* q = s.sequence(seq);
+  EXPECT_EQ(q->tokens, (std::vector<int32_t>{1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 9}));
+  EXPECT_EQ(q->num_computed, 11);
+  EXPECT_EQ(q->block_table.size(), 3u);  // 12 tokens: the draft's fourth block went
+  s.check_invariants();
+  EXPECT_EQ(s.stats().draft_tokens, 4);
+  EXPECT_EQ(s.stats().accepted_tokens, 2);
+  // a token that contradicts an accepted draft is refused
+  out = s.schedule();
+  if (out->num_draft[0] > 0) {
+    std::vector<int32_t> wrong(2, -5);
+    int32_t two = 2;
+    EXPECT_THROW(s.update(*out, wrong.data(), 2, &two), std::invalid_argument);
+  }
+  s.abort_request(1);
+  s.check_invariants();
+}
+
+TEST(Scheduler, DraftsStopAtStopTokensAndMaxTokens) {
+  Scheduler s(spec_config(6));
+  cheap_rows(s);
+  RequestParams p;
+  p.max_tokens = 3;
+  p.eos_token_id = 5;
+  s.add_request(1, {1, 2, 3, 4, 5, 6, 1, 2}, p);
+  auto out = s.schedule();
+  int32_t tok = 3;
+  s.update(*out, &tok, 1);
+  out = s.schedule();
+  // two more tokens may come: one draft and the token after it
+  ASSERT_EQ(out->num_draft[0], 1);
+  std::vector<int32_t> toks{4, 8};
+  int32_t count = 2;
+  auto r = s.update(*out, toks.data(), 2, &count);
+  auto fin = r.of(EventKind::kFinished);
+  ASSERT_EQ(fin.size(), 1u);
+  EXPECT_EQ(fin[0].reason, FinishReason::kLength);
+  EXPECT_FALSE(s.has_unfinished());
+  s.check_invariants();
+
+  p.max_tokens = 10;
+  s.add_request(2, {1, 2, 3, 4, 5, 6, 1, 2}, p);
+  out = s.schedule();
+  s.update(*out, &tok, 1);
+  out = s.schedule();
+  ASSERT_GE(out->num_draft[0], 3);  // of the 6 proposed, the likeliest
+  // EOS accepted as a draft ends the sequence there
+  std::vector<int32_t> upto_eos{4, 5, 6};
+  count = 3;
+  r = s.update(*out, upto_eos.data(), 3, &count);
+  ASSERT_EQ(r.of(EventKind::kAppended).size(), 2u);
+  EXPECT_EQ(r.of(EventKind::kFinished)[0].reason, FinishReason::kStop);
+  s.check_invariants();
+}
