@@ -133,11 +133,14 @@ def _copy_and_free_prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_greedy_output_is_token_identical(dtype):
+@pytest.mark.parametrize(
+    "dtype, method", [("bfloat16", "ngram"), ("float32", "ngram"), ("bfloat16", "suffix")]
+)
+def test_greedy_output_is_token_identical(dtype, method):
     """The default model, 16 prompts x 128 tokens, alone and batched: the
-    same tokens with and without n-gram drafts, and drafts were verified
-    and accepted."""
+    same tokens with and without drafts (n-gram; suffix decoding, whose
+    tree the first requests fill for the later ones), and drafts were
+    verified and accepted."""
     from tokenmill import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -146,7 +149,7 @@ def test_greedy_output_is_token_identical(dtype):
     inputs = [{"prompt_token_ids": p} for p in prompts]
     want = _generate(plain, inputs, params)
     del plain
-    spec = LLM(dtype=dtype, speculative_config={"method": "ngram", "num_speculative_tokens": 5})
+    spec = LLM(dtype=dtype, speculative_config={"method": method, "num_speculative_tokens": 5})
     alone = [_generate(spec, [x], params)[0] for x in inputs[:4]]
     stats = spec.llm_engine.stats()
     assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens

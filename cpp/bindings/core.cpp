@@ -32,9 +32,18 @@ py::array_t<int32_t> block_tables(SchedulerOutput& o, py::handle owner) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "tokenmill native core: paged KV block manager and scheduler";
 
+  py::enum_<DraftMethod>(m, "DraftMethod")
+      .value("NGRAM", DraftMethod::kNgram)
+      .value("SUFFIX", DraftMethod::kSuffix);
+
   py::class_<SpeculativeConfig>(m, "SpeculativeConfig")
       .def(py::init<>())
       .def_readwrite("num_tokens", &SpeculativeConfig::num_tokens)
+      .def_readwrite("method", &SpeculativeConfig::method)
+      .def_readwrite("suffix_max_depth", &SpeculativeConfig::suffix_max_depth)
+      .def_readwrite("suffix_max_requests", &SpeculativeConfig::suffix_max_requests)
+      .def_readwrite("suffix_spec_factor", &SpeculativeConfig::suffix_spec_factor)
+      .def_readwrite("suffix_min_token_prob", &SpeculativeConfig::suffix_min_token_prob)
       .def_readwrite("min_ngram", &SpeculativeConfig::min_ngram)
       .def_readwrite("max_ngram", &SpeculativeConfig::max_ngram);
 

@@ -28,7 +28,9 @@ int Request::num_live() const {
 static int group_width(const Request& r) { return r.forked ? r.num_live() : r.params.n; }
 
 Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config), blocks_(config.num_blocks, config.block_size, config.enable_prefix_caching) {
+    : config_(config),
+      blocks_(config.num_blocks, config.block_size, config.enable_prefix_caching),
+      suffix_(config.speculative.suffix_max_depth, config.speculative.suffix_max_requests) {
   if (config.max_num_seqs <= 0 || config.max_num_batched_tokens <= 0 || config.max_model_len <= 0)
     throw std::invalid_argument(
         "max_num_seqs, max_num_batched_tokens and max_model_len must be "
@@ -243,8 +245,13 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
                                              config_.max_model_len - size) -
                            1;
       if (left <= 0) continue;
-      propose_ngram(s->tokens, sc.min_ngram, sc.max_ngram,
-                    static_cast<int>(std::min<int64_t>(sc.num_tokens, left)), s->draft);
+      const int k = static_cast<int>(std::min<int64_t>(sc.num_tokens, left));
+      const int own = propose_ngram(s->tokens, sc.min_ngram, sc.max_ngram, k, s->draft);
+      // Suffix decoding: recent outputs, where they match a longer tail.
+      if (sc.method == DraftMethod::kSuffix &&
+          suffix_.propose(s->tokens, k, sc.suffix_spec_factor, sc.suffix_min_token_prob,
+                          other_draft_) > own)
+        s->draft.swap(other_draft_);
       if (s->draft.empty()) continue;
       choices_.push_back({req->acceptance.rate(), static_cast<int>(s->draft.size())});
       drafted_.push_back(s.get());

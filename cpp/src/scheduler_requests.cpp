@@ -77,6 +77,9 @@ Sequence& Scheduler::fork(Request& req, const Sequence& parent, UpdateResult& re
 
 void Scheduler::finish_seq(Request& req, Sequence& seq, FinishReason reason, int32_t stop_token,
                            UpdateResult* result) {
+  if (reason != FinishReason::kAbort && config_.speculative.method == DraftMethod::kSuffix &&
+      config_.speculative.num_tokens > 0)
+    suffix_.add(seq.tokens.data() + seq.num_prompt_tokens, seq.num_output_tokens());
   seq.status = SeqStatus::kFinished;
   seq.finish_reason = reason;
   seq.stop_token = stop_token;

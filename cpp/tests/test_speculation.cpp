@@ -143,3 +143,56 @@ TEST(Scheduler, DraftsStopAtStopTokensAndMaxTokens) {
   EXPECT_EQ(r.of(EventKind::kFinished)[0].reason, FinishReason::kStop);
   s.check_invariants();
 }
+
+TEST(SuffixCache, ProposesTheMostFrequentContinuationOfTheLongestMatch) {
+  SuffixCache cache(8, 3);
+  const std::vector<int32_t> a{1, 2, 3, 4, 5}, b{1, 2, 3, 9, 9}, c{7, 2, 3, 4, 6};
+  cache.add(a.data(), 5);
+  cache.add(b.data(), 5);
+  cache.add(c.data(), 5);
+  std::vector<int32_t> d;
+  // "2 3" was followed by 4 twice and 9 once; then 5 or 6 (half each)
+  EXPECT_EQ(cache.propose({8, 2, 3}, 4, 10.0, 0.0, d), 2);
+  EXPECT_EQ(d, (std::vector<int32_t>{4, 5}));
+  // with min_prob 0.5, 4 (2/3) stays and 5 (2/3 x 1/2) goes
+  cache.propose({8, 2, 3}, 4, 10.0, 0.5, d);
+  EXPECT_EQ(d, (std::vector<int32_t>{4}));
+  // the longer match "1 2 3" (twice: 4 and 9) wins over "2 3"; spec_factor bounds the draft
+  EXPECT_EQ(cache.propose({1, 2, 3}, 4, 1.0, 0.0, d), 3);
+  EXPECT_EQ(d.size(), 2u);
+  EXPECT_EQ(cache.propose({42}, 4, 1.0, 0.0, d), 0);
+  EXPECT_TRUE(d.empty());
+  // a fourth output evicts the first: "4 5" is gone, every node of it freed
+  const int64_t before = cache.num_nodes();
+  const std::vector<int32_t> e{30, 31};
+  cache.add(e.data(), 2);
+  cache.propose({4}, 4, 10.0, 0.0, d);
+  EXPECT_EQ(d, (std::vector<int32_t>{6}));
+  EXPECT_LT(cache.num_nodes(), before);
+}
+
+TEST(Scheduler, SuffixDecodingDraftsWhatEarlierRequestsGenerated) {
+  SchedulerConfig c = spec_config(4);
+  c.speculative.method = DraftMethod::kSuffix;
+  Scheduler s(c);
+  cheap_rows(s);
+  RequestParams p;
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  const std::vector<int32_t> answer{50, 51, 52, 53, 54, 55};
+  s.add_request(1, {9, 8, 7}, p);  // generates the answer, token by token
+  for (int t = 0; s.has_unfinished(); ++t) {
+    auto out = s.schedule();
+    ASSERT_EQ(out->num_draft[0], 0);  // nothing to match yet
+    s.update(*out, &answer[t], 1);
+  }
+  s.add_request(2, {1, 1, 1}, p);
+  auto out = s.schedule();
+  int32_t first = 50;
+  s.update(*out, &first, 1);
+  out = s.schedule();
+  ASSERT_GT(out->num_draft[0], 0);  // 50 was followed by 51 52 ...
+  EXPECT_EQ(out->input_ids[1], 51);
+  s.abort_request(2);
+  s.check_invariants();
+}

@@ -27,7 +27,7 @@ def parse_memory(value) -> float | int | None:
     return int(number * base ** "KMGT".index(unit) * base)
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "suffix")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 5  # most draft tokens per sequence and step
     prompt_lookup_max: int = 4  # ngram: the longest tail matched
     prompt_lookup_min: int = 2  # ngram: the shortest
+    # suffix: a tree of recent requests' outputs (and the request's own text
+    # by prompt lookup); drafts follow the longest tail it holds
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 1000
+    suffix_decoding_max_spec_factor: float = 1.0  # draft at most this x the matched tail
+    suffix_decoding_min_token_prob: float = 0.1
 
     @classmethod
     def parse(cls, value) -> SpeculativeConfig | None:
@@ -69,7 +75,13 @@ class SpeculativeConfig:
                 f"speculative_config: method {config.method!r} is not available "
                 f"(tokenmill offers {', '.join(SPECULATIVE_METHODS)})",
             )
-        ints = (config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        ints = (
+            config.num_speculative_tokens,
+            config.prompt_lookup_min,
+            config.prompt_lookup_max,
+            config.suffix_decoding_max_tree_depth,
+            config.suffix_decoding_max_cached_requests,
+        )
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise InvalidParameterError(
                 "speculative_config", "speculative_config: token counts must be integers"
@@ -77,6 +89,24 @@ class SpeculativeConfig:
         if not 1 <= config.num_speculative_tokens <= 16:
             raise InvalidParameterError(
                 "speculative_config", "num_speculative_tokens must be in [1, 16]"
+            )
+        if (
+            min(config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests)
+            < 1
+        ):
+            raise InvalidParameterError(
+                "speculative_config",
+                "suffix_decoding_max_tree_depth and suffix_decoding_max_cached_requests must be "
+                "at least 1",
+            )
+        if not (
+            config.suffix_decoding_max_spec_factor > 0
+            and 0 <= config.suffix_decoding_min_token_prob <= 1
+        ):
+            raise InvalidParameterError(
+                "speculative_config",
+                "suffix_decoding_max_spec_factor must be positive and "
+                "suffix_decoding_min_token_prob in [0, 1]",
             )
         if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
             raise InvalidParameterError(
@@ -140,7 +170,8 @@ class EngineArgs:
     )
     speculative_config: str | dict | None = _arg(
         'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 5, '
-        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy output is unchanged and '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}, or "method": "suffix" (recent '
+        "outputs as well, suffix_decoding_* keys as in vLLM); greedy output is unchanged and "
         "sampled output keeps its distribution",
         default=None,
     )

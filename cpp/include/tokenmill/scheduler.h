@@ -248,6 +248,8 @@ class Scheduler {
   StepCostModel cost_;
   int last_budget_ = 0;
   int64_t draft_tokens_ = 0, accepted_tokens_ = 0;
+  SuffixCache suffix_;  // outputs of finished requests, for suffix decoding
+  std::vector<int32_t> other_draft_;
   std::vector<DraftChoice> choices_;
   std::vector<Sequence*> drafted_;
 };

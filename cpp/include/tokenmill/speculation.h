@@ -3,23 +3,66 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <unordered_map>
 #include <vector>
 
 #include "tokenmill/step_cost.h"
 
 namespace tokenmill {
 
+enum class DraftMethod { kNgram, kSuffix };
+
 struct SpeculativeConfig {
   int num_tokens = 0;  // most draft tokens per sequence and step; 0: off
-  int min_ngram = 2;   // prompt lookup matches the last min..max tokens
+  DraftMethod method = DraftMethod::kNgram;
+  int min_ngram = 2;  // prompt lookup matches the last min..max tokens
   int max_ngram = 4;
+  // Suffix decoding: the depth of the tree of recent outputs, how many
+  // requests' outputs it holds, drafts of at most spec_factor x the matched
+  // length, and of tokens that followed at least this share of the matches.
+  int suffix_max_depth = 24;
+  int suffix_max_requests = 1000;
+  double suffix_spec_factor = 1.0;
+  double suffix_min_token_prob = 0.1;
 };
 
 // Up to `k` tokens that followed the latest earlier occurrence of the longest
 // tail of `tokens` (min_n..max_n tokens) that occurs earlier, written to
-// `draft` (replacing its contents).
-void propose_ngram(const std::vector<int32_t>& tokens, int min_n, int max_n, int k,
-                   std::vector<int32_t>& draft);
+// `draft` (replacing its contents). Returns the tail's length (0: none).
+int propose_ngram(const std::vector<int32_t>& tokens, int min_n, int max_n, int k,
+                  std::vector<int32_t>& draft);
+
+// Suffix decoding's memory of what recent requests generated: a tree of
+// every run of up to max_depth tokens of their outputs, each node counting
+// how often its run occurred. A sequence's longest tail that the tree holds
+// is followed, from the most frequent child on, while a child held at least
+// min_prob of its parent's occurrences. The oldest outputs leave once
+// max_requests are held.
+class SuffixCache {
+ public:
+  SuffixCache(int max_depth, int max_requests);
+  void add(const int32_t* tokens, int64_t n);
+  // Up to `k` tokens continuing `tokens` into `draft` (replaced); returns the
+  // length of the tail matched (0: none).
+  int propose(const std::vector<int32_t>& tokens, int k, double spec_factor, double min_prob,
+              std::vector<int32_t>& draft) const;
+  int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size() - free_.size()); }
+
+ private:
+  struct Node {
+    int32_t count = 0, token = -1, parent = -1;
+    std::vector<int32_t> kids;
+  };
+  int32_t child(int32_t node, int32_t token) const;
+  void count_runs(const std::vector<int32_t>& tokens, int delta);
+
+  int max_depth_, max_requests_;
+  std::vector<Node> nodes_;  // 0: the root
+  std::vector<int32_t> free_;
+  std::unordered_map<uint64_t, int32_t> edges_;  // (parent << 32 | token) -> node
+  std::deque<std::vector<int32_t>> outputs_;
+};
 
 // How often a request's draft tokens were accepted: each verified draft
 // token is a trial until the first rejection, older steps decaying.

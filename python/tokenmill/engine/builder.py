@@ -127,6 +127,12 @@ def build_scheduler(args: EngineArgs, spec: ModelSpec, num_blocks: int) -> _core
         c.speculative.num_tokens = args.speculative.num_speculative_tokens
         c.speculative.min_ngram = args.speculative.prompt_lookup_min
         c.speculative.max_ngram = args.speculative.prompt_lookup_max
+        if args.speculative.method == "suffix":
+            c.speculative.method = _core.DraftMethod.SUFFIX
+            c.speculative.suffix_max_depth = args.speculative.suffix_decoding_max_tree_depth
+            c.speculative.suffix_max_requests = args.speculative.suffix_decoding_max_cached_requests
+            c.speculative.suffix_spec_factor = args.speculative.suffix_decoding_max_spec_factor
+            c.speculative.suffix_min_token_prob = args.speculative.suffix_decoding_min_token_prob
     return _core.Scheduler(c)
 
 
