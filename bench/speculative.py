@@ -15,6 +15,7 @@ many tokens per step were drafted: where speculation switches itself off.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 from bench.common import load_workload, table
@@ -80,7 +81,9 @@ def by_batch(llm, requests: list[dict], sizes: list[int]) -> dict:
         before = llm.llm_engine.stats()
         tps = offline(llm, requests[:b])
         after = llm.llm_engine.stats()
-        drafted = (after.draft_tokens - before.draft_tokens) / (128 * b)
+        drafted = (after.draft_tokens - before.draft_tokens) / sum(
+            r["max_tokens"] for r in requests[:b]
+        )
         found[b] = (tps, drafted)
     return found
 
@@ -114,11 +117,14 @@ def main() -> None:
     ap.add_argument("--passage-tokens", type=int, default=200)
     ap.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: the workload's")
     args = ap.parse_args()
 
     from tokenmill import LLM
 
     free = load_workload("workload_main.json", args.num_requests)
+    if args.max_tokens:
+        free = [{**r, "max_tokens": args.max_tokens} for r in free]
     configs = {
         "off": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": args.k},
@@ -134,6 +140,7 @@ def main() -> None:
         sizes = [int(b) for b in args.batches.split(",") if b]
         batches[name] = by_batch(llm, workloads["free"], sizes)
         del llm
+        gc.collect()  # an engine holds reference cycles: free its KV cache now
     rows = []
     for workload in workloads:
         base = results["off"][workload]

@@ -37,6 +37,10 @@ BENCHES = {
     "tp": (["--num-requests", "2"], "TP"),
     "serve": (["--launch", "--num-requests", "3", "--workload", "workload_small.json"], "TTFT"),
     "structured": (["--batches", "1", "--max-tokens", "4"], "ratio"),
+    "speculative": (
+        ["--num-requests", "3", "--single", "1", "--batches", "1,2", "--max-tokens", "16"],
+        "drafted per token",
+    ),
 }
 
 

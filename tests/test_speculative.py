@@ -3,6 +3,8 @@
 Greedy output is token-identical to decoding without drafts; sampled output
 keeps the target distribution; rejected drafts leave no block behind."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +191,7 @@ def test_sampling_keeps_the_target_distribution(tiny_model):
         path,
         dtype="float32",
         max_num_seqs=16,  # batches small enough that drafts pay
+        enforce_eager=True,  # (graphs would bound a step's drafts to their size)
         speculative_config={"num_speculative_tokens": 5, "prompt_lookup_min": 2},
     )
     params = SamplingParams(temperature=temperature, max_tokens=3, logit_bias=bias, ignore_eos=True)
@@ -225,6 +228,7 @@ def test_preemption_aborts_and_n_in_speculative_steps_leave_no_block(tiny_model)
             dtype="float32",
             kv_cache_memory=60 * 2 * 2 * 2 * 16 * 16 * 4,
             max_model_len=256,
+            enforce_eager=True,  # (graphs would bound a step's drafts to their size)
             speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1},
         )
     )
@@ -291,3 +295,71 @@ def test_a_needle_gets_the_same_logprobs_in_any_batch(dtype):
     assert spec.llm_engine.stats().draft_tokens > 0
     assert batched == alone
     assert drafted == alone
+
+
+def test_server_speculates_with_the_flag_and_counts_drafts(tiny_model):
+    """tokenmill serve --speculative-config: a greedy completion pushed to
+    repeat itself is drafted, streamed and not streamed alike, and /metrics
+    counts the drafted and accepted tokens."""
+    import httpx
+
+    from tests.server_utils import ServerProcess, metric
+
+    config = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}'
+    server = ServerProcess(
+        tiny_model("llama"),
+        *("--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "128"),
+        *("--speculative-config", config),
+    )
+    try:
+        body = {
+            "prompt": [5, 6, 7, 8],
+            "max_tokens": 24,
+            "temperature": 0,
+            "logit_bias": {"50": 30},
+        }
+        url = f"{server.url}/v1/completions"
+        whole = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+        chunks = []
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks += [c["text"] for c in json.loads(line[6:])["choices"]]
+        assert "".join(chunks) == whole
+        drafted = metric(server.url, "tokenmill:spec_decode_num_draft_tokens_total")
+        accepted = metric(server.url, "tokenmill:spec_decode_num_accepted_tokens_total")
+        assert drafted >= accepted > 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_seeded_sampling_is_the_same_with_drafts_and_in_any_batch(tiny_model):
+    """A seeded request's draw for each position is a function of its seed,
+    sequence and position: the same tokens alone, beside other requests, and
+    with drafts verified (n = 2 included)."""
+    from tokenmill import LLM, SamplingParams
+
+    path = tiny_model("llama")
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 9, 5, 6]}
+    seeded = SamplingParams(
+        temperature=0.9, max_tokens=40, seed=7, n=2, logit_bias={50: 3.0, 51: 3.0}
+    )
+    others = [{"prompt_token_ids": [20 + i, 30, 40 + i]} for i in range(5)]
+    noise = SamplingParams(temperature=1.0, max_tokens=40)
+
+    def run(llm, batch):
+        outs = llm.generate([prompt, *batch], [seeded] + [noise] * len(batch), use_tqdm=False)
+        return [c.token_ids for c in outs[0].outputs]
+
+    plain = LLM(path, dtype="float32", enforce_eager=True)
+    alone = run(plain, [])
+    assert run(plain, others) == alone
+    spec = LLM(
+        path,
+        dtype="float32",
+        enforce_eager=True,
+        speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1},
+    )
+    assert run(spec, []) == alone
+    assert run(spec, others) == alone
+    assert spec.llm_engine.stats().accepted_tokens > 0

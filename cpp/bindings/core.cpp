@@ -40,6 +40,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<>())
       .def_readwrite("num_tokens", &SpeculativeConfig::num_tokens)
       .def_readwrite("method", &SpeculativeConfig::method)
+      .def_readwrite("max_step_tokens", &SpeculativeConfig::max_step_tokens)
       .def_readwrite("suffix_max_depth", &SpeculativeConfig::suffix_max_depth)
       .def_readwrite("suffix_max_requests", &SpeculativeConfig::suffix_max_requests)
       .def_readwrite("suffix_spec_factor", &SpeculativeConfig::suffix_spec_factor)

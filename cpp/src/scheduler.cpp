@@ -257,7 +257,8 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
       drafted_.push_back(s.get());
     }
   }
-  choose_draft_lengths(choices_, decode_rows, cost_);
+  const int room = sc.max_step_tokens > 0 ? sc.max_step_tokens - decode_rows : 1 << 30;
+  choose_draft_lengths(choices_, decode_rows, cost_, std::max(0, room));
   for (size_t i = 0; i < drafted_.size(); ++i) drafted_[i]->draft.resize(choices_[i].length);
 }
 

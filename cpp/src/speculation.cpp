@@ -25,7 +25,7 @@ int propose_ngram(const std::vector<int32_t>& tokens, int min_n, int max_n, int 
 }
 
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
-                          const StepCostModel& cost) {
+                          const StepCostModel& cost, int max_drafts) {
   // Until a fit exists, a row costs a tenth of a step's fixed part, as a
   // decode row of a small model does on a CPU.
   const bool fitted = cost.fitted();
@@ -47,7 +47,9 @@ void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
   std::stable_sort(gains.begin(), gains.end(),
                    [](const Gain& a, const Gain& b) { return a.p > b.p; });
   double tokens = decode_rows, ms = fixed;
+  int kept = 0;
   for (const Gain& g : gains) {
+    if (kept++ >= max_drafts) break;
     // Keeping token j means j - 1 before it are kept: rates are below one,
     // so likeliest-first keeps each proposal's tokens in order.
     if (g.p / per_token <= tokens / ms) break;

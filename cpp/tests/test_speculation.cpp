@@ -196,3 +196,10 @@ TEST(Scheduler, SuffixDecodingDraftsWhatEarlierRequestsGenerated) {
   s.abort_request(2);
   s.check_invariants();
 }
+
+TEST(DraftLengths, AStepKeepsAtMostMaxDrafts) {
+  std::vector<DraftChoice> two{{0.9, 5}, {0.9, 5}};
+  choose_draft_lengths(two, 2, StepCostModel{}, 6);
+  EXPECT_EQ(two[0].length + two[1].length, 6);
+  EXPECT_EQ(two[0].length, 3);  // likeliest first: the first tokens of both
+}

@@ -16,6 +16,9 @@ enum class DraftMethod { kNgram, kSuffix };
 struct SpeculativeConfig {
   int num_tokens = 0;  // most draft tokens per sequence and step; 0: off
   DraftMethod method = DraftMethod::kNgram;
+  // Most tokens of a step's decoding sequences, drafts included (the largest
+  // decode graph); 0: no bound.
+  int max_step_tokens = 0;
   int min_ngram = 2;  // prompt lookup matches the last min..max tokens
   int max_ngram = 4;
   // Suffix decoding: the depth of the tree of recent outputs, how many
@@ -91,8 +94,8 @@ struct DraftChoice {
 // rate^j; the step cost model prices each as a decode row. Tokens are kept,
 // likeliest first, while each raises the expected tokens per ms of the step,
 // so speculation turns itself off for batches where verification costs more
-// than it saves.
+// than it saves. At most max_drafts are kept in all.
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
-                          const StepCostModel& cost);
+                          const StepCostModel& cost, int max_drafts = 1 << 30);
 
 }  // namespace tokenmill

@@ -41,7 +41,9 @@ class LLMEngine:
         if args.chat_template:
             self.tokenizer.chat_template = _read_template(args.chat_template)
         runner = build_runner(args, spec, defer_graphs=defer_graphs)
-        self.core = EngineCore(build_scheduler(args, spec, runner.num_blocks), runner)
+        self.core = EngineCore(
+            build_scheduler(args, spec, runner.num_blocks, runner.graph_tokens), runner
+        )
         self.inputs = InputProcessor(
             self.tokenizer,
             load_generation_config(spec.path),

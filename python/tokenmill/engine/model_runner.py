@@ -81,6 +81,11 @@ class ModelRunner:
         self.argmax_weight = self._argmax_weight()
         self.greedy_head = self._greedy_head()
 
+    @property
+    def graph_tokens(self) -> int:
+        """The most tokens a decode graph runs (0: no graphs)."""
+        return self.graphs.max_batch if self.graphs is not None else 0
+
     def _argmax_weight(self) -> torch.Tensor | None:
         """The LM head weight where greedy steps may take their tokens from it
         directly (on a CPU, on one rank): logits in the model's dtype, then a

@@ -59,10 +59,8 @@ class SamplingStrategy(RequestStrategy):
         self.prompt_ids = prompt_ids
         self.params = params
         self.eos_token_id = eos_token_id
-        self.generator = (
-            torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        )
         self.outputs: dict[int, list[int]] = {first_seq: []}  # seq id -> generated tokens
+        self.index: dict[int, int] = {first_seq: 0}  # seq id -> its place among the request's
         # seq id -> its place in the grammar (structured outputs)
         self.matchers: dict[int, GrammarMatcher] = {first_seq: grammar.matcher()} if grammar else {}
         self.prompt_recorded = 0  # prompt positions whose logprobs are computed
@@ -79,19 +77,28 @@ class SamplingStrategy(RequestStrategy):
         elif num_samples:
             self._slots[seq] = (len(batch.slots), num_samples)
             out = self.outputs[seq]
-            for _ in range(num_samples):
+            for s in range(num_samples):  # (several: the first tokens of n sequences)
                 batch.slots.append(
                     SampleSlot(
                         self.params,
                         out,
                         self.prompt_ids,
-                        self.generator,
+                        self._generator(self.index[seq] + s, len(out)),
                         self.eos_token_id,
                         row,
                         seq,
                         self.matchers.get(seq),
                     )
                 )
+
+    def _generator(self, index: int, position: int) -> torch.Generator | None:
+        """A seeded request's draw for the token at `position` of its
+        sequence number `index`: a function of the seed and of these alone, so
+        that neither the batch nor speculation changes what it samples."""
+        if self.params.seed is None:
+            return None
+        key = self.params.seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + position
+        return torch.Generator().manual_seed(key % (1 << 63))
 
     def _add_draft_slots(self, batch: SamplingBatch, plan, i: int, row: int, k: int) -> None:
         """A slot per draft token and one after them, each sampling as if the
@@ -107,7 +114,7 @@ class SamplingStrategy(RequestStrategy):
                     self.params,
                     out + draft[:j],
                     self.prompt_ids,
-                    self.generator,
+                    self._generator(self.index[seq], len(out) + j),
                     self.eos_token_id,
                     row + j,
                     seq,
@@ -149,6 +156,7 @@ class SamplingStrategy(RequestStrategy):
                 self.matchers[event.seq_id].consume(event.token)
         elif event.kind == _core.EventKind.FORKED:
             self.outputs[event.seq_id] = list(self.outputs[event.parent])
+            self.index[event.seq_id] = len(self.index)
             if event.parent in self.matchers:
                 self.matchers[event.seq_id] = self.matchers[event.parent].fork()
 
