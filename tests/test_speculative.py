@@ -3,6 +3,7 @@
 Greedy output is token-identical to decoding without drafts; sampled output
 keeps the target distribution; rejected drafts leave no block behind."""
 
+import gc
 import json
 
 import numpy as np
@@ -109,6 +110,10 @@ def test_drafts_keep_the_block_accounting(prompts, ns, max_tokens, num_blocks, s
     assert s.stats().draft_tokens == verified
 
 
+# the default model with a KV cache that fits beside the rest of the suite
+SMALL = dict(kv_cache_memory="2GiB", max_model_len=2048)
+
+
 def _generate(llm, prompts, params):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -146,12 +151,15 @@ def test_greedy_output_is_token_identical(dtype, method):
     from tokenmill import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    plain = LLM(dtype=dtype, enforce_eager=False)
+    plain = LLM(dtype=dtype, **SMALL)
     prompts = _copy_and_free_prompts(plain.get_tokenizer(), 16)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     want = _generate(plain, inputs, params)
     del plain
-    spec = LLM(dtype=dtype, speculative_config={"method": method, "num_speculative_tokens": 5})
+    gc.collect()  # (an engine holds reference cycles: free its KV cache now)
+    spec = LLM(
+        dtype=dtype, speculative_config={"method": method, "num_speculative_tokens": 5}, **SMALL
+    )
     alone = [_generate(spec, [x], params)[0] for x in inputs[:4]]
     stats = spec.llm_engine.stats()
     assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens
@@ -286,11 +294,12 @@ def test_a_needle_gets_the_same_logprobs_in_any_batch(dtype):
             [(t, lp.logprob) for t, lp in sorted(e.items())] for e in out.logprobs
         ]
 
-    llm = LLM(dtype=dtype, max_num_batched_tokens=512)
+    llm = LLM(dtype=dtype, max_num_batched_tokens=512, **SMALL)
     alone = run(llm, [needle], 0)
     batched = run(llm, others[:at] + [needle] + others[at:], at)
     del llm
-    spec = LLM(dtype=dtype, speculative_config={"num_speculative_tokens": 5})
+    gc.collect()
+    spec = LLM(dtype=dtype, speculative_config={"num_speculative_tokens": 5}, **SMALL)
     drafted = run(spec, [needle], 0)
     assert spec.llm_engine.stats().draft_tokens > 0
     assert batched == alone
