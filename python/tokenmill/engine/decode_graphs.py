@@ -120,6 +120,17 @@ class DecodeGraphs:
         )
         return self.model(self.input_ids[:n], self.positions[:n], meta)
 
+    def _reset_inputs(self) -> None:
+        """One-token sequences over block 0 that write no cache slot: a capture
+        (which runs its forward) after steps have run must neither write the
+        last step's slots nor read its query layout, which a step with drafts
+        leaves inconsistent with a batch of one-token sequences."""
+        with torch.inference_mode():
+            self.slot_mapping.fill_(-1)
+            self.seq_lens.fill_(1)
+            self.block_tables.zero_()
+            self.query_start_loc.copy_(torch.arange(self.max_batch + 1, dtype=torch.int32))
+
     @property
     def pending(self) -> bool:
         return bool(self._pending)
@@ -134,6 +145,7 @@ class DecodeGraphs:
         if cuda and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         n = self._pending.pop(0)
+        self._reset_inputs()
         graph = _CudaGraph(self._pool) if cuda else OpGraph()
         try:
             graph.capture(functools.partial(self._forward, n))
