@@ -10,6 +10,8 @@ from tokenmill.engine.decode_graphs import DecodeGraphs
 from tokenmill.engine.op_graph import GraphCaptureError, OpGraph
 from tokenmill.layers.quantization import pack_tokenmill
 
+from tests.conftest import pin_cheap_rows
+
 
 def test_replay_follows_new_inputs_through_views_copies_and_in_place_ops():
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -74,7 +76,8 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     eager = LLM(path, dtype="float32", kv_cache_memory="64MiB", enforce_eager=True)
     assert eager.engine.runner.graphs is None
     expected = eager.generate([{"prompt_token_ids": p} for p in prompts], greedy)
-    llm = LLM(path, dtype="float32", kv_cache_memory="64MiB")
+    # Without drafts a decode step has one row per sequence: the graph of its batch size.
+    llm = LLM(path, dtype="float32", kv_cache_memory="64MiB", speculative_config=None)
     graphs = llm.engine.runner.graphs
     assert sorted(graphs.graphs) == list(range(1, 9))  # every size: CPUs compute padding
     # Up to two rows the layers' native ops run as one program beside the embedding (Qwen3's
@@ -88,6 +91,29 @@ def test_decode_graphs_give_the_eager_tokens(tiny_model, arch):
     got = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert replays and set(replays) == {5}, "decode steps did not replay the graph of their size"
+
+
+def test_drafted_decode_steps_replay_graphs_and_give_the_eager_tokens(tiny_model):
+    """With n-gram drafts (the CPU default) a decode step's rows are its sequences'
+    tokens and their drafts; up to the largest graph the step replays the graph of that
+    many rows, and greedy tokens stay those of eager steps without drafts."""
+    path = tiny_model("llama")
+    prompts = [[5, 9, 2, 7] * 6, [3] * 11, [8, 1, 4] * 5]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    eager = LLM(
+        path, dtype="float32", kv_cache_memory="64MiB", enforce_eager=True, speculative_config=None
+    )
+    expected = eager.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    llm = LLM(path, dtype="float32", kv_cache_memory="64MiB")
+    assert llm.engine.args.speculative_config == "auto"
+    pin_cheap_rows(llm.llm_engine)
+    replays = []
+    for size, graph in llm.engine.runner.graphs.graphs.items():
+        graph.replay = (lambda f, s: lambda: replays.append(s) or f())(graph.replay, size)
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert max(replays) > 3, "no step verified drafts in a graph"
+    assert llm.engine.stats().draft_tokens > 0
 
 
 def test_deferred_graphs_are_captured_one_at_a_time_and_give_the_same_tokens(tiny_model):
@@ -113,6 +139,38 @@ def test_deferred_graphs_are_captured_one_at_a_time_and_give_the_same_tokens(tin
     assert not runner.finish_start_up_step()
     got = llm.generate(prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_graphs_captured_between_drafted_steps_give_the_same_tokens(tiny_model):
+    """A deferred capture that runs right after a step with drafts (the server captures
+    in idle turns, mid-request) must not run over that step's query layout or slots."""
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    path = tiny_model("llama")
+    prompt = {"prompt_token_ids": [5, 9, 2, 7] * 6}
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(
+        path, dtype="float32", kv_cache_memory="64MiB", enforce_eager=True, speculative_config=None
+    )
+    expected = plain.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    # Suffix decoding drafts a request's second run from its first one's output.
+    suffix = {"method": "suffix", "num_speculative_tokens": 3}
+    args = LLM(path, dtype="float32", kv_cache_memory="64MiB", speculative_config=suffix)
+    engine = LLMEngine(args.llm_engine.args, defer_graphs=True)
+    pin_cheap_rows(engine)
+    engine.add_request("first", prompt, greedy)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_request("r", prompt, greedy)
+    captures, out = 0, None
+    while engine.has_unfinished_requests():
+        drafted = engine.stats().draft_tokens
+        for o in engine.step():
+            out = o
+        if engine.stats().draft_tokens > drafted and engine.runner.finish_start_up_step():
+            captures += 1
+    assert captures >= 2, "no graph was captured right after a drafted step"
+    assert out.finished and out.outputs[0].token_ids == expected
 
 
 def test_a_program_runs_every_native_op_as_the_op_itself():

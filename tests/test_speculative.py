@@ -42,7 +42,8 @@ def test_speculative_config_takes_vllm_keys_as_json_or_dict():
         ).speculative.num_speculative_tokens
         == 4
     )
-    assert EngineArgs().speculative is None
+    assert EngineArgs().speculative_config == "auto"  # the engine picks by device
+    assert EngineArgs(speculative_config="off").speculative is None
 
 
 @settings(max_examples=80, deadline=None)
@@ -151,7 +152,7 @@ def test_greedy_output_is_token_identical(dtype, method):
     from tokenmill import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    plain = LLM(dtype=dtype, **SMALL)
+    plain = LLM(dtype=dtype, speculative_config=None, **SMALL)
     prompts = _copy_and_free_prompts(plain.get_tokenizer(), 16)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     want = _generate(plain, inputs, params)
@@ -294,7 +295,7 @@ def test_a_needle_gets_the_same_logprobs_in_any_batch(dtype):
             [(t, lp.logprob) for t, lp in sorted(e.items())] for e in out.logprobs
         ]
 
-    llm = LLM(dtype=dtype, max_num_batched_tokens=512, **SMALL)
+    llm = LLM(dtype=dtype, max_num_batched_tokens=512, speculative_config=None, **SMALL)
     alone = run(llm, [needle], 0)
     batched = run(llm, others[:at] + [needle] + others[at:], at)
     del llm
@@ -360,7 +361,7 @@ def test_seeded_sampling_is_the_same_with_drafts_and_in_any_batch(tiny_model):
         outs = llm.generate([prompt, *batch], [seeded] + [noise] * len(batch), use_tqdm=False)
         return [c.token_ids for c in outs[0].outputs]
 
-    plain = LLM(path, dtype="float32", enforce_eager=True)
+    plain = LLM(path, dtype="float32", enforce_eager=True, speculative_config=None)
     alone = run(plain, [])
     assert run(plain, others) == alone
     spec = LLM(

@@ -47,9 +47,10 @@ class SpeculativeConfig:
 
     @classmethod
     def parse(cls, value) -> SpeculativeConfig | None:
-        """From a dict or its JSON text (None or empty: no speculation)."""
-        if value is None or value == "" or isinstance(value, cls):
-            return value or None
+        """From a dict or its JSON text (None, empty or "off": no speculation;
+        "auto": the device's default, chosen by the engine)."""
+        if value is None or value in ("", "off", "auto") or isinstance(value, cls):
+            return value if isinstance(value, cls) else None
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -172,8 +173,9 @@ class EngineArgs:
         'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 5, '
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}, or "method": "suffix" (recent '
         "outputs as well, suffix_decoding_* keys as in vLLM); greedy output is unchanged and "
-        "sampled output keeps its distribution",
-        default=None,
+        "sampled output keeps its distribution; auto (the default): n-gram drafts on CPUs, where "
+        "they are measured level or faster at every batch size, none on GPUs; off: none",
+        default="auto",
     )
     scheduling_policy: str = _arg("fcfs or priority", default="fcfs")
     seed: int = _arg("seed of unseeded sampling", default=0)
@@ -222,7 +224,8 @@ class EngineArgs:
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, f"{name} must be at least 1")
         self.kv_cache_memory = parse_memory(self.kv_cache_memory)
-        self.speculative_config = self.speculative  # checked now, and parsed once
+        if self.speculative_config != "auto":
+            self.speculative_config = self.speculative  # checked now, and parsed once
 
     @property
     def speculative(self) -> SpeculativeConfig | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill import _core, distributed
-from tokenmill.config import EngineArgs
+from tokenmill.config import EngineArgs, SpeculativeConfig
 from tokenmill.devices import resolve_device
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.errors import InvalidParameterError, ModelLoadError
@@ -126,19 +126,22 @@ def build_scheduler(
     c.enable_prefix_caching = args.enable_prefix_caching
     c.priority_policy = args.scheduling_policy == "priority"
     c.max_step_ms = DEFAULT_MAX_ITL_MS if args.max_itl_ms is None else args.max_itl_ms
-    if args.speculative is not None:
-        c.speculative.num_tokens = args.speculative.num_speculative_tokens
-        c.speculative.min_ngram = args.speculative.prompt_lookup_min
-        c.speculative.max_ngram = args.speculative.prompt_lookup_max
+    speculative = args.speculative
+    if args.speculative_config == "auto" and spec.device.type == "cpu":
+        speculative = SpeculativeConfig()
+    if speculative is not None:
+        c.speculative.num_tokens = speculative.num_speculative_tokens
+        c.speculative.min_ngram = speculative.prompt_lookup_min
+        c.speculative.max_ngram = speculative.prompt_lookup_max
         # Drafts never push a decode step out of its graph: an eager step of a
         # small batch costs more than the drafts save (measured: 0.8x at batch 4).
         c.speculative.max_step_tokens = graph_tokens
-        if args.speculative.method == "suffix":
+        if speculative.method == "suffix":
             c.speculative.method = _core.DraftMethod.SUFFIX
-            c.speculative.suffix_max_depth = args.speculative.suffix_decoding_max_tree_depth
-            c.speculative.suffix_max_requests = args.speculative.suffix_decoding_max_cached_requests
-            c.speculative.suffix_spec_factor = args.speculative.suffix_decoding_max_spec_factor
-            c.speculative.suffix_min_token_prob = args.speculative.suffix_decoding_min_token_prob
+            c.speculative.suffix_max_depth = speculative.suffix_decoding_max_tree_depth
+            c.speculative.suffix_max_requests = speculative.suffix_decoding_max_cached_requests
+            c.speculative.suffix_spec_factor = speculative.suffix_decoding_max_spec_factor
+            c.speculative.suffix_min_token_prob = speculative.suffix_decoding_min_token_prob
     return _core.Scheduler(c)
 
 
