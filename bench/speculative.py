@@ -10,6 +10,7 @@ Then decode tokens/s at fixed batch sizes of the free workload, with how
 many tokens per step were drafted: where speculation switches itself off.
 
   python -m bench.speculative [--num-requests 256] [--single 6] [--k 5] [--batches 1,2,4,8,16,32,64]
+      [--methods off,ngram,suffix] [--draft-model PATH]
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--max-tokens", type=int, default=None, help="default: the workload's")
+    ap.add_argument("--methods", default="off,ngram,suffix", help="off first: the baseline")
+    ap.add_argument("--dtype", default="auto", help="the target's")
+    ap.add_argument(
+        "--draft-model",
+        default=None,
+        help="adds draft_model with this model (same tokenizer; default: the embedded one)",
+    )
     args = ap.parse_args()
 
     from tokenmill import LLM
@@ -125,14 +133,23 @@ def main() -> None:
     free = load_workload("workload_main.json", args.num_requests)
     if args.max_tokens:
         free = [{**r, "max_tokens": args.max_tokens} for r in free]
-    configs = {
+    every = {
         "off": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": args.k},
         "suffix": {"method": "suffix", "num_speculative_tokens": args.k},
     }
+    configs = {name: every[name] for name in ["off", *args.methods.split(",")] if name in every}
+    if args.draft_model:
+        from tokenmill.loader.hf import default_model_path
+
+        configs["draft_model"] = {
+            "method": "draft_model",
+            "model": default_model_path() if args.draft_model == "default" else args.draft_model,
+            "num_speculative_tokens": args.k,
+        }
     results, batches, workloads = {}, {}, None
     for name, config in configs.items():  # one engine at a time
-        llm = LLM(args.model, speculative_config=config)
+        llm = LLM(args.model, dtype=args.dtype, speculative_config=config)
         if workloads is None:
             copy = copy_workload(llm.get_tokenizer(), free, args.passage_tokens)
             workloads = {"copy": copy, "free": free}

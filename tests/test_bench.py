@@ -38,8 +38,9 @@ BENCHES = {
     "serve": (["--launch", "--num-requests", "3", "--workload", "workload_small.json"], "TTFT"),
     "structured": (["--batches", "1", "--max-tokens", "4"], "ratio"),
     "speculative": (
-        ["--num-requests", "3", "--single", "1", "--batches", "1,2", "--max-tokens", "16"],
-        "drafted per token",
+        ["--num-requests", "3", "--single", "1", "--batches", "1,2", "--max-tokens", "16"]
+        + ["--methods", "ngram", "--draft-model", "default"],
+        "draft_model",
     ),
 }
 

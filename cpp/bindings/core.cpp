@@ -34,7 +34,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::enum_<DraftMethod>(m, "DraftMethod")
       .value("NGRAM", DraftMethod::kNgram)
-      .value("SUFFIX", DraftMethod::kSuffix);
+      .value("SUFFIX", DraftMethod::kSuffix)
+      .value("MODEL", DraftMethod::kModel);
 
   py::class_<SpeculativeConfig>(m, "SpeculativeConfig")
       .def(py::init<>())
@@ -201,6 +202,12 @@ PYBIND11_MODULE(_core, m) {
           "first extends it, the others fork children, none drops it; a sequence with draft "
           "tokens appends its accepted drafts and one more token instead. Then apply the stop "
           "conditions. Returns the events in the order made.")
+      .def("set_drafts", &Scheduler::set_drafts, py::arg("out"),
+           "Draft-model speculation: take each sequence's draft tokens from the rows of "
+           "out.input_ids reserved for them.")
+      .def("set_draft_forward_ms", &Scheduler::set_draft_forward_ms, py::arg("ms"),
+           "Draft-model speculation: the measured time of one draft forward, which the choice "
+           "of draft lengths prices.")
       .def("has_unfinished", &Scheduler::has_unfinished)
       .def("has_request", &Scheduler::has_request, py::arg("request_id"))
       .def("stats", &Scheduler::stats)

@@ -246,7 +246,10 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
                            1;
       if (left <= 0) continue;
       const int k = static_cast<int>(std::min<int64_t>(sc.num_tokens, left));
-      const int own = propose_ngram(s->tokens, sc.min_ngram, sc.max_ngram, k, s->draft);
+      // A draft model's tokens are written later; until then, valid ids.
+      const int own = sc.method == DraftMethod::kModel
+                          ? (s->draft.assign(k, s->tokens.back()), k)
+                          : propose_ngram(s->tokens, sc.min_ngram, sc.max_ngram, k, s->draft);
       // Suffix decoding: recent outputs, where they match a longer tail.
       if (sc.method == DraftMethod::kSuffix &&
           suffix_.propose(s->tokens, k, sc.suffix_spec_factor, sc.suffix_min_token_prob,
@@ -258,7 +261,8 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
     }
   }
   const int room = sc.max_step_tokens > 0 ? sc.max_step_tokens - decode_rows : 1 << 30;
-  choose_draft_lengths(choices_, decode_rows, cost_, std::max(0, room));
+  choose_draft_lengths(choices_, decode_rows, cost_, std::max(0, room),
+                       sc.method == DraftMethod::kModel ? draft_forward_ms_ : 0.0);
   for (size_t i = 0; i < drafted_.size(); ++i) drafted_[i]->draft.resize(choices_[i].length);
 }
 

@@ -185,6 +185,16 @@ void Scheduler::append_verified(Request& req, Sequence& seq, const int32_t* toks
                             seq.hash_cursor);
 }
 
+void Scheduler::set_drafts(const SchedulerOutput& out) {
+  for (int i = 0; i < out.num_seqs(); ++i) {
+    const int k = out.num_draft[i];
+    auto found = seqs_.find(out.seq_ids[i]);
+    if (k == 0 || found == seqs_.end()) continue;
+    const auto end = out.input_ids.begin() + out.query_start_loc[i + 1];
+    found->second.seq->draft.assign(end - k, end);
+  }
+}
+
 UpdateResult Scheduler::update(const SchedulerOutput& out, const int32_t* sampled,
                                int64_t num_sampled) {
   return update(out, sampled, num_sampled, out.num_samples.data());

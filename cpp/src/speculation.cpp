@@ -25,7 +25,7 @@ int propose_ngram(const std::vector<int32_t>& tokens, int min_n, int max_n, int 
 }
 
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
-                          const StepCostModel& cost, int max_drafts) {
+                          const StepCostModel& cost, int max_drafts, double draft_forward_ms) {
   // Until a fit exists, a row costs a tenth of a step's fixed part, as a
   // decode row of a small model does on a CPU.
   const bool fitted = cost.fitted();
@@ -46,17 +46,37 @@ void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
   }
   std::stable_sort(gains.begin(), gains.end(),
                    [](const Gain& a, const Gain& b) { return a.p > b.p; });
-  double tokens = decode_rows, ms = fixed;
-  int kept = 0;
-  for (const Gain& g : gains) {
-    if (kept++ >= max_drafts) break;
-    // Keeping token j means j - 1 before it are kept: rates are below one,
-    // so likeliest-first keeps each proposal's tokens in order.
-    if (g.p / per_token <= tokens / ms) break;
-    tokens += g.p;
-    ms += per_token;
-    choices[g.seq].length = std::max(choices[g.seq].length, g.index);
+  // Tokens kept likeliest first, none deeper than `depth`, while each raises
+  // the expected tokens per ms; returns that rate.
+  auto keep = [&](int depth, bool write) {
+    double tokens = decode_rows, ms = fixed + depth * draft_forward_ms;
+    int kept = 0;
+    for (const Gain& g : gains) {
+      if (g.index > depth) continue;
+      if (kept++ >= max_drafts) break;
+      // Keeping token j means j - 1 before it are kept: rates are below one,
+      // so likeliest-first keeps each proposal's tokens in order.
+      if (g.p / per_token <= tokens / ms) break;
+      tokens += g.p;
+      ms += per_token;
+      if (write) choices[g.seq].length = std::max(choices[g.seq].length, g.index);
+    }
+    return tokens / ms;
+  };
+  int most = 0;
+  for (const Gain& g : gains) most = std::max(most, g.index);
+  // A draft model runs a forward per depth, shared by the batch: each depth
+  // is tried whole. Other proposers cost nothing: the deepest is best.
+  int best = most;
+  if (draft_forward_ms > 0) {
+    double best_rate = keep(0, false);
+    best = 0;
+    for (int depth = 1; depth <= most; ++depth) {
+      const double rate = keep(depth, false);
+      if (rate > best_rate) best_rate = rate, best = depth;
+    }
   }
+  keep(best, true);
 }
 
 static uint64_t edge_key(int32_t parent, int32_t token) {

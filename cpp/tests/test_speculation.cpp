@@ -203,3 +203,48 @@ TEST(DraftLengths, AStepKeepsAtMostMaxDrafts) {
   EXPECT_EQ(two[0].length + two[1].length, 6);
   EXPECT_EQ(two[0].length, 3);  // likeliest first: the first tokens of both
 }
+
+TEST(Scheduler, DraftModelRowsAreReservedThenFilledByTheCaller) {
+  SchedulerConfig c = spec_config(3);
+  c.speculative.method = DraftMethod::kModel;
+  Scheduler s(c);
+  cheap_rows(s);
+  RequestParams p;
+  p.max_tokens = 20;
+  s.add_request(1, {7, 8, 9}, p);  // no n-gram to match: the rows are the model's
+  auto out = s.schedule();
+  int32_t tok = 5;
+  s.update(*out, &tok, 1);
+  out = s.schedule();
+  ASSERT_EQ(out->num_draft[0], 3);
+  EXPECT_EQ(out->input_ids, (std::vector<int32_t>{5, 5, 5, 5}));  // placeholders: valid ids
+  out->input_ids[1] = 11;
+  out->input_ids[2] = 12;
+  out->input_ids[3] = 13;
+  s.set_drafts(*out);
+  EXPECT_EQ(s.sequence(out->seq_ids[0])->draft, (std::vector<int32_t>{11, 12, 13}));
+  std::vector<int32_t> toks{11, 4};  // 11 accepted, 12 rejected
+  int32_t count = 2;
+  s.update(*out, toks.data(), 2, &count);
+  EXPECT_EQ(s.sequence(out->seq_ids[0])->tokens, (std::vector<int32_t>{7, 8, 9, 5, 11, 4}));
+  s.check_invariants();
+}
+
+TEST(DraftLengths, ADraftModelsForwardIsPricedOncePerDepth) {
+  StepCostModel cost;
+  for (int i = 0; i < 40; ++i) {
+    const int rows = 1 + (i * 7) % 64, prompt = (i % 3) * 100;
+    cost.observe(prompt, rows, 5 + 0.05 * prompt + 0.5 * rows);
+  }
+  // At 0.9 acceptance: near-free draft forwards keep all 5 tokens, one as dear
+  // as a target step none, and one of 1.5 ms stops where another depth's
+  // forward costs more than its expected tokens bring.
+  std::vector<DraftChoice> cheap{{0.9, 5}}, medium{{0.9, 5}}, dear{{0.9, 5}};
+  choose_draft_lengths(cheap, 1, cost, 1 << 30, 0.1);
+  EXPECT_EQ(cheap[0].length, 5);
+  choose_draft_lengths(medium, 1, cost, 1 << 30, 1.5);
+  EXPECT_GT(medium[0].length, 0);
+  EXPECT_LT(medium[0].length, 5);
+  choose_draft_lengths(dear, 1, cost, 1 << 30, 6.0);
+  EXPECT_EQ(dear[0].length, 0);
+}

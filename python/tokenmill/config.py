@@ -27,7 +27,7 @@ def parse_memory(value) -> float | int | None:
     return int(number * base ** "KMGT".index(unit) * base)
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int = 1000
     suffix_decoding_max_spec_factor: float = 1.0  # draft at most this x the matched tail
     suffix_decoding_min_token_prob: float = 0.1
+    # draft_model: a smaller model with the target's tokenizer (id, folder or .gguf)
+    model: str | None = None
 
     @classmethod
     def parse(cls, value) -> SpeculativeConfig | None:
@@ -69,12 +71,19 @@ class SpeculativeConfig:
                 "speculative_config",
                 f"speculative_config: unsupported keys {unknown} (tokenmill takes {sorted(names)})",
             )
+        if "model" in value and "method" not in value:
+            value = {**value, "method": "draft_model"}  # as vLLM infers it
         config = cls(**value)
         if config.method not in SPECULATIVE_METHODS:
             raise InvalidParameterError(
                 "speculative_config",
                 f"speculative_config: method {config.method!r} is not available "
                 f"(tokenmill offers {', '.join(SPECULATIVE_METHODS)})",
+            )
+        if (config.method == "draft_model") != (config.model is not None):
+            raise InvalidParameterError(
+                "speculative_config",
+                "speculative_config: method draft_model takes a model (the draft's), and only it",
             )
         ints = (
             config.num_speculative_tokens,

@@ -186,6 +186,11 @@ class Scheduler {
                       const int32_t* counts);
   // The same with out.num_samples as the counts.
   UpdateResult update(const SchedulerOutput& out, const int32_t* sampled, int64_t num_sampled);
+  // DraftMethod::kModel: takes each sequence's draft tokens from the rows of
+  // `out.input_ids` that schedule() reserved for them (the caller wrote them).
+  void set_drafts(const SchedulerOutput& out);
+  // DraftMethod::kModel: the measured time of one draft-model forward.
+  void set_draft_forward_ms(double ms) { draft_forward_ms_ = ms; }
 
   bool has_unfinished() const { return !requests_.empty(); }
   bool has_request(RequestId id) const { return requests_.count(id) > 0; }
@@ -248,6 +253,7 @@ class Scheduler {
   StepCostModel cost_;
   int last_budget_ = 0;
   int64_t draft_tokens_ = 0, accepted_tokens_ = 0;
+  double draft_forward_ms_ = 0;
   SuffixCache suffix_;  // outputs of finished requests, for suffix decoding
   std::vector<int32_t> other_draft_;
   std::vector<DraftChoice> choices_;

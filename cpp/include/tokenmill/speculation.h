@@ -1,5 +1,6 @@
 // Speculative decoding in the core: draft tokens proposed from a sequence's
-// own text (n-gram prompt lookup), and how many of them a step verifies.
+// own text (n-gram prompt lookup) or recent outputs (suffix decoding), slots
+// for a draft model's tokens, and how many of them a step verifies.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +12,9 @@
 
 namespace tokenmill {
 
-enum class DraftMethod { kNgram, kSuffix };
+// kModel: the scheduler reserves a sequence's draft rows and the caller
+// writes the draft model's tokens into them (Scheduler::set_drafts).
+enum class DraftMethod { kNgram, kSuffix, kModel };
 
 struct SpeculativeConfig {
   int num_tokens = 0;  // most draft tokens per sequence and step; 0: off
@@ -94,8 +97,11 @@ struct DraftChoice {
 // rate^j; the step cost model prices each as a decode row. Tokens are kept,
 // likeliest first, while each raises the expected tokens per ms of the step,
 // so speculation turns itself off for batches where verification costs more
-// than it saves. At most max_drafts are kept in all.
+// than it saves. At most max_drafts are kept in all. A draft model's forwards
+// (draft_forward_ms each, one per draft position, shared by the batch) are
+// priced by trying each depth whole.
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
-                          const StepCostModel& cost, int max_drafts = 1 << 30);
+                          const StepCostModel& cost, int max_drafts = 1 << 30,
+                          double draft_forward_ms = 0);
 
 }  // namespace tokenmill

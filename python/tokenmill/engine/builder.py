@@ -4,6 +4,7 @@ the runner (every rank) and the scheduler and tokenizer (rank 0)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from tokenmill import _core, distributed
 from tokenmill.config import EngineArgs, SpeculativeConfig
 from tokenmill.devices import resolve_device
-from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.draft_model import DraftModelProposer
+from tokenmill.engine.model_runner import ModelRunner, kv_bytes_per_block
 from tokenmill.errors import InvalidParameterError, ModelLoadError
 from tokenmill.host_memory import move_to_huge_pages
 from tokenmill.layers.linear import Linear, pack_weights
@@ -89,16 +91,72 @@ def build_runner(
     rank: int = 0,
     init_method: str | None = None,
     defer_graphs: bool = False,
+    draft: DraftModel | None = None,
 ) -> ModelRunner:
     """Joins the tensor-parallel group (if any), loads this rank's shard of
-    the model and allocates its KV cache; it captures decode graphs, or
-    leaves them for later (defer_graphs)."""
+    the model and allocates its KV cache (sharing the budget with a draft
+    model's); it captures decode graphs, or leaves them for later (defer_graphs)."""
     torch.manual_seed(args.seed)
     workers = None
     if args.tensor_parallel_size > 1:
         workers = distributed.start(args, spec.hf_config, spec.device, rank, init_method)
     model = load_model(spec, resolve_dtype(args.dtype, spec.hf_config, spec.device))
-    return ModelRunner(args, model, spec.device, spec.max_model_len, workers, defer_graphs)
+    extra = draft.kv_bytes_per_block if draft is not None else 0
+    return ModelRunner(
+        args, model, spec.device, spec.max_model_len, workers, defer_graphs, None, extra
+    )
+
+
+@dataclass
+class DraftModel:
+    """A draft model for speculation, loaded before the target's KV cache is sized."""
+
+    args: EngineArgs
+    model: torch.nn.Module
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.model, self.args.block_size)
+
+
+def load_draft_model(args: EngineArgs, spec: ModelSpec) -> DraftModel | None:
+    """The draft model speculative_config names, checked against the target."""
+    speculative = args.speculative
+    if speculative is None or speculative.method != "draft_model":
+        return None
+    if args.tensor_parallel_size > 1:
+        raise InvalidParameterError(
+            "speculative_config", "a draft model runs on one device: tensor_parallel_size 1 only"
+        )
+    draft_args = dataclasses.replace(
+        args, model=speculative.model, tokenizer=None, revision=None, quantization=None
+    )
+    draft = resolve_model(dataclasses.replace(draft_args, max_model_len=None))
+    if draft.hf_config.vocab_size != spec.hf_config.vocab_size:
+        raise InvalidParameterError(
+            "speculative_config",
+            f"the draft model's vocabulary ({draft.hf_config.vocab_size} tokens) is not the "
+            f"target's ({spec.hf_config.vocab_size}): it must share the tokenizer",
+        )
+    if draft.max_model_len < spec.max_model_len:
+        raise InvalidParameterError(
+            "speculative_config",
+            f"the draft model's context ({draft.max_model_len}) is shorter than max_model_len "
+            f"({spec.max_model_len}); lower max_model_len",
+        )
+    draft.max_model_len = spec.max_model_len
+    model = load_model(draft, resolve_dtype(args.dtype, draft.hf_config, draft.device))
+    return DraftModel(draft_args, model)
+
+
+def build_drafter(draft: DraftModel | None, target: ModelRunner) -> DraftModelProposer | None:
+    """The draft model's runner, over a KV cache of the target's blocks."""
+    if draft is None:
+        return None
+    runner = ModelRunner(
+        draft.args, draft.model, target.device, target.max_model_len, num_blocks=target.num_blocks
+    )
+    return DraftModelProposer(runner, draft.args.block_size)
 
 
 # On two CPU cores a decode step of the default model takes 10-40 ms and a
@@ -136,6 +194,8 @@ def build_scheduler(
         # Drafts never push a decode step out of its graph: an eager step of a
         # small batch costs more than the drafts save (measured: 0.8x at batch 4).
         c.speculative.max_step_tokens = graph_tokens
+        if speculative.method == "draft_model":
+            c.speculative.method = _core.DraftMethod.MODEL
         if speculative.method == "suffix":
             c.speculative.method = _core.DraftMethod.SUFFIX
             c.speculative.suffix_max_depth = speculative.suffix_decoding_max_tree_depth

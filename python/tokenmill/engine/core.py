@@ -11,6 +11,7 @@ import numpy as np
 
 from tokenmill import _core
 from tokenmill.engine.batch import RunnerOutput, SamplingBatch
+from tokenmill.engine.draft_model import DraftModelProposer
 from tokenmill.engine.events import (
     BeamSearchFinished,
     EngineEvent,
@@ -44,9 +45,15 @@ class EngineCore:
     """Runs steps over the native scheduler and a ModelRunner. Knows requests
     only by the core's integer ids and reports what happened as EngineEvents."""
 
-    def __init__(self, scheduler: _core.Scheduler, runner: ModelRunner):
+    def __init__(
+        self,
+        scheduler: _core.Scheduler,
+        runner: ModelRunner,
+        drafter: DraftModelProposer | None = None,
+    ):
         self.scheduler = scheduler
         self.runner = runner
+        self.drafter = drafter  # draft-model speculation: fills the rows schedule() reserves
         # measured steps, for the metrics (the scheduler keeps its own fit)
         self.step_times: deque[StepTime] = deque(maxlen=4096)
         self.strategies: dict[int, RequestStrategy] = {}
@@ -84,6 +91,8 @@ class EngineCore:
         plan = self.scheduler.schedule()
         events = self._plan_events(plan)
         if plan.num_seqs:
+            if self.drafter is not None:
+                self.drafter.propose(plan, self.scheduler)
             batch, sampled = self._batch(plan)
             t0 = time.perf_counter()
             output = self.runner.execute(plan, batch)

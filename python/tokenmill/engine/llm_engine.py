@@ -7,7 +7,13 @@ import os
 import time
 
 from tokenmill.config import EngineArgs
-from tokenmill.engine.builder import build_runner, build_scheduler, resolve_model
+from tokenmill.engine.builder import (
+    build_drafter,
+    build_runner,
+    build_scheduler,
+    load_draft_model,
+    resolve_model,
+)
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.events import EngineStats
 from tokenmill.engine.input_processor import InputProcessor, PromptType
@@ -40,9 +46,12 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(args.tokenizer or spec.path, args.trust_remote_code)
         if args.chat_template:
             self.tokenizer.chat_template = _read_template(args.chat_template)
-        runner = build_runner(args, spec, defer_graphs=defer_graphs)
+        draft = load_draft_model(args, spec)
+        runner = build_runner(args, spec, defer_graphs=defer_graphs, draft=draft)
         self.core = EngineCore(
-            build_scheduler(args, spec, runner.num_blocks, runner.graph_tokens), runner
+            build_scheduler(args, spec, runner.num_blocks, runner.graph_tokens),
+            runner,
+            build_drafter(draft, runner),
         )
         self.inputs = InputProcessor(
             self.tokenizer,

@@ -41,7 +41,12 @@ class ModelRunner:
         max_model_len: int,
         workers: distributed.WorkerGroup | None = None,
         defer_graphs: bool = False,
+        num_blocks: int | None = None,
+        kv_extra_bytes_per_block: int = 0,
     ):
+        """num_blocks: the KV cache's size in blocks, else sized from the memory
+        budget, where each block also costs kv_extra_bytes_per_block (a draft
+        model's cache over the same blocks)."""
         self.args = args
         self.defer_start_up = defer_graphs
         self._commit_pending = False
@@ -53,7 +58,7 @@ class ModelRunner:
         self.sampler = Sampler(args.seed)
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = num_blocks or self._num_kv_blocks(kv_extra_bytes_per_block)
         self._allocate_kv_cache(self.num_blocks)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
@@ -120,16 +125,7 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        layers = self.model.attention_layers
-        a = layers[0]
-        return (
-            len(layers)
-            * 2
-            * a.num_kv_heads
-            * self.args.block_size
-            * a.head_size
-            * self.dtype.itemsize
-        )
+        return kv_bytes_per_block(self.model, self.args.block_size)
 
     def _gpu_kv_budget(self) -> int:
         """gpu_memory_utilization of the GPU, less what the weights, a full step's
@@ -173,7 +169,7 @@ class ModelRunner:
             layer.key_cache = layer.value_cache = None
         torch.cuda.empty_cache()
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, extra_bytes_per_block: int = 0) -> int:
         budget = self.args.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -187,7 +183,7 @@ class ModelRunner:
                 else available_memory_bytes()
             )
             budget = int(free * budget)
-        per_block = self.kv_bytes_per_block
+        per_block = self.kv_bytes_per_block + extra_bytes_per_block
         blocks = int(budget // per_block)
         needed = -(-self.max_model_len // self.args.block_size)
         if blocks < needed:
@@ -252,7 +248,7 @@ class ModelRunner:
         self.sampler.prepare(batch.slots)
         hidden = self.hidden_states(step)
         if self._argmax_only(batch):
-            tokens = self._argmax_tokens(hidden)
+            tokens = self.argmax_tokens(hidden)
             if tokens is not None:
                 return RunnerOutput(tokens)
         logits = self.model.compute_logits(hidden)
@@ -285,7 +281,7 @@ class ModelRunner:
             and all(self.sampler.picks_argmax(s) for s in batch.slots)
         )
 
-    def _argmax_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
+    def argmax_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
         """Greedy tokens without float32 logits where this runner can: on
         CPUs, the greedy head for one row, or a native argmax of the logits in
         the model's dtype; else None."""
@@ -345,6 +341,14 @@ class ModelRunner:
         if not _all_rows(step.rows, len(hidden)):
             hidden = hidden[self._tensor(step.rows, "rows").long()]
         return hidden
+
+
+def kv_bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
+    """Bytes of a model's keys and values for one block of tokens."""
+    layers = model.attention_layers
+    a = layers[0]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return len(layers) * 2 * a.num_kv_heads * block_size * a.head_size * dtype.itemsize
 
 
 def _all_rows(rows: np.ndarray, n: int) -> bool:
