@@ -234,8 +234,10 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
   const SpeculativeConfig& sc = config_.speculative;
   choices_.clear();
   drafted_.clear();
+  const double prior = acceptance_.rate(kFirstAcceptance);
+  const bool allowed = yield_.allows(decode_rows);
   for (Request* req : order) {
-    const bool eligible = speculates(*req);
+    const bool eligible = allowed && speculates(*req);
     for (auto& s : req->seqs) {
       s->draft.clear();
       const int64_t size = static_cast<int64_t>(s->tokens.size());
@@ -256,7 +258,7 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
                           other_draft_) > own)
         s->draft.swap(other_draft_);
       if (s->draft.empty()) continue;
-      choices_.push_back({req->acceptance.rate(), static_cast<int>(s->draft.size())});
+      choices_.push_back({req->acceptance.rate(prior), static_cast<int>(s->draft.size())});
       drafted_.push_back(s.get());
     }
   }

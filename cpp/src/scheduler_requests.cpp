@@ -165,6 +165,7 @@ void Scheduler::append_verified(Request& req, Sequence& seq, const int32_t* toks
   draft_tokens_ += k;
   accepted_tokens_ += count - 1;
   req.acceptance.observe(count - 1, k);
+  acceptance_.observe(count - 1, k);
   seq.draft.clear();
   for (int j = 0; j < count; ++j) {
     seq.tokens.push_back(toks[j]);
@@ -183,6 +184,17 @@ void Scheduler::append_verified(Request& req, Sequence& seq, const int32_t* toks
   blocks_.truncate(seq.block_table, blocks_.blocks_for(seq.num_computed + 1));
   blocks_.cache_full_blocks(seq.block_table, seq.tokens, seq.num_computed, req.params.cache_salt,
                             seq.hash_cursor);
+}
+
+void Scheduler::observe_yield(const SchedulerOutput& out, const int32_t* counts, double ms) {
+  if (out.num_decode_seqs != out.num_seqs()) return;  // a prompt's share is not known
+  double tokens = 0;
+  bool drafted = false;
+  for (int i = 0; i < out.num_seqs(); ++i) {
+    tokens += counts[i];
+    drafted |= out.num_draft[i] > 0;
+  }
+  yield_.observe(out.num_decode_seqs, drafted, tokens, ms);
 }
 
 void Scheduler::set_drafts(const SchedulerOutput& out) {

@@ -79,6 +79,23 @@ void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
   keep(best, true);
 }
 
+bool DraftYield::allows(int rows) {
+  if (rows <= 0) return true;
+  if (static_cast<int>(sizes_.size()) <= rows) sizes_.resize(rows + 1);
+  Size& s = sizes_[rows];
+  const int64_t step = s.steps++;
+  if (s.plain.weight < kEnough) return step % 8 != 7;  // a plain step now and then
+  if (s.drafted.weight < kEnough) return true;
+  const bool pays = s.drafted.tokens * s.plain.ms >= s.plain.tokens * s.drafted.ms;
+  return pays || step % 64 == 63;
+}
+
+void DraftYield::observe(int rows, bool drafted, double tokens, double ms) {
+  if (rows <= 0 || ms <= 0) return;
+  if (static_cast<int>(sizes_.size()) <= rows) sizes_.resize(rows + 1);
+  (drafted ? sizes_[rows].drafted : sizes_[rows].plain).add(tokens, ms);
+}
+
 static uint64_t edge_key(int32_t parent, int32_t token) {
   return static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32 | static_cast<uint32_t>(token);
 }

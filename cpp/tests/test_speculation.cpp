@@ -248,3 +248,60 @@ TEST(DraftLengths, ADraftModelsForwardIsPricedOncePerDepth) {
   choose_draft_lengths(dear, 1, cost, 1 << 30, 6.0);
   EXPECT_EQ(dear[0].length, 0);
 }
+
+TEST(Scheduler, RejectedDraftsLowerTheAcceptanceNewRequestsStartFrom) {
+  // A new request's acceptance starts from the engine's: after a request whose
+  // drafts were all rejected, the same proposal is trimmed where a fresh
+  // engine verifies it whole.
+  auto first_draft = [](Scheduler& s, RequestId id) {
+    RequestParams p;
+    p.max_tokens = 40;
+    s.add_request(id, {1, 2, 3, 4, 5, 6, 1, 2}, p);
+    auto out = s.schedule();
+    int32_t tok = 3;
+    s.update(*out, &tok, 1);
+    out = s.schedule();
+    return out->num_draft[0];
+  };
+  Scheduler fresh(spec_config(4));
+  cheap_rows(fresh);
+  EXPECT_EQ(first_draft(fresh, 1), 4);
+
+  SchedulerConfig c = spec_config(4);
+  c.speculative.min_ngram = 1;  // any earlier token is a match: always a draft
+  Scheduler s(c);
+  cheap_rows(s);
+  RequestParams p;
+  p.max_tokens = 40;
+  s.add_request(7, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, p);
+  int rejected = 0;
+  for (int step = 0; step < 30 && s.has_request(7); ++step) {
+    auto out = s.schedule();
+    const int k = out->num_draft[0];
+    // never the first draft token: each draft is rejected
+    int32_t tok = k ? out->input_ids[1] % 10 + 1 : 1 + step % 10;
+    s.update(*out, &tok, 1);
+    rejected += k;
+  }
+  ASSERT_GT(rejected, 0);
+  s.abort_request(7);
+  EXPECT_LT(first_draft(s, 1), 4);
+}
+
+TEST(DraftYield, DraftingStopsWhereDraftedStepsYieldLess) {
+  DraftYield y;
+  int plain_steps = 0;
+  for (int i = 0; i < 32; ++i) plain_steps += !y.allows(4);
+  EXPECT_EQ(plain_steps, 4);  // unmeasured: every 8th step is plain
+  for (int i = 0; i < 8; ++i) {
+    y.observe(4, false, 4, 10);   // 0.4 tokens per ms
+    y.observe(4, true, 6, 20);    // 0.3: drafting loses at 4 sequences
+    y.observe(1, false, 1, 10);   // 0.1
+    y.observe(1, true, 3.5, 20);  // 0.175: and wins at one
+  }
+  int drafted = 0;
+  for (int i = 0; i < 128; ++i) drafted += y.allows(4);
+  EXPECT_EQ(drafted, 2);  // every 64th, to watch for a change
+  for (int i = 0; i < 128; ++i) EXPECT_TRUE(y.allows(1));
+  EXPECT_TRUE(y.allows(2));  // another size starts unmeasured
+}

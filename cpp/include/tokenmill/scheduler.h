@@ -189,6 +189,9 @@ class Scheduler {
   // DraftMethod::kModel: takes each sequence's draft tokens from the rows of
   // `out.input_ids` that schedule() reserved for them (the caller wrote them).
   void set_drafts(const SchedulerOutput& out);
+  // What a step of only decoding sequences took (the draft model's forwards
+  // included) and yielded (counts: as given to update).
+  void observe_yield(const SchedulerOutput& out, const int32_t* counts, double ms);
   // DraftMethod::kModel: the measured time of one draft-model forward.
   void set_draft_forward_ms(double ms) { draft_forward_ms_ = ms; }
 
@@ -253,6 +256,9 @@ class Scheduler {
   StepCostModel cost_;
   int last_budget_ = 0;
   int64_t draft_tokens_ = 0, accepted_tokens_ = 0;
+  AcceptanceRate acceptance_;  // over all requests
+  DraftYield yield_;
+  static constexpr double kFirstAcceptance = 0.8;  // its prior
   double draft_forward_ms_ = 0;
   SuffixCache suffix_;  // outputs of finished requests, for suffix decoding
   std::vector<int32_t> other_draft_;

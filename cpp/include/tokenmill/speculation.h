@@ -70,19 +70,53 @@ class SuffixCache {
   std::deque<std::vector<int32_t>> outputs_;
 };
 
-// How often a request's draft tokens were accepted: each verified draft
-// token is a trial until the first rejection, older steps decaying.
+// How often draft tokens were accepted: each verified draft token is a trial
+// until the first rejection, older steps decaying. A request's rate has the
+// engine's rate over all requests as its prior, and that one an optimistic
+// prior, so that drafting is tried before a measured acceptance decides.
 class AcceptanceRate {
  public:
-  double rate() const { return accepted_ / trials_; }
+  // The observed rate, with `prior` counting as two trials.
+  double rate(double prior) const {
+    return (accepted_ + kPriorTrials * prior) / (trials_ + kPriorTrials);
+  }
   void observe(int accepted, int proposed) {
     accepted_ = kDecay * accepted_ + accepted;
     trials_ = kDecay * trials_ + accepted + (accepted < proposed);
   }
 
  private:
-  static constexpr double kDecay = 0.9;
-  double accepted_ = 1, trials_ = 2;  // prior: one in two
+  static constexpr double kDecay = 0.9, kPriorTrials = 2;
+  double accepted_ = 0, trials_ = 0;
+};
+
+// What steps of only decoding sequences yielded (output tokens per ms), with
+// and without drafts, per number of decoding sequences: a check on the cost
+// model, whose fit can price verification rows wrongly where it has seen few
+// shapes. Drafting is allowed at a batch size until drafted steps are seen to
+// yield less than plain ones; then only every 64th step there drafts, to
+// watch for a change. A few plain steps are made at each size to compare with.
+class DraftYield {
+ public:
+  // Whether this step, of `rows` decoding sequences, may draft.
+  bool allows(int rows);
+  void observe(int rows, bool drafted, double tokens, double ms);
+
+ private:
+  struct Rate {
+    double tokens = 0, ms = 0, weight = 0;
+    void add(double t, double m) {
+      tokens = kDecay * tokens + t;
+      ms = kDecay * ms + m;
+      weight = kDecay * weight + 1;
+    }
+  };
+  struct Size {
+    Rate plain, drafted;
+    int64_t steps = 0;
+  };
+  static constexpr double kDecay = 0.95, kEnough = 4;
+  std::vector<Size> sizes_;
 };
 
 // One decoding sequence's proposal: its acceptance rate and, in and out, its

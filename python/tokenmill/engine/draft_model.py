@@ -32,7 +32,28 @@ class DraftModelProposer:
         # once the next step shows how many were accepted)
         self._valid: dict[int, int] = {}
         self._forward_ms: deque[float] = deque(maxlen=15)  # recent draft forwards
-        self._steps_without_drafts = 0
+        self._time_a_forward()
+
+    @torch.inference_mode()
+    def _time_a_forward(self) -> None:
+        """Prices a draft forward before any step: priced as free, every sequence
+        would draft once (and compute its prompt on the draft) whatever the batch."""
+        step = StepInputs(
+            input_ids=np.zeros(1, dtype=np.int32),
+            positions=np.zeros(1, dtype=np.int32),
+            slot_mapping=np.full(1, -1, dtype=np.int32),  # writes no cache slot
+            seq_lens=np.ones(1, dtype=np.int32),
+            query_start_loc=np.array([0, 1], dtype=np.int32),
+            block_tables=np.zeros((1, 1), dtype=np.int32),
+            copies=np.zeros((0, 2), dtype=np.int32),
+            rows=np.zeros(1, dtype=np.int32),
+            num_decode_seqs=1,
+        )
+        for i in range(8):
+            t0 = time.perf_counter()
+            self.runner.argmax_tokens(self.runner.hidden_states(step))
+            if i >= 3:  # after the first shapes' set-up
+                self._forward_ms.append((time.perf_counter() - t0) * 1e3)
 
     @torch.inference_mode()
     def propose(self, plan, scheduler) -> None:
@@ -55,14 +76,7 @@ class DraftModelProposer:
                 drafting.append((i, known, n, k, tokens))
         self._valid = valid
         if not drafting:
-            self._steps_without_drafts += plan.num_decode_seqs > 0
-            if self._steps_without_drafts % 16 == 15:
-                # Slow forwards (first shapes, another process) must not stop
-                # drafting for good: forgotten, so that drafts are tried again.
-                self._forward_ms.clear()
-                scheduler.set_draft_forward_ms(0.0)
             return
-        self._steps_without_drafts = 0
         copies = np.asarray(plan.block_copies, dtype=np.int32).reshape(-1, 2)
         depth = max(d[3] for d in drafting)
         # Forward 1 computes what each sequence's draft KV lacks, up to its
@@ -82,8 +96,8 @@ class DraftModelProposer:
 
     @property
     def forward_ms(self) -> float:
-        """What a draft forward costs: the median of recent ones (0: unknown)."""
-        return statistics.median(self._forward_ms) if self._forward_ms else 0.0
+        """What a draft forward costs: the median of recent ones."""
+        return statistics.median(self._forward_ms)
 
     def _forward(self, plan, feeds, copies) -> np.ndarray:
         """Greedy next tokens after each (plan row, positions, tokens) feed."""
