@@ -179,6 +179,48 @@ ATTN_CASES = [
 ]
 
 
+class AttentionBatch:
+    """A paged-attention batch of (query_len, context_len) sequences over a
+    random cache and random block tables, with a poisoned output."""
+
+    def __init__(self, seqs, heads, block_size, dtype, device, seed=0):
+        num_heads, num_kv, head_size = heads
+        self.seq_lens = [c for _, c in seqs]
+        self.qsl = [0]
+        for q, _ in seqs:
+            self.qsl.append(self.qsl[-1] + q)
+        num_blocks = sum((n + block_size - 1) // block_size for n in self.seq_lens) + 4
+        self.kc, self.vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
+        gen = torch.Generator().manual_seed(seed)
+        self.tables = random_tables(self.seq_lens, block_size, num_blocks, gen)
+        self.query = torch.randn(self.qsl[-1], num_heads, head_size, dtype=dtype, device=device)
+        self.out = poisoned(self.query.shape, dtype, device)
+        self.device = device
+
+    def run(self, impl, scale, **kw) -> torch.Tensor:
+        lens, qsl = (
+            torch.tensor(x, dtype=torch.int32, device=self.device)
+            for x in (self.seq_lens, self.qsl)
+        )
+        impl.paged_attention(
+            self.out,
+            self.query,
+            self.kc,
+            self.vc,
+            self.tables.to(self.device),
+            lens,
+            qsl,
+            scale,
+            **kw,
+        )
+        return self.out
+
+    def reference(self, scale, **kw) -> torch.Tensor:
+        return ref_attention(
+            self.query, self.kc, self.vc, self.tables, self.seq_lens, self.qsl, scale, **kw
+        )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -186,22 +228,11 @@ ATTN_CASES = [
 def test_paged_attention(backend, dtype, block_size, case):
     impl, device = needs(backend, "paged_attention")
     num_heads, num_kv, head_size, seqs = case
-    gen = torch.Generator().manual_seed(0)
-    seq_lens = [c for _, c in seqs]
-    qsl = [0]
-    for q, _ in seqs:
-        qsl.append(qsl[-1] + q)
-    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
-    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
-    tables = random_tables(seq_lens, block_size, num_blocks, gen)
-    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype, device=device)
-    out = poisoned(query.shape, dtype, device)
+    batch = AttentionBatch(seqs, case[:3], block_size, dtype, device)
     scale = 1 / math.sqrt(head_size)
-    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
-    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, scale)
+    out = batch.run(impl, scale)
     assert torch.isfinite(out).all(), "some outputs were not written"
-    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, scale)
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, batch.reference(scale)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,14 +240,8 @@ def test_paged_attention(backend, dtype, block_size, case):
 @pytest.mark.parametrize("variant", ["window", "softcap", "alibi", "sinks", "sinks-window"])
 def test_paged_attention_variants(backend, dtype, variant):
     impl, device = needs(backend, "paged_attention")
-    num_heads, num_kv, head_size, block_size = 4, 2, 64, 16
-    seqs = [(10, 50), (1, 70), (24, 24)]
-    seq_lens = [c for _, c in seqs]
-    qsl = [0, 10, 11, 35]
-    kc, vc = make_cache(16, num_kv, block_size, head_size, dtype, device)
-    tables = random_tables(seq_lens, block_size, 16, torch.Generator().manual_seed(1))
-    query = torch.randn(35, num_heads, head_size, dtype=dtype, device=device)
-    out = poisoned(query.shape, dtype, device)
+    num_heads = 4
+    batch = AttentionBatch([(10, 50), (1, 70), (24, 24)], (num_heads, 2, 64), 16, dtype, device, 1)
     kw = {
         "window": dict(window=19),
         "softcap": dict(softcap=2.0),
@@ -230,10 +255,8 @@ def test_paged_attention_variants(backend, dtype, variant):
         alibi_slopes=kw.get("alibi"),
         sinks=None if "sinks" not in kw else kw["sinks"].to(device),
     )
-    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
-    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.125, **call)
-    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.125, **kw)
-    assert rel_err(out, ref) < TOL[dtype]
+    out = batch.run(impl, 0.125, **call)
+    assert rel_err(out, batch.reference(0.125, **kw)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -272,23 +295,13 @@ def test_paged_attention_verifies_drafts_as_decode_steps(backend, dtype, context
     alone (so speculative decoding changes no greedy token)."""
     native_cpu = backend == (native, "cpu")
     impl, device = needs(backend, "paged_attention")
-    num_heads, num_kv, head_size, block_size = 9, 3, 64, 16
     seqs = [(6, context), (1, 90), (4, context // 2), (30, 30)]  # 3 decoding, then a prompt
-    seq_lens = [c for _, c in seqs]
-    qsl = [0]
-    for q, _ in seqs:
-        qsl.append(qsl[-1] + q)
-    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
-    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, device)
-    tables = random_tables(seq_lens, block_size, num_blocks, torch.Generator().manual_seed(3))
-    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype, device=device)
-    out = poisoned(query.shape, dtype, device)
-    args = [torch.tensor(x, dtype=torch.int32, device=device) for x in (seq_lens, qsl)]
-    impl.paged_attention(out, query, kc, vc, tables.to(device), *args, 0.1, num_decode_seqs=3)
-    ref = ref_attention(query, kc, vc, tables, seq_lens, qsl, 0.1)
-    assert rel_err(out, ref) < TOL[dtype]
+    batch = AttentionBatch(seqs, (9, 3, 64), 16, dtype, device, seed=3)
+    out = batch.run(impl, 0.1, num_decode_seqs=3)
+    assert rel_err(out, batch.reference(0.1)) < TOL[dtype]
     if not native_cpu:  # the bitwise property is the CPU kernels' (the GPU's: to come)
         return
+    query, kc, vc, tables, qsl = batch.query, batch.kc, batch.vc, batch.tables, batch.qsl
     for s, (q_len, ctx) in enumerate(seqs[:3]):
         for r in range(q_len):
             row = qsl[s] + r
@@ -307,17 +320,11 @@ def test_cpu_decode_rows_do_not_depend_on_the_batch(dtype, block_size):
     """A decode row's output on the CPU is bitwise the same alone and in a
     batch (one whose size changes how the kernel splits its work), short and
     long contexts alike: batch-invariant greedy decoding rests on it."""
-    num_heads, num_kv, head_size = 9, 3, 64
     contexts = [1, 17, 300, 511, 512, 513, 900, 1300, 64, 2000]
-    seq_lens = contexts + [40]  # and a prompt chunk
-    qsl = list(range(len(contexts) + 1)) + [len(contexts) + 40]
-    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 4
-    kc, vc = make_cache(num_blocks, num_kv, block_size, head_size, dtype, "cpu")
-    tables = random_tables(seq_lens, block_size, num_blocks, torch.Generator().manual_seed(4))
-    query = torch.randn(qsl[-1], num_heads, head_size, dtype=dtype)
-    out = poisoned(query.shape, dtype, "cpu")
-    args = [torch.tensor(x, dtype=torch.int32) for x in (seq_lens, qsl)]
-    native.paged_attention(out, query, kc, vc, tables, *args, 0.1, num_decode_seqs=len(contexts))
+    seqs = [(1, c) for c in contexts] + [(40, 40)]  # and a prompt chunk
+    batch = AttentionBatch(seqs, (9, 3, 64), block_size, dtype, "cpu", seed=4)
+    out = batch.run(native, 0.1, num_decode_seqs=len(contexts))
+    query, kc, vc, tables = batch.query, batch.kc, batch.vc, batch.tables
     for s, ctx in enumerate(contexts):
         alone = poisoned((1, *query.shape[1:]), dtype, "cpu")
         native.paged_attention(

@@ -59,6 +59,9 @@ class DraftModelProposer:
     def propose(self, plan, scheduler) -> None:
         """Writes draft tokens into `plan.input_ids`' reserved rows and hands
         them to the scheduler; sequences that do not decode now are forgotten."""
+        copies = np.asarray(plan.block_copies, dtype=np.int32).reshape(-1, 2)
+        if len(copies):  # copy-on-write in the target's blocks: the same in the draft's
+            self.runner.copy_blocks([tuple(c) for c in copies.tolist()])
         valid, drafting = {}, []
         starts, lens = plan.query_start_loc, plan.num_draft
         for i in range(plan.num_decode_seqs):
@@ -77,13 +80,12 @@ class DraftModelProposer:
         self._valid = valid
         if not drafting:
             return
-        copies = np.asarray(plan.block_copies, dtype=np.int32).reshape(-1, 2)
         depth = max(d[3] for d in drafting)
         # Forward 1 computes what each sequence's draft KV lacks, up to its
         # next token; forward j then feeds draft j - 1 of the sequences with j.
         feeds = [(i, np.arange(known, n + 1), tokens) for i, known, n, _, tokens in drafting]
         for j in range(1, depth + 1):
-            drafts = self._forward(plan, feeds, copies if j == 1 else None)
+            drafts = self._forward(plan, feeds)
             feeds = []
             for (i, _, n, k, _), token in zip(
                 (d for d in drafting if d[3] >= j), drafts, strict=True
@@ -99,7 +101,7 @@ class DraftModelProposer:
         """What a draft forward costs: the median of recent ones."""
         return statistics.median(self._forward_ms)
 
-    def _forward(self, plan, feeds, copies) -> np.ndarray:
+    def _forward(self, plan, feeds) -> np.ndarray:
         """Greedy next tokens after each (plan row, positions, tokens) feed."""
         # Short feeds (a token or two: steady decoding) first, as decode rows;
         # a long catch-up after them runs as a prompt chunk.
@@ -118,7 +120,7 @@ class DraftModelProposer:
             seq_lens=np.array([feeds[f][1][-1] + 1 for f in order], dtype=np.int32),
             query_start_loc=np.concatenate([[0], ends]).astype(np.int32),
             block_tables=np.ascontiguousarray(tables),
-            copies=copies if copies is not None else np.zeros((0, 2), dtype=np.int32),
+            copies=np.zeros((0, 2), dtype=np.int32),
             rows=ends - 1,
             num_decode_seqs=num_decode,
         )

@@ -71,25 +71,33 @@ class SamplingStrategy(RequestStrategy):
         seq = int(plan.seq_ids[i])
         if self.params.prompt_logprobs is not None and seq == self.first_seq:
             self._add_prompt_target(batch, plan, i)
-        drafts = int(plan.num_draft[i])
+        drafts, out, index = int(plan.num_draft[i]), self.outputs.get(seq), self.index.get(seq)
         if drafts:
-            self._add_draft_slots(batch, plan, i, row, drafts)
-        elif num_samples:
+            # A slot per draft token and one after them, each sampling as if
+            # the drafts before it were accepted.
+            start = int(plan.query_start_loc[i]) + 1
+            draft = self._drafts[seq] = plan.input_ids[start : start + drafts].tolist()
+            self._slots[seq] = (len(batch.slots), drafts + 1)
+            batch.slots += [
+                self._slot(seq, out + draft[:j], index, row + j) for j in range(drafts + 1)
+            ]
+        elif num_samples:  # (several: the first tokens of n sequences)
             self._slots[seq] = (len(batch.slots), num_samples)
-            out = self.outputs[seq]
-            for s in range(num_samples):  # (several: the first tokens of n sequences)
-                batch.slots.append(
-                    SampleSlot(
-                        self.params,
-                        out,
-                        self.prompt_ids,
-                        self._generator(self.index[seq] + s, len(out)),
-                        self.eos_token_id,
-                        row,
-                        seq,
-                        self.matchers.get(seq),
-                    )
-                )
+            batch.slots += [self._slot(seq, out, index + s, row) for s in range(num_samples)]
+
+    def _slot(self, seq: int, history: list[int], index: int, row: int) -> SampleSlot:
+        """The draw of the token after `history` in sequence number `index` of
+        the request, from logit row `row`."""
+        return SampleSlot(
+            self.params,
+            history,
+            self.prompt_ids,
+            self._generator(index, len(history)),
+            self.eos_token_id,
+            row,
+            seq,
+            self.matchers.get(seq),
+        )
 
     def _generator(self, index: int, position: int) -> torch.Generator | None:
         """A seeded request's draw for the token at `position` of its
@@ -99,27 +107,6 @@ class SamplingStrategy(RequestStrategy):
             return None
         key = self.params.seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + position
         return torch.Generator().manual_seed(key % (1 << 63))
-
-    def _add_draft_slots(self, batch: SamplingBatch, plan, i: int, row: int, k: int) -> None:
-        """A slot per draft token and one after them, each sampling as if the
-        drafts before it were accepted."""
-        seq = int(plan.seq_ids[i])
-        start = int(plan.query_start_loc[i]) + 1
-        draft = self._drafts[seq] = plan.input_ids[start : start + k].tolist()
-        self._slots[seq] = (len(batch.slots), k + 1)
-        out = self.outputs[seq]
-        for j in range(k + 1):
-            batch.slots.append(
-                SampleSlot(
-                    self.params,
-                    out + draft[:j],
-                    self.prompt_ids,
-                    self._generator(self.index[seq], len(out) + j),
-                    self.eos_token_id,
-                    row + j,
-                    seq,
-                )
-            )
 
     def _add_prompt_target(self, batch: SamplingBatch, plan, i: int) -> None:
         start, end = int(plan.query_start_loc[i]), int(plan.query_start_loc[i + 1])
