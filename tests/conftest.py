@@ -291,3 +291,20 @@ def pin_cheap_rows(engine) -> None:
         return events
 
     engine.core.step = pinned
+
+
+def finish_drafting_with_aborts(engine, aborts=(5, 12)) -> None:
+    """Steps a speculating engine to the end, checking the core's invariants
+    after every step and aborting request str(s) at step s; then drafts were
+    verified and accepted, some request was preempted, and no block is left."""
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.core.scheduler.check_invariants()
+        steps += 1
+        if steps in aborts:
+            engine.abort_request(str(steps))
+    stats = engine.stats()
+    assert stats.draft_tokens > 0 and stats.accepted_tokens > 0
+    assert engine.core.preemptions > 0
+    assert stats.num_free_blocks == stats.num_blocks

@@ -9,7 +9,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineArgs
 from tokenmill.errors import InvalidParameterError
 
-from tests.conftest import pin_cheap_rows
+from tests.conftest import finish_drafting_with_aborts, pin_cheap_rows
 
 PROMPTS = [
     [5, 9, 2, 7] * 3,
@@ -90,7 +90,6 @@ def test_draft_model_steps_survive_preemption_aborts_and_n(tiny_model):
         )
     )
     pin_cheap_rows(engine)
-    scheduler = engine.core.scheduler
     for i in range(9):
         params = SamplingParams(
             temperature=0 if i % 2 else 0.8,
@@ -100,17 +99,7 @@ def test_draft_model_steps_survive_preemption_aborts_and_n(tiny_model):
             ignore_eos=True,
         )
         engine.add_request(str(i), {"prompt_token_ids": PROMPTS[i % len(PROMPTS)]}, params)
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        scheduler.check_invariants()
-        steps += 1
-        if steps in (5, 12):
-            engine.abort_request(str(steps))
-    st = engine.stats()
-    assert st.draft_tokens > 0 and st.accepted_tokens > 0
-    assert engine.core.preemptions > 0
-    assert st.num_free_blocks == st.num_blocks
+    finish_drafting_with_aborts(engine)
 
 
 def test_draft_model_config_is_checked_by_name(tiny_model, tmp_path):

@@ -15,7 +15,7 @@ from tokenmill import _core
 from tokenmill.config import EngineArgs, SpeculativeConfig
 from tokenmill.errors import InvalidParameterError
 
-from tests.conftest import hf_model
+from tests.conftest import finish_drafting_with_aborts, hf_model
 
 
 @pytest.mark.parametrize(
@@ -245,7 +245,6 @@ def test_preemption_aborts_and_n_in_speculative_steps_leave_no_block(tiny_model)
             speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1},
         )
     )
-    scheduler = engine.core.scheduler
     repeat = [list(range(10, 20)) * 4, [30, 31, 32] * 10, list(range(40, 60)) * 2]
     for i in range(9):
         # every other request is pushed to repeat one token, so that its
@@ -259,17 +258,7 @@ def test_preemption_aborts_and_n_in_speculative_steps_leave_no_block(tiny_model)
             logit_bias={50 + i: 30.0} if i % 2 == 0 else None,
         )
         engine.add_request(str(i), {"prompt_token_ids": repeat[i % 3]}, params)
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        scheduler.check_invariants()
-        steps += 1
-        if steps in (5, 12):
-            engine.abort_request(str(steps))
-    stats = engine.stats()
-    assert stats.draft_tokens > 0 and stats.accepted_tokens > 0
-    assert engine.core.preemptions > 0
-    assert stats.num_free_blocks == stats.num_blocks
+    finish_drafting_with_aborts(engine)
 
 
 @pytest.mark.slow
