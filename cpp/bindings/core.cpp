@@ -202,17 +202,6 @@ PYBIND11_MODULE(_core, m) {
           "first extends it, the others fork children, none drops it; a sequence with draft "
           "tokens appends its accepted drafts and one more token instead. Then apply the stop "
           "conditions. Returns the events in the order made.")
-      .def(
-          "observe_yield",
-          [](Scheduler& s, const SchedulerOutput& out,
-             py::array_t<int32_t, py::array::c_style | py::array::forcecast> counts, double ms) {
-            if (counts.size() != out.num_seqs())
-              throw std::invalid_argument("observe_yield: counts needs one entry per sequence");
-            s.observe_yield(out, counts.data(), ms);
-          },
-          py::arg("out"), py::arg("counts"), py::arg("ms"),
-          "What a step of only decoding sequences took (drafting included) and yielded; "
-          "drafting stops at batch sizes where drafted steps yield less than plain ones.")
       .def("set_drafts", &Scheduler::set_drafts, py::arg("out"),
            "Draft-model speculation: take each sequence's draft tokens from the rows of "
            "out.input_ids reserved for them.")

@@ -235,7 +235,8 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
   choices_.clear();
   drafted_.clear();
   const double prior = acceptance_.rate(kFirstAcceptance);
-  const bool allowed = yield_.allows(decode_rows);
+  const double row_ms = verify_price_.next(decode_rows);
+  const bool allowed = row_ms != VerifyPrice::kPlain;
   for (Request* req : order) {
     const bool eligible = allowed && speculates(*req);
     for (auto& s : req->seqs) {
@@ -264,7 +265,7 @@ void Scheduler::propose_drafts(const std::vector<Request*>& order, int decode_ro
   }
   const int room = sc.max_step_tokens > 0 ? sc.max_step_tokens - decode_rows : 1 << 30;
   choose_draft_lengths(choices_, decode_rows, cost_, std::max(0, room),
-                       sc.method == DraftMethod::kModel ? draft_forward_ms_ : 0.0);
+                       sc.method == DraftMethod::kModel ? draft_forward_ms_ : 0.0, row_ms);
   for (size_t i = 0; i < drafted_.size(); ++i) drafted_[i]->draft.resize(choices_[i].length);
 }
 

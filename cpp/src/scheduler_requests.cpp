@@ -186,15 +186,12 @@ void Scheduler::append_verified(Request& req, Sequence& seq, const int32_t* toks
                             seq.hash_cursor);
 }
 
-void Scheduler::observe_yield(const SchedulerOutput& out, const int32_t* counts, double ms) {
+void Scheduler::observe_step(const SchedulerOutput& out, double ms) {
+  cost_.observe(out.shape(), ms);
   if (out.num_decode_seqs != out.num_seqs()) return;  // a prompt's share is not known
-  double tokens = 0;
-  bool drafted = false;
-  for (int i = 0; i < out.num_seqs(); ++i) {
-    tokens += counts[i];
-    drafted |= out.num_draft[i] > 0;
-  }
-  yield_.observe(out.num_decode_seqs, drafted, tokens, ms);
+  int draft_rows = 0;
+  for (int k : out.num_draft) draft_rows += k;
+  verify_price_.observe(out.num_decode_seqs, draft_rows, ms);
 }
 
 void Scheduler::set_drafts(const SchedulerOutput& out) {

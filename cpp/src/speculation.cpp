@@ -25,7 +25,8 @@ int propose_ngram(const std::vector<int32_t>& tokens, int min_n, int max_n, int 
 }
 
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
-                          const StepCostModel& cost, int max_drafts, double draft_forward_ms) {
+                          const StepCostModel& cost, int max_drafts, double draft_forward_ms,
+                          double row_ms) {
   // Until a fit exists, a row costs a tenth of a step's fixed part, as a
   // decode row of a small model does on a CPU.
   const bool fitted = cost.fitted();
@@ -33,7 +34,9 @@ void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
   // A fit from steps of one batch size cannot tell a row's cost (it may come
   // out 0): a row then costs no less than a fiftieth of the fixed part.
   const auto& c = cost.coefficients();
-  const double per_token = fitted ? std::max({c[2], 0.02 * c[0], 1e-6}) : 1.0;
+  const double per_token = row_ms >= 0 ? std::max(row_ms, 1e-6)
+                           : fitted    ? std::max({c[2], 0.02 * c[0], 1e-6})
+                                       : 1.0;
   struct Gain {
     double p;
     int seq, index;
@@ -79,21 +82,21 @@ void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
   keep(best, true);
 }
 
-bool DraftYield::allows(int rows) {
-  if (rows <= 0) return true;
-  if (static_cast<int>(sizes_.size()) <= rows) sizes_.resize(rows + 1);
-  Size& s = sizes_[rows];
+double VerifyPrice::next(int seqs) {
+  if (seqs <= 0) return kUnknown;
+  if (static_cast<int>(sizes_.size()) <= seqs) sizes_.resize(seqs + 1);
+  Size& s = sizes_[seqs];
   const int64_t step = s.steps++;
-  if (s.plain.weight < kEnough) return step % 8 != 7;  // a plain step now and then
-  if (s.drafted.weight < kEnough) return true;
-  const bool pays = s.drafted.tokens * s.plain.ms >= s.plain.tokens * s.drafted.ms;
-  return pays || step % 64 == 63;
+  if (s.plain.weight < kEnough) return step % 8 == 7 ? kPlain : kUnknown;
+  if (s.drafted.weight < kEnough || step % 64 == 63) return kUnknown;
+  const double extra = s.drafted.ms / s.drafted.weight - s.plain.ms / s.plain.weight;
+  return std::max(0.0, extra / (s.drafted.rows / s.drafted.weight));
 }
 
-void DraftYield::observe(int rows, bool drafted, double tokens, double ms) {
-  if (rows <= 0 || ms <= 0) return;
-  if (static_cast<int>(sizes_.size()) <= rows) sizes_.resize(rows + 1);
-  (drafted ? sizes_[rows].drafted : sizes_[rows].plain).add(tokens, ms);
+void VerifyPrice::observe(int seqs, int draft_rows, double ms) {
+  if (seqs <= 0 || ms <= 0) return;
+  if (static_cast<int>(sizes_.size()) <= seqs) sizes_.resize(seqs + 1);
+  (draft_rows ? sizes_[seqs].drafted : sizes_[seqs].plain).add(ms, draft_rows);
 }
 
 static uint64_t edge_key(int32_t parent, int32_t token) {

@@ -288,20 +288,36 @@ TEST(Scheduler, RejectedDraftsLowerTheAcceptanceNewRequestsStartFrom) {
   EXPECT_LT(first_draft(s, 1), 4);
 }
 
-TEST(DraftYield, DraftingStopsWhereDraftedStepsYieldLess) {
-  DraftYield y;
+TEST(VerifyPrice, ARowIsPricedFromDraftedAgainstPlainStepsOfTheSameBatch) {
+  VerifyPrice v;
   int plain_steps = 0;
-  for (int i = 0; i < 32; ++i) plain_steps += !y.allows(4);
+  for (int i = 0; i < 32; ++i) plain_steps += v.next(4) == VerifyPrice::kPlain;
   EXPECT_EQ(plain_steps, 4);  // unmeasured: every 8th step is plain
   for (int i = 0; i < 8; ++i) {
-    y.observe(4, false, 4, 10);   // 0.4 tokens per ms
-    y.observe(4, true, 6, 20);    // 0.3: drafting loses at 4 sequences
-    y.observe(1, false, 1, 10);   // 0.1
-    y.observe(1, true, 3.5, 20);  // 0.175: and wins at one
+    v.observe(4, 0, 20);  // 4 sequences: 20 ms plain,
+    v.observe(4, 4, 36);  // 36 ms with 4 draft rows: 4 ms a row
+    v.observe(1, 0, 10);
+    v.observe(1, 5, 12);  // one sequence: 0.4 ms a row
   }
-  int drafted = 0;
-  for (int i = 0; i < 128; ++i) drafted += y.allows(4);
-  EXPECT_EQ(drafted, 2);  // every 64th, to watch for a change
-  for (int i = 0; i < 128; ++i) EXPECT_TRUE(y.allows(1));
-  EXPECT_TRUE(y.allows(2));  // another size starts unmeasured
+  int measured = 0;
+  for (int i = 0; i < 128; ++i) {
+    const double price = v.next(4);
+    if (price == VerifyPrice::kUnknown) continue;  // every 64th: the cost model's again
+    EXPECT_NEAR(price, 4.0, 1e-9);
+    ++measured;
+  }
+  EXPECT_EQ(measured, 126);
+  EXPECT_NEAR(v.next(1), 0.4, 1e-9);
+  EXPECT_EQ(v.next(2), VerifyPrice::kUnknown);  // another size starts unmeasured
+  // A dear row stops drafting where the cost model alone would draft.
+  StepCostModel cost;
+  for (int i = 0; i < 40; ++i) {
+    const int rows = 1 + (i * 7) % 64, prompt = (i % 3) * 100;
+    cost.observe(prompt, rows, 5 + 0.05 * prompt + 0.05 * rows);
+  }
+  std::vector<DraftChoice> fitted(4, DraftChoice{0.8, 5}), priced(4, DraftChoice{0.8, 5});
+  choose_draft_lengths(fitted, 4, cost);
+  choose_draft_lengths(priced, 4, cost, 1 << 30, 0, 4.0);
+  EXPECT_GT(fitted[0].length, 0);
+  for (const auto& c : priced) EXPECT_EQ(c.length, 0);
 }

@@ -189,9 +189,6 @@ class Scheduler {
   // DraftMethod::kModel: takes each sequence's draft tokens from the rows of
   // `out.input_ids` that schedule() reserved for them (the caller wrote them).
   void set_drafts(const SchedulerOutput& out);
-  // What a step of only decoding sequences took (the draft model's forwards
-  // included) and yielded (counts: as given to update).
-  void observe_yield(const SchedulerOutput& out, const int32_t* counts, double ms);
   // DraftMethod::kModel: the measured time of one draft-model forward.
   void set_draft_forward_ms(double ms) { draft_forward_ms_ = ms; }
 
@@ -204,7 +201,7 @@ class Scheduler {
   // Throws std::logic_error when any block-accounting invariant is broken.
   void check_invariants() const;
   // A step's measured time, for the cost model behind max_step_ms.
-  void observe_step(const SchedulerOutput& out, double ms) { cost_.observe(out.shape(), ms); }
+  void observe_step(const SchedulerOutput& out, double ms);
   void observe_step(int prefill_tokens, int decode_rows, double ms) {
     cost_.observe(prefill_tokens, decode_rows, ms);
   }
@@ -257,7 +254,7 @@ class Scheduler {
   int last_budget_ = 0;
   int64_t draft_tokens_ = 0, accepted_tokens_ = 0;
   AcceptanceRate acceptance_;  // over all requests
-  DraftYield yield_;
+  VerifyPrice verify_price_;
   static constexpr double kFirstAcceptance = 0.8;  // its prior
   double draft_forward_ms_ = 0;
   SuffixCache suffix_;  // outputs of finished requests, for suffix decoding

@@ -90,29 +90,33 @@ class AcceptanceRate {
   double accepted_ = 0, trials_ = 0;
 };
 
-// What steps of only decoding sequences yielded (output tokens per ms), with
-// and without drafts, per number of decoding sequences: a check on the cost
-// model, whose fit can price verification rows wrongly where it has seen few
-// shapes. Drafting is allowed at a batch size until drafted steps are seen to
-// yield less than plain ones; then only every 64th step there drafts, to
-// watch for a change. A few plain steps are made at each size to compare with.
-class DraftYield {
+// What a verified draft row costs, measured per number of decoding
+// sequences: decode-only steps with drafts against those without. The step
+// cost model cannot tell a row's price where batch sizes never varied (a
+// float32 model's 8-row steps took 36 ms against 21 ms for 4 rows while its
+// fit said 1 ms a row); this compares like with like.
+class VerifyPrice {
  public:
-  // Whether this step, of `rows` decoding sequences, may draft.
-  bool allows(int rows);
-  void observe(int rows, bool drafted, double tokens, double ms);
+  static constexpr double kUnknown = -1, kPlain = -2;
+  // The price of a row for this step of `seqs` decoding sequences (ms), or
+  // kUnknown (price it from the cost model), or kPlain: draft nothing, so
+  // that plain steps are measured (every 8th step until they are). Every
+  // 64th step is priced kUnknown, so that a price that stopped drafting is
+  // measured again.
+  double next(int seqs);
+  void observe(int seqs, int draft_rows, double ms);
 
  private:
-  struct Rate {
-    double tokens = 0, ms = 0, weight = 0;
-    void add(double t, double m) {
-      tokens = kDecay * tokens + t;
+  struct Mean {
+    double ms = 0, rows = 0, weight = 0;
+    void add(double m, double r) {
       ms = kDecay * ms + m;
+      rows = kDecay * rows + r;
       weight = kDecay * weight + 1;
     }
   };
   struct Size {
-    Rate plain, drafted;
+    Mean plain, drafted;
     int64_t steps = 0;
   };
   static constexpr double kDecay = 0.95, kEnough = 4;
@@ -134,8 +138,9 @@ struct DraftChoice {
 // than it saves. At most max_drafts are kept in all. A draft model's forwards
 // (draft_forward_ms each, one per draft position, shared by the batch) are
 // priced by trying each depth whole.
+// A measured row price (row_ms >= 0) replaces the cost model's.
 void choose_draft_lengths(std::vector<DraftChoice>& choices, int decode_rows,
                           const StepCostModel& cost, int max_drafts = 1 << 30,
-                          double draft_forward_ms = 0);
+                          double draft_forward_ms = 0, double row_ms = -1);
 
 }  // namespace tokenmill

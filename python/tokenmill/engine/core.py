@@ -93,21 +93,17 @@ class EngineCore:
         plan = self.scheduler.schedule()
         events = self._plan_events(plan)
         if plan.num_seqs:
-            t0 = time.perf_counter()
             if self.drafter is not None:
                 self.drafter.propose(plan, self.scheduler)
             batch, sampled = self._batch(plan)
-            t1 = time.perf_counter()
+            t0 = time.perf_counter()
             output = self.runner.execute(plan, batch)
-            t2 = time.perf_counter()
-            ms = (t2 - t1) * 1e3
+            ms = (time.perf_counter() - t0) * 1e3
             decodes = plan.decode_tokens
             self.scheduler.observe_step(plan, ms)
             self.step_times.append(StepTime(plan.num_tokens - decodes, decodes, ms))
             tokens, counts, slots = self._continuations(plan, batch, output, sampled)
             result = self.scheduler.update(plan, tokens, counts)
-            yielded = plan.num_samples if counts is None else counts
-            self.scheduler.observe_yield(plan, yielded, (t2 - t0) * 1e3)
             events += self._mirror(result, batch, output, slots, sampled)
         return events
 
