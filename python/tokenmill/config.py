@@ -181,7 +181,8 @@ class EngineArgs:
     speculative_config: str | dict | None = _arg(
         'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 5, '
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}, or "method": "suffix" (recent '
-        "outputs as well, suffix_decoding_* keys as in vLLM); greedy output is unchanged and "
+        'outputs as well, suffix_decoding_* keys as in vLLM), or "method": "draft_model" with '
+        '"model" (a smaller model with the same tokenizer); greedy output is unchanged and '
         "sampled output keeps its distribution; auto (the default): n-gram drafts on CPUs, where "
         "they are measured level or faster at every batch size, none on GPUs; off: none",
         default="auto",

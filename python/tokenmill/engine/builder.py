@@ -196,7 +196,7 @@ def build_scheduler(
         c.speculative.max_step_tokens = graph_tokens
         if speculative.method == "draft_model":
             c.speculative.method = _core.DraftMethod.MODEL
-        if speculative.method == "suffix":
+        elif speculative.method == "suffix":
             c.speculative.method = _core.DraftMethod.SUFFIX
             c.speculative.suffix_max_depth = speculative.suffix_decoding_max_tree_depth
             c.speculative.suffix_max_requests = speculative.suffix_decoding_max_cached_requests

@@ -59,9 +59,7 @@ class DraftModelProposer:
     def propose(self, plan, scheduler) -> None:
         """Writes draft tokens into `plan.input_ids`' reserved rows and hands
         them to the scheduler; sequences that do not decode now are forgotten."""
-        copies = np.asarray(plan.block_copies, dtype=np.int32).reshape(-1, 2)
-        if len(copies):  # copy-on-write in the target's blocks: the same in the draft's
-            self.runner.copy_blocks([tuple(c) for c in copies.tolist()])
+        self.runner.copy_blocks(plan.block_copies)  # the target's copy-on-write, in the draft's
         valid, drafting = {}, []
         starts, lens = plan.query_start_loc, plan.num_draft
         for i in range(plan.num_decode_seqs):
